@@ -1,0 +1,1 @@
+"""editr1 configs, installed as package data (this folder is the repository's configs/)."""

@@ -1,0 +1,3 @@
+from editr1.cli import main
+
+main()

@@ -1,0 +1,118 @@
+"""The DiffusionNFT objective and the old-policy / EMA schedules. Pure torch, no Lightning.
+
+Flow matching with ``x_t = (1 − t)·x0 + t·ε``; the model predicts ``v ≈ ε − x0`` so ``x0 = x_t − t·v``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+WEIGHT_FLOOR = 1e-5
+
+
+@dataclass
+class NFTLoss:
+    """Per-sample terms of the NFT loss (shape ``(B,)``) and the reduced total."""
+
+    loss: torch.Tensor  # scalar: weighted mean(policy) + kl_weight * weighted mean(kl)
+    policy: torch.Tensor  # (B,) c · (r·L⁺ + (1 − r)·L⁻) / β
+    kl: torch.Tensor  # (B,) mean((v_θ − v_ref)²)
+    old_deviation: torch.Tensor  # (B,) mean((v_θ − v_old)²), no grad
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``x_t = (1 − t)·x0 + t·ε`` with a per-sample ``t`` of shape ``(B,)``."""
+    t = _expand(t, x0)
+    return (1 - t) * x0 + t * noise
+
+
+def nft_loss(
+    v_theta: torch.Tensor,
+    v_old: torch.Tensor,
+    x_t: torch.Tensor,
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    r: torch.Tensor,
+    *,
+    beta: float = 1.0,
+    adv_clip: float = 5.0,
+    v_ref: torch.Tensor | None = None,
+    kl_weight: float = 1e-4,
+    weights: torch.Tensor | None = None,
+) -> NFTLoss:
+    """DiffusionNFT loss for a batch of samples at one timestep each.
+
+    ``v_theta`` carries the gradient; ``v_old`` and ``v_ref`` must not. ``r`` is the optimality
+    probability per sample. ``weights`` (``(B,)``, default ones) turns samples off (0) without
+    changing shapes — the mean is over samples with positive weight, so padding costs nothing.
+
+        v⁺ = β·v_θ + (1 − β)·v_old        v⁻ = (1 + β)·v_old − β·v_θ
+        x0± = x_t − t·v±                  w± = mean|x0± − x0| (float64, no grad, ≥ 1e-5)
+        L± = mean((x0± − x0)² / w±)       policy = c·(r·L⁺ + (1 − r)·L⁻)/β
+        loss = mean(policy) + λ_KL·mean((v_θ − v_ref)²)
+    """
+    if beta <= 0:
+        raise ValueError(f"beta must be positive, got {beta}")
+    if v_old.requires_grad or (v_ref is not None and v_ref.requires_grad):
+        raise ValueError("v_old and v_ref must be computed without gradients")
+    batch = v_theta.shape[0]
+    t_ = _expand(t, x_t)
+    v_pos = beta * v_theta + (1 - beta) * v_old
+    v_neg = (1 + beta) * v_old - beta * v_theta
+    x0_pos = x_t - t_ * v_pos
+    x0_neg = x_t - t_ * v_neg
+    loss_pos = _adaptive_mse(x0_pos, x0)
+    loss_neg = _adaptive_mse(x0_neg, x0)
+    r = r.to(loss_pos.dtype)
+    policy = adv_clip * (r * loss_pos + (1 - r) * loss_neg) / beta
+    if v_ref is not None:
+        kl = ((v_theta - v_ref) ** 2).flatten(1).mean(dim=1)
+    else:
+        kl = torch.zeros_like(policy)
+    if weights is None:
+        weights = torch.ones(batch, dtype=policy.dtype, device=policy.device)
+    weights = weights.to(policy.dtype)
+    total = weights.sum()
+    denom = torch.where(total > 0, total, torch.ones_like(total))
+    loss = (weights * policy).sum() / denom
+    if v_ref is not None and kl_weight:
+        loss = loss + kl_weight * (weights * kl).sum() / denom
+    with torch.no_grad():
+        old_dev = ((v_theta - v_old) ** 2).flatten(1).mean(dim=1)
+    return NFTLoss(loss=loss, policy=policy, kl=kl, old_deviation=old_dev)
+
+
+def _adaptive_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``mean((pred − target)² / w)`` with ``w = mean|pred − target|`` (float64, no grad)."""
+    with torch.no_grad():
+        w = (pred.double() - target.double()).abs().flatten(1).mean(dim=1).clamp(min=WEIGHT_FLOOR)
+    sq = ((pred - target) ** 2).flatten(1).mean(dim=1)
+    return sq / w.to(sq.dtype)
+
+
+def old_policy_eta(step: int, rate: float = 0.001, cap: float = 0.5, delay: int = 0) -> float:
+    """Mixing weight η for ``θ_old ← η·θ_old + (1 − η)·θ`` after optimiser step ``step`` (1-based).
+
+    ``η = 0`` while ``step < delay``, then ``min(rate·(step − delay), cap)``. The paper: rate 0.001,
+    cap 0.5, delay 0. A delayed variant: rate 0.0075, cap 0.999, delay 75.
+    """
+    if step < 0:
+        raise ValueError(f"step must be non-negative, got {step}")
+    if not 0.0 <= cap <= 1.0:
+        raise ValueError(f"cap must be in [0, 1], got {cap}")
+    if step < delay:
+        return 0.0
+    return float(min(rate * (step - delay), cap))
+
+
+def ema_decay(step: int, cap: float = 0.9) -> float:
+    """EMA decay of θ for evaluation/export: ``min((1 + s)/(10 + s), cap)``."""
+    return float(min((1 + step) / (10 + step), cap))
+
+
+def _expand(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if t.ndim != 1 or t.shape[0] != like.shape[0]:
+        raise ValueError(f"t must have shape ({like.shape[0]},), got {tuple(t.shape)}")
+    return t.to(like.dtype).view(-1, *([1] * (like.ndim - 1)))

@@ -1,0 +1,293 @@
+"""Lightning callbacks: the reward step (rollout → reward → group filter → r) and image writing."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import zlib
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from torchmetrics import MeanMetric, SumMetric
+from torchvision.transforms.functional import to_pil_image
+
+from editr1.algorithms.grouping import FilterRule, NanPolicy, decide, global_std
+from editr1.rewards.base import RewardInputs, RewardModel
+from editr1.rollout import Rollout, StepData
+from editr1.visualize import captioned_grid
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FilterSettings:
+    """Low-variance group filter (DESIGN.md section 2)."""
+
+    rule: FilterRule = "paper"  # "paper": drop mean > τμ and std < τσ; "strict": keep only std > τσ and mean < τμ; "none"
+    mean_threshold: float = 0.9  # τμ
+    std_threshold: float = 0.05  # τσ
+    ban: bool = False  # never roll out a prompt again once the filter dropped it
+    nan_policy: NanPolicy = "group"  # a reward that failed drops its whole "group" or only the "sample"
+
+
+def gather_groups(module: L.LightningModule, rewards: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """All ranks' ``(G_r, K)`` rewards stacked rank by rank, and this rank's first row in them.
+
+    Ranks may hold different numbers of groups (banned prompts); short ones are padded and trimmed.
+    """
+    world = module.trainer.world_size if module._trainer is not None else 1
+    if world == 1:
+        return rewards, 0
+    device = module.device
+    counts = module.all_gather(torch.tensor([rewards.shape[0]], device=device)).flatten().tolist()
+    width = max(counts)
+    padded = torch.full((width, rewards.shape[1]), float("nan"), device=device, dtype=rewards.dtype)
+    padded[: rewards.shape[0]] = rewards.to(device)
+    everything = module.all_gather(padded)  # (world, width, K)
+    rows = torch.cat([everything[w, : counts[w]] for w in range(world)])
+    return rows, sum(counts[: module.global_rank])
+
+
+class RewardCallback(Callback):
+    """Asks the module for the group rollouts, scores them with the reward model, applies the
+    low-variance group filter, computes the optimality probability r and hands the result to
+    ``training_step`` (as ``batch["rl"]``). Also scores validation/test edits (``val/reward``).
+
+    Args:
+        model: the reward model (the verifiable scene reward, an MLLM judge, …).
+        filter: the low-variance group filter.
+        log_images_every_n_steps: write a source | edits grid to TensorBoard every n rollouts (0 = never).
+        image_groups: groups shown in that grid.
+    """
+
+    def __init__(
+        self,
+        model: RewardModel,
+        filter: FilterSettings = FilterSettings(),
+        log_images_every_n_steps: int = 25,
+        image_groups: int = 4,
+    ) -> None:
+        if not isinstance(model, RewardModel):
+            raise TypeError(f"reward model must be a RewardModel, got {type(model).__name__}")
+        self.model = model
+        self.filter = filter
+        self.log_images_every_n_steps = log_images_every_n_steps
+        self.image_groups = image_groups
+        self.banned: set[str] = set()
+        self.counts: Counter = Counter()
+        self._eval: dict[str, Any] = {}
+
+    # --------------------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        return {"banned": sorted(self.banned), "counts": dict(self.counts), "filter": asdict(self.filter)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.banned = set(state_dict.get("banned", []))
+        self.counts = Counter(state_dict.get("counts", {}))
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.model.to(pl_module.device)
+
+    # --------------------------------------------------------------------------- training
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, batch_idx: int) -> None:
+        self._count_skipped_rows(pl_module, batch)
+        self._drop_banned(batch)
+        if not batch["prompt"]:
+            batch["rl"] = None
+            return
+        t0 = time.perf_counter()
+        ro: Rollout = pl_module.rollout(batch)
+        t1 = time.perf_counter()
+        rewards = self.score_rollout(ro)
+        t2 = time.perf_counter()
+        everything, offset = gather_groups(pl_module, rewards)
+        nft = pl_module.nft
+        f = self.filter
+        decision_all = decide(
+            everything, std_mode=nft.std_mode, adv_clip=nft.adv_clip, rule=f.rule, mean_threshold=f.mean_threshold,
+            std_threshold=f.std_threshold, nan_policy=f.nan_policy, step_std=global_std(everything),
+        )
+        local = slice(offset, offset + ro.num_groups)
+        decision = type(decision_all)(**{k: v[local] for k, v in vars(decision_all).items()})
+        if f.ban:
+            for g in decision.dropped_low_variance.nonzero().flatten().tolist():
+                self.banned.add(ro.keys[g])
+        batch["rl"] = StepData(ro, rewards.to(pl_module.device), decision)
+        self._log_step(pl_module, everything, decision_all, t1 - t0, t2 - t1)
+        if self.log_images_every_n_steps and (ro.index % self.log_images_every_n_steps == 0):
+            self._log_rollout_images(trainer, ro, rewards, decision, pl_module.global_step)
+
+    def score_rollout(self, ro: Rollout) -> torch.Tensor:
+        """``(G, K)`` rewards of a rollout (NaN where the judge failed)."""
+        inputs = RewardInputs(
+            sources=ro.expand(ro.sources),
+            edits=ro.edits,
+            instructions=ro.expand(ro.prompts),
+            requirements=ro.expand(ro.requirements),
+            targets=ro.expand(ro.targets) if ro.targets is not None else None,
+        )
+        rewards = self.model.score(inputs).float()
+        if rewards.shape != (ro.edits.shape[0],):
+            raise ValueError(f"reward model returned shape {tuple(rewards.shape)} for {ro.edits.shape[0]} edits")
+        bad = torch.isfinite(rewards) & ((rewards < 0) | (rewards > 1))
+        if bad.any():
+            raise ValueError(f"reward model returned values outside [0, 1]: {rewards[bad][:4].tolist()}")
+        return rewards.view(ro.num_groups, ro.group_size)
+
+    def _drop_banned(self, batch: dict) -> None:
+        if not self.banned:
+            return
+        keep = [i for i, k in enumerate(batch["key"]) if k not in self.banned]
+        self.counts["banned_prompts_skipped"] += len(batch["key"]) - len(keep)
+        for f in ("image", "prompt", "requirement", "task", "key"):
+            batch[f] = [batch[f][i] for i in keep]
+        if batch.get("target") is not None:
+            batch["target"] = [batch["target"][i] for i in keep]
+
+    def _count_skipped_rows(self, pl_module: L.LightningModule, batch: dict) -> None:
+        skipped = batch.get("skipped") or {}
+        for reason, n in skipped.items():
+            self.counts[f"data_skipped/{reason}"] += n
+        total = sum(v for k, v in self.counts.items() if k.startswith("data_skipped/"))
+        pl_module.log("data/skipped", float(total), on_step=True, on_epoch=False)
+
+    def _log_step(self, pl_module, rewards, decision, rollout_s: float, reward_s: float) -> None:
+        finite = rewards[torch.isfinite(rewards)]
+        nan_count = int((~torch.isfinite(rewards)).sum())
+        self.counts["groups"] += decision.num_groups
+        self.counts["groups_dropped_low_variance"] += int(decision.dropped_low_variance.sum())
+        self.counts["groups_dropped_nan"] += int(decision.dropped_nan.sum())
+        self.counts["rewards_nan"] += nan_count
+        std = decision.std[torch.isfinite(decision.std)]
+        metrics = {
+            "reward/std": float(finite.std(unbiased=False)) if finite.numel() else float("nan"),
+            "reward/nan": float(nan_count),
+            "frac_reward_zero_std": float((std < 1e-6).float().mean()) if std.numel() else 0.0,
+            "filter/frac_groups_dropped": decision.frac_groups_dropped,
+            "filter/groups_dropped_low_variance": float(decision.dropped_low_variance.sum()),
+            "filter/groups_dropped_nan": float(decision.dropped_nan.sum()),
+            "filter/banned_prompts": float(len(self.banned)),
+            "time/rollout_s": rollout_s,
+            "time/reward_s": reward_s,
+        }
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=decision.num_groups)
+        mean = float(finite.mean()) if finite.numel() else float("nan")
+        pl_module.log("reward/mean", mean, on_step=True, on_epoch=False, prog_bar=True, batch_size=decision.num_groups)
+
+    def _log_rollout_images(self, trainer, ro: Rollout, rewards, decision, step: int) -> None:
+        g = min(self.image_groups, ro.num_groups)
+        rows, caps = [], []
+        for i in range(g):
+            dropped = bool(decision.dropped_low_variance[i] or decision.dropped_nan[i])
+            row = [ro.sources[i].cpu()] + [ro.edits[i * ro.group_size + k].cpu() for k in range(ro.group_size)]
+            cap = ["dropped" if dropped else "source"] + [f"{float(r):.3f}" for r in rewards[i]]
+            rows.append(row)
+            caps.append(cap)
+        _add_image(trainer, "rollouts/source_edits", captioned_grid(rows, caps), step)
+        _add_text(trainer, "rollouts/instructions", "\n\n".join(f"{i}. {ro.prompts[i]}" for i in range(g)), step)
+
+    # --------------------------------------------------------------------------- validation / test
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._reset_eval(pl_module)
+
+    def on_test_epoch_start(self, trainer, pl_module) -> None:
+        self._reset_eval(pl_module)
+
+    def _reset_eval(self, pl_module) -> None:
+        self._eval = {
+            "reward": MeanMetric(nan_strategy="ignore").to(pl_module.device),
+            "failed": SumMetric().to(pl_module.device),
+            "logged_images": False,
+        }
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._score_eval(trainer, pl_module, outputs, "val")
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._score_eval(trainer, pl_module, outputs, "test")
+
+    def _score_eval(self, trainer, pl_module, outputs: dict, prefix: str) -> None:
+        if not self._eval:
+            self._reset_eval(pl_module)
+        inputs = RewardInputs(
+            sources=outputs["sources"], edits=outputs["edits"], instructions=outputs["prompts"],
+            requirements=outputs["requirements"], targets=outputs["targets"],
+        )
+        rewards = self.model.score(inputs).float().to(pl_module.device)
+        outputs["rewards"] = rewards
+        self._eval["reward"].update(rewards)
+        self._eval["failed"].update((~torch.isfinite(rewards)).sum().float())
+        if not self._eval["logged_images"] and not trainer.sanity_checking:
+            n = min(8, rewards.numel())
+            rows = [[outputs["sources"][i].cpu(), outputs["edits"][i].cpu()] for i in range(n)]
+            caps = [["source", f"{float(rewards[i]):.3f}"] for i in range(n)]
+            _add_image(trainer, f"{prefix}/source_edit", captioned_grid(rows, caps), pl_module.global_step)
+            self._eval["logged_images"] = True
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        self._log_eval(pl_module, "val")
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        self._log_eval(pl_module, "test")
+
+    def _log_eval(self, pl_module, prefix: str) -> None:
+        if not self._eval:
+            return
+        pl_module.log(f"{prefix}/reward", self._eval["reward"].compute(), prog_bar=prefix == "val")
+        pl_module.log(f"{prefix}/failed", self._eval["failed"].compute())
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero and self.counts:
+            summary = {k: v for k, v in sorted(self.counts.items())}
+            log.info("editr1 run summary: %s", json.dumps(summary))
+
+
+def _tensorboards(trainer) -> list:
+    return [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+
+
+def _add_image(trainer, tag: str, image: torch.Tensor, step: int) -> None:
+    if trainer.is_global_zero:
+        for tb in _tensorboards(trainer):
+            tb.add_image(tag, image, step)
+
+
+def _add_text(trainer, tag: str, text: str, step: int) -> None:
+    if trainer.is_global_zero:
+        for tb in _tensorboards(trainer):
+            tb.add_text(tag, text, step)
+
+
+class ImageWriter(BasePredictionWriter):
+    """``editr1 predict`` writes each edit as ``<output_dir>/<key>.png`` and a line of
+    ``predictions.jsonl`` (key, instruction, file, reward when a reward model scored it)."""
+
+    def __init__(self, output_dir: str = "predictions") -> None:
+        super().__init__(write_interval="batch")
+        self.output_dir = Path(output_dir)
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        lines = []
+        for i, key in enumerate(prediction["keys"]):
+            name = _safe_name(key) + ".png"
+            to_pil_image(prediction["edits"][i].float().cpu()).save(self.output_dir / name)
+            lines.append({"key": key, "prompt": prediction["prompts"][i], "file": name})
+        with (self.output_dir / f"predictions.rank{trainer.global_rank}.jsonl").open("a", encoding="utf-8") as f:
+            for line in lines:
+                f.write(json.dumps(line) + "\n")
+
+
+def _safe_name(key: str) -> str:
+    """A file name for a key: its readable part plus a hash of the whole key, so two keys never
+    overwrite each other's files."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", key).strip("._")[:120] or "edit"
+    return f"{name}-{zlib.crc32(key.encode('utf-8')):08x}"

@@ -1,0 +1,149 @@
+"""The LightningDataModule: batches of prompts (source image, instruction, requirement) for rollouts.
+
+One batch = the prompts of one optimisation step on this process; the module samples a group of
+edits for each. Sources: a UniWorld-format folder (``path``) or the synthetic scenes (``scenes``,
+used when no ``path`` is given).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset
+
+from editr1.data.jsonl import JsonlEditDataset
+from editr1.data.scenes import SceneConfig, SceneDataset
+
+log = logging.getLogger(__name__)
+
+FIELDS = ("image", "prompt", "requirement", "target", "task", "key")
+
+
+def collate_prompts(items: list[dict]) -> dict:
+    """Lists per field (images stay PIL: the policy resizes them to its resolution). Items marked
+    ``{"skipped": reason}`` are dropped and counted under ``batch["skipped"]``."""
+    skipped: Counter = Counter()
+    good = []
+    for item in items:
+        if "skipped" in item:
+            skipped[item["skipped"]] += 1
+        else:
+            good.append(item)
+    batch: dict = {f: [item.get(f) for item in good] for f in FIELDS}
+    if all(t is None for t in batch["target"]):
+        batch["target"] = None
+    elif any(t is None for t in batch["target"]):
+        raise ValueError("a batch mixes rows with and without a target; give every row a target or none")
+    batch["skipped"] = dict(skipped)
+    return batch
+
+
+class EditDataModule(L.LightningDataModule):
+    """Prompts for Edit-R1.
+
+    Args:
+        path: a UniWorld-format training folder (``images/`` + ``train_metadata.jsonl``). When set,
+            the synthetic scenes are not used.
+        scenes: the synthetic scene generator, used when ``path`` is not set.
+        batch_size: prompts (= groups) per optimisation step on each process.
+        num_workers: DataLoader worker processes.
+        train_size: synthetic training prompts per epoch (seeds ``[0, train_size)`` of the ``train`` split).
+        val_path: a folder in the training format for validation; for scenes, ``val_size`` prompts of
+            the ``heldout`` split (a separate random stream, never used in training).
+        val_size: synthetic validation prompts.
+        test_path: like ``val_path`` for ``editr1 test``; defaults to the validation set.
+        predict_path: a folder in the training format for ``editr1 predict``; defaults to the validation set.
+        metadata_file: name of the JSONL file inside each folder.
+        shuffle: shuffle training prompts each epoch.
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        scenes: SceneConfig | None = None,
+        batch_size: int = 4,
+        num_workers: int = 0,
+        train_size: int = 100_000,
+        val_path: str | None = None,
+        val_size: int = 16,
+        test_path: str | None = None,
+        predict_path: str | None = None,
+        metadata_file: str = "train_metadata.jsonl",
+        shuffle: bool = True,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if path is None and scenes is None:
+            scenes = SceneConfig()
+        self.path = path
+        self.scenes = scenes
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.train_size = train_size
+        self.val_path = val_path
+        self.val_size = val_size
+        self.test_path = test_path
+        self.predict_path = predict_path
+        self.metadata_file = metadata_file
+        self.shuffle = shuffle
+        self._datasets: dict[str, Dataset] = {}
+
+    # Build datasets eagerly on first use so a bad folder fails before any training step.
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit"):
+            self._dataset("train")
+            self._dataset("val")
+        elif stage == "validate":
+            self._dataset("val")
+        elif stage == "test":
+            self._dataset("test")
+        elif stage == "predict":
+            self._dataset("predict")
+
+    def _dataset(self, split: str) -> Dataset | None:
+        if split in self._datasets:
+            return self._datasets[split]
+        folder = {"train": self.path, "val": self.val_path, "test": self.test_path, "predict": self.predict_path}[split]
+        if split in ("test", "predict") and folder is None:
+            return self._dataset("val")
+        ds: Dataset | None
+        if folder is not None:
+            ds = JsonlEditDataset(folder, self.metadata_file)
+            log.info("%s data: %d prompts from %s", split, len(ds), folder)
+        elif self.path is not None:
+            ds = None  # a real training folder without a validation folder: no validation
+        elif split == "train":
+            ds = SceneDataset(self.scenes, "train", start=0, length=self.train_size)
+        else:
+            ds = SceneDataset(self.scenes, "heldout", start=0, length=self.val_size)
+        self._datasets[split] = ds
+        return ds
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader | list:
+        ds = self._dataset(split)
+        if ds is None:
+            return []
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=collate_prompts,
+            drop_last=split == "train" and len(ds) >= self.batch_size,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.shuffle)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader("val", False)
+
+    def test_dataloader(self) -> DataLoader | list:
+        return self._loader("test", False)
+
+    def predict_dataloader(self) -> DataLoader | list:
+        return self._loader("predict", False)

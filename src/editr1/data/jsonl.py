@@ -1,0 +1,178 @@
+"""Instruction–image pairs from a UniWorld-format folder.
+
+A folder holds ``images/`` and ``train_metadata.jsonl``, one JSON object a line::
+
+    {"prompt": "make the sky purple", "image": "images/0001.png", "requirement": "keep the buildings"}
+
+with optional ``"target"`` (an image path, for supervised warm-up) and ``"task"`` (a category).
+Bad rows are skipped and counted with their reason; a folder with no usable row is an error before
+training starts. Images are read lazily; one that cannot be read is skipped and counted too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+from torch.utils.data import Dataset
+
+log = logging.getLogger(__name__)
+
+MAX_INSTRUCTION_CHARS = 2000
+MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # decompression-bomb guard: 64 megapixels
+
+
+@dataclass(frozen=True)
+class EditRecord:
+    prompt: str
+    image: Path
+    requirement: str = ""
+    target: Path | None = None
+    task: str = ""
+
+    @property
+    def key(self) -> str:
+        """Groups are keyed by (source image, instruction), not by instruction text alone."""
+        return f"{self.image.as_posix()}::{self.prompt}"
+
+
+def parse_line(line: str, root: Path) -> EditRecord | str:
+    """An :class:`EditRecord`, or the reason the line is skipped."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError:
+        return "malformed_json"
+    if not isinstance(obj, dict):
+        return "not_an_object"
+    prompt = obj.get("prompt")
+    if not isinstance(prompt, str):
+        return "missing_prompt"
+    prompt = prompt.strip()
+    if not prompt:
+        return "empty_prompt"
+    if len(prompt) > MAX_INSTRUCTION_CHARS:
+        return "overlong_prompt"
+    image = obj.get("image")
+    if not isinstance(image, str) or not image.strip():
+        return "missing_image_field"
+    image_path = _inside(root, image)
+    if image_path is None:
+        return "image_outside_folder"
+    if not image_path.is_file():
+        return "missing_image_file"
+    requirement = obj.get("requirement", "")
+    if requirement is None:
+        requirement = ""
+    if not isinstance(requirement, str):
+        return "bad_requirement"
+    target_path = None
+    if obj.get("target") is not None:
+        if not isinstance(obj["target"], str):
+            return "bad_target"
+        target_path = _inside(root, obj["target"])
+        if target_path is None or not target_path.is_file():
+            return "missing_target_file"
+    task = obj.get("task", "")
+    return EditRecord(prompt, image_path, requirement.strip(), target_path, str(task) if task is not None else "")
+
+
+def _inside(root: Path, rel: str) -> Path | None:
+    path = (root / rel).resolve()
+    try:
+        path.relative_to(root.resolve())
+    except ValueError:
+        return None
+    return path
+
+
+def read_metadata(folder: str | Path, filename: str = "train_metadata.jsonl") -> tuple[list[EditRecord], Counter]:
+    """All usable records of a folder and a count of skipped lines by reason.
+
+    Raises ``FileNotFoundError`` / ``ValueError`` when the folder as a whole is unusable.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data folder {root} does not exist")
+    meta = root / filename
+    if not meta.is_file():
+        raise FileNotFoundError(f"{meta} not found: a data folder needs images/ and {filename}")
+    records: list[EditRecord] = []
+    skipped: Counter = Counter()
+    with meta.open("r", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            rec = parse_line(line, root)
+            if isinstance(rec, str):
+                skipped[rec] += 1
+            else:
+                records.append(rec)
+    if skipped:
+        log.warning("%s: skipped %d of %d rows: %s", meta, sum(skipped.values()), len(records) + sum(skipped.values()), dict(skipped))
+    if not records:
+        raise ValueError(f"{meta} has no usable row (skipped: {dict(skipped) or 'file is empty'})")
+    return records, skipped
+
+
+def load_image(path: Path) -> Image.Image | str:
+    """An RGB image, or the reason it cannot be used."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if img.width * img.height > MAX_IMAGE_PIXELS:
+                    return "image_too_large"
+                img.load()
+                return _to_rgb(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return "image_too_large"
+    except FileNotFoundError:
+        return "missing_image_file"
+    except (OSError, ValueError, SyntaxError):
+        return "unreadable_image"
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        img = img.point(lambda v: v / 256).convert("L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img)
+    return img.convert("RGB")
+
+
+class JsonlEditDataset(Dataset):
+    """Map-style dataset over a UniWorld-format folder. An unreadable image yields
+    ``{"skipped": reason}``, which the collate function drops and counts."""
+
+    def __init__(self, folder: str | Path, filename: str = "train_metadata.jsonl", load_targets: bool = True) -> None:
+        self.records, self.skipped_rows = read_metadata(folder, filename)
+        self.load_targets = load_targets
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        rec = self.records[index]
+        image = load_image(rec.image)
+        if isinstance(image, str):
+            return {"skipped": image}
+        target = None
+        if self.load_targets and rec.target is not None:
+            target = load_image(rec.target)
+            if isinstance(target, str):
+                return {"skipped": "target_" + target}
+        return {
+            "image": image,
+            "prompt": rec.prompt,
+            "requirement": rec.requirement,
+            "target": target,
+            "task": rec.task,
+            "key": rec.key,
+        }

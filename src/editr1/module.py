@@ -1,0 +1,397 @@
+"""EditR1Module: the policy θ (LoRA "default"), the rollout policy θ_old (LoRA "old") and the frozen
+reference (adapters off) on one transformer, trained with DiffusionNFT by manual optimisation.
+
+The algorithm lives in :mod:`editr1.algorithms`; this file only wires it to Lightning. Rollouts are
+requested by :class:`editr1.callbacks.RewardCallback`, which scores them, applies the group filter and
+puts a :class:`~editr1.rollout.StepData` into the batch under ``"rl"`` before ``training_step`` runs.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import lightning as L
+import torch
+
+from editr1.algorithms.nft import add_noise, ema_decay, nft_loss, old_policy_eta
+from editr1.algorithms.timesteps import TimestepMode, train_timesteps
+from editr1.policies import lora as adapters
+from editr1.policies.base import EditPolicy
+from editr1.rollout import Rollout, StepData, key_hash
+from editr1.sampling import Solver, sample
+from editr1.seeding import EVAL_NOISE, ROLLOUT_NOISE, TRAIN_NOISE, TRAIN_TIMESTEPS, derive_seed, per_sample_rand, per_sample_randn
+
+# The policy runs in eval mode on purpose (frozen base, deterministic forward passes).
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+
+ADAPTERS = {"default": adapters.DEFAULT, "old": adapters.OLD, "ema": adapters.EMA, "reference": None}
+
+
+@dataclass(frozen=True)
+class RolloutSettings:
+    """How the rollout policy samples a group of edits per prompt (CFG-free, deterministic ODE)."""
+
+    group_size: int = 12  # K edits per prompt
+    steps: int = 6  # solver steps
+    solver: Solver = "dpmpp_2m"  # "dpmpp_2m" (DPM-Solver++ 2M in x0 space) or "euler"
+    batch_size: int = 12  # samples per denoising forward pass
+    lower_order_second: bool = True  # DPM-Solver++: first order on the second-to-last step when < 15 steps
+
+    def __post_init__(self) -> None:
+        if self.group_size < 1 or self.steps < 1 or self.batch_size < 1:
+            raise ValueError("rollout group_size, steps and batch_size must all be >= 1")
+
+
+@dataclass(frozen=True)
+class NFTSettings:
+    """The DiffusionNFT objective (DESIGN.md section 2)."""
+
+    beta: float = 1.0  # β: how far the implicit positive/negative policies move from θ_old
+    adv_clip: float = 5.0  # c: advantages clipped to ±c; also the loss scale
+    std_mode: Literal["global", "group"] = "global"  # reward std for advantages: whole step or per group
+    kl_weight: float = 1e-4  # λ_KL on mean((v_θ − v_ref)²); 0 skips the reference forward
+    timesteps: TimestepMode = "rollout"  # "rollout" (the rollout's σ's, permuted), "uniform", "logit_normal"
+    timestep_fraction: float = 0.99  # train on ⌊fraction · steps⌋ timesteps per sample
+    t_min: float = 0.0  # continuous modes: lower end of t
+    t_max: float = 1.0  # continuous modes: upper end of t
+    micro_batch_size: int = 4  # samples per forward/backward during training
+
+    def __post_init__(self) -> None:
+        if self.beta <= 0 or self.adv_clip <= 0 or self.kl_weight < 0 or self.micro_batch_size < 1:
+            raise ValueError("nft: beta and adv_clip must be > 0, kl_weight >= 0, micro_batch_size >= 1")
+
+
+@dataclass(frozen=True)
+class OldPolicySettings:
+    """θ_old ← η·θ_old + (1 − η)·θ after each optimiser step; η = 0 before ``delay``, then
+    min(rate·(step − delay), cap). Paper: rate 0.001, cap 0.5, delay 0."""
+
+    rate: float = 0.001  # growth of η per optimiser step
+    cap: float = 0.5  # largest η
+    delay: int = 0  # steps with η = 0 (old copies θ exactly)
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    """Optimiser of the LoRA weights."""
+
+    name: Literal["adamw", "adamw8bit"] = "adamw"  # torch AdamW or bitsandbytes AdamW8bit
+    lr: float = 3e-4  # learning rate
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam betas
+    weight_decay: float = 1e-4  # decoupled weight decay
+    eps: float = 1e-8  # Adam epsilon
+    grad_clip: float = 1.0  # max global grad norm (0 = no clipping)
+    warmup_steps: int = 0  # linear LR warm-up steps
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How validation/test/predict edit: one edit per prompt with fixed per-prompt seeds."""
+
+    steps: int = 15  # solver steps
+    solver: Solver = "euler"  # "euler" or "dpmpp_2m"
+    adapter: Literal["default", "old", "ema", "reference"] = "default"  # which policy edits
+    batch_size: int = 16  # samples per denoising forward pass
+
+
+class EditR1Module(L.LightningModule):
+    """Edit-R1 on any :class:`~editr1.policies.base.EditPolicy`.
+
+    Args:
+        policy: the base editing model (FLUX.1-Kontext, Qwen-Image-Edit, …).
+        lora: the LoRA adapters (θ, θ_old and optionally the EMA share these settings).
+        rollout: group sampling.
+        nft: the DiffusionNFT objective.
+        old_policy: the θ_old update schedule.
+        optim: optimiser.
+        evaluation: editing for validate/test/predict.
+        ema: keep an EMA adapter of θ (decay min((1+s)/(10+s), 0.9)) for evaluation and export.
+        seed: base of every per-sample random stream; ``None`` takes ``torch.initial_seed()`` (the
+            value of ``seed_everything``) when training starts.
+    """
+
+    def __init__(
+        self,
+        policy: EditPolicy,
+        lora: adapters.LoraSettings = adapters.LoraSettings(),
+        rollout: RolloutSettings = RolloutSettings(),
+        nft: NFTSettings = NFTSettings(),
+        old_policy: OldPolicySettings = OldPolicySettings(),
+        optim: OptimSettings = OptimSettings(),
+        evaluation: EvalSettings = EvalSettings(),
+        ema: bool = False,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints hold the adapters, never the frozen base
+        self.policy = policy
+        self.lora_settings = lora
+        self.rollout_cfg = rollout
+        self.nft = nft
+        self.old_cfg = old_policy
+        self.optim_cfg = optim
+        self.eval_cfg = evaluation
+        self.use_ema = ema
+        if self.eval_cfg.adapter == "ema" and not ema:
+            raise ValueError("evaluation.adapter is 'ema' but ema is off")
+        names = [adapters.DEFAULT, adapters.OLD] + ([adapters.EMA] if ema else [])
+        policy.add_adapters(self.lora_settings, names)
+        policy.eval()  # no dropout anywhere; LoRA weights train in eval mode
+        self.seed = seed
+        self.rollouts_done = 0  # rollouts sampled so far (the index of every random stream)
+        self.skipped_steps = 0  # steps with nothing left to train on after filtering
+
+    # ------------------------------------------------------------------------------- set-up
+    def setup(self, stage: str) -> None:
+        if self.seed is None:
+            self.seed = int(torch.initial_seed()) & ((1 << 63) - 1)
+
+    def configure_optimizers(self) -> Any:
+        params = self.policy.trainable_parameters()
+        cfg = self.optim_cfg
+        kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.eps)
+        if cfg.name == "adamw":
+            opt = torch.optim.AdamW(params, **kwargs)
+        elif cfg.name == "adamw8bit":
+            import bitsandbytes as bnb
+
+            opt = bnb.optim.AdamW8bit(params, **kwargs)
+        else:
+            raise ValueError(f"optim.name must be 'adamw' or 'adamw8bit', got {cfg.name!r}")
+        if cfg.warmup_steps <= 0:
+            return opt
+        warm = cfg.warmup_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------------------- editing
+    @torch.no_grad()
+    def edit(
+        self,
+        sources: torch.Tensor,
+        prompts: list[str],
+        seeds: list[int],
+        *,
+        steps: int,
+        solver: Solver,
+        adapter: str | None,
+        batch_size: int,
+        group_size: int = 1,
+        cond=None,
+    ) -> tuple[torch.Tensor, Any]:
+        """Sample ``group_size`` edits per prompt; returns (final latents ``(G·K, …)``, condition).
+
+        The condition is encoded once per prompt and reused for every sample of its group.
+        ``seeds`` has one entry per sample (G·K).
+        """
+        policy = self.policy
+        if cond is None:
+            cond = policy.encode(sources, prompts)
+        n = len(prompts) * group_size
+        if len(seeds) != n:
+            raise ValueError(f"need {n} seeds, got {len(seeds)}")
+        noise = per_sample_randn(policy.latent_shape(), seeds, device=self.device)
+        group_index = torch.arange(len(prompts), device=self.device).repeat_interleave(group_size)
+        sigmas = policy.sigmas(steps)
+        out = []
+        with policy.adapter(adapter):
+            for s in range(0, n, batch_size):
+                c = cond.select(group_index[s : s + batch_size])
+                out.append(
+                    sample(
+                        lambda x, t, c=c: policy.velocity(x, t, c),
+                        noise[s : s + batch_size],
+                        sigmas,
+                        self.rollout_cfg.solver if solver is None else solver,
+                        self.rollout_cfg.lower_order_second,
+                    )
+                )
+        return torch.cat(out), cond
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, batch_size: int) -> torch.Tensor:
+        return torch.cat([self.policy.decode(latents[s : s + batch_size]) for s in range(0, len(latents), batch_size)])
+
+    @torch.no_grad()
+    def rollout(self, batch: dict) -> Rollout:
+        """K edits per prompt of ``batch`` with the rollout policy θ_old."""
+        cfg = self.rollout_cfg
+        if self.seed is None:
+            self.setup("fit")
+        sources = self.policy.preprocess(batch["image"])
+        targets = self.policy.preprocess(batch["target"]) if batch.get("target") is not None else None
+        keys = list(batch["key"])
+        ro = Rollout(
+            prompts=list(batch["prompt"]),
+            requirements=list(batch["requirement"]),
+            keys=keys,
+            sources=sources,
+            targets=targets,
+            cond=None,  # type: ignore[arg-type]
+            x0=torch.empty(0),
+            edits=torch.empty(0),
+            sigmas=self.policy.sigmas(cfg.steps),
+            group_size=cfg.group_size,
+            index=self.rollouts_done,
+            base_seed=int(self.seed),
+        )
+        n = ro.num_groups * cfg.group_size
+        seeds = [ro.sample_seed(ROLLOUT_NOISE, i) for i in range(n)]
+        ro.x0, ro.cond = self.edit(
+            sources, ro.prompts, seeds, steps=cfg.steps, solver=cfg.solver, adapter=adapters.OLD,
+            batch_size=cfg.batch_size, group_size=cfg.group_size,
+        )
+        ro.edits = self.decode(ro.x0, cfg.batch_size)
+        self.rollouts_done += 1
+        return ro
+
+    # ------------------------------------------------------------------------------- training
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        data: StepData | None = batch.get("rl")
+        if "rl" not in batch:
+            raise RuntimeError(
+                "no rollout for this batch: training needs editr1.callbacks.RewardCallback "
+                "(the `reward:` section of the config)"
+            )
+        if data is None or not bool(data.decision.train_mask.any()):
+            self.skipped_steps += 1
+            self.log("filter/steps_skipped", float(self.skipped_steps), on_step=True)
+            return None
+        start = time.perf_counter()
+        ro, nft = data.rollout, self.nft
+        policy = self.policy
+        opt = self.optimizers()
+        idx = data.decision.train_mask.flatten().nonzero().squeeze(1).tolist()
+        n = len(idx)
+        r_all = data.decision.r.flatten().to(self.device)
+        train_sigmas = ro.sigmas[:-1]
+        keys = per_sample_rand(train_sigmas.numel(), [ro.sample_seed(TRAIN_TIMESTEPS, i) for i in idx])
+        ts = train_timesteps(nft.timesteps, train_sigmas, keys, nft.timestep_fraction, t_min=nft.t_min, t_max=nft.t_max)
+        rounds = ts.shape[0]
+        group_index = ro.group_index
+        sums = {"policy": 0.0, "kl": 0.0, "old_deviation": 0.0}
+        for s in range(0, n, nft.micro_batch_size):
+            sel = idx[s : s + nft.micro_batch_size]
+            b = len(sel)
+            sel_t = torch.tensor(sel, device=self.device)
+            cond = ro.cond.select(group_index[sel])
+            x0 = ro.x0[sel_t]
+            r = r_all[sel_t]
+            for j in range(rounds):
+                t = ts[j, s : s + b].to(self.device)
+                eps = per_sample_randn(x0.shape[1:], [ro.sample_seed(TRAIN_NOISE, i, j) for i in sel], self.device)
+                x_t = add_noise(x0, eps, t)
+                with torch.no_grad():
+                    with policy.adapter(adapters.OLD):
+                        v_old = policy.velocity(x_t, t, cond)
+                    v_ref = None
+                    if nft.kl_weight > 0:
+                        with policy.adapter(None):
+                            v_ref = policy.velocity(x_t, t, cond)
+                v_theta = policy.velocity(x_t, t, cond)
+                out = nft_loss(
+                    v_theta, v_old, x_t, x0, t, r, beta=nft.beta, adv_clip=nft.adv_clip, v_ref=v_ref,
+                    kl_weight=nft.kl_weight,
+                )
+                self.manual_backward(out.loss * (b / (n * rounds)))
+                sums["policy"] += float(out.policy.detach().sum())
+                sums["kl"] += float(out.kl.detach().sum())
+                sums["old_deviation"] += float(out.old_deviation.sum())
+        grad_norm = self._clip_and_step(opt)
+        self._update_shadow_adapters()
+        denom = n * rounds
+        metrics = {
+            "loss/policy": sums["policy"] / denom,
+            "loss/kl": sums["kl"] / denom,
+            "nft/old_deviation": sums["old_deviation"] / denom,
+            "nft/eta": old_policy_eta(self.global_step, self.old_cfg.rate, self.old_cfg.cap, self.old_cfg.delay),
+            "nft/trained_samples": float(n),
+            "grad_norm": float(grad_norm),
+            "lr": float(opt.param_groups[0]["lr"]),
+            "time/train_s": time.perf_counter() - start,
+        }
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=ro.num_groups)
+        return torch.tensor(metrics["loss/policy"])
+
+    def _clip_and_step(self, opt) -> torch.Tensor:
+        params = self.policy.trainable_parameters()
+        if self.optim_cfg.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.optim_cfg.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched = self.lr_schedulers()
+        if sched is not None:
+            sched.step()
+        return norm
+
+    @torch.no_grad()
+    def _update_shadow_adapters(self) -> None:
+        """After optimiser step s: θ_old ← η(s)·θ_old + (1 − η(s))·θ; EMA ← d(s)·EMA + (1 − d(s))·θ."""
+        step = self.global_step
+        model = self.policy.transformer
+        eta = old_policy_eta(step, self.old_cfg.rate, self.old_cfg.cap, self.old_cfg.delay)
+        adapters.mix_adapter(model, src=adapters.DEFAULT, dst=adapters.OLD, keep=eta)
+        if self.use_ema:
+            adapters.mix_adapter(model, src=adapters.DEFAULT, dst=adapters.EMA, keep=ema_decay(step))
+
+    # ------------------------------------------------------------------------------- evaluation
+    def _evaluate(self, batch: dict) -> dict:
+        cfg = self.eval_cfg
+        if self.seed is None:
+            self.setup("validate")
+        sources = self.policy.preprocess(batch["image"])
+        seeds = [derive_seed(int(self.seed), EVAL_NOISE, key_hash(k)) for k in batch["key"]]
+        latents, _ = self.edit(
+            sources, list(batch["prompt"]), seeds, steps=cfg.steps, solver=cfg.solver,
+            adapter=ADAPTERS[cfg.adapter], batch_size=cfg.batch_size,
+        )
+        edits = self.decode(latents, cfg.batch_size)
+        targets = self.policy.preprocess(batch["target"]) if batch.get("target") is not None else None
+        return {
+            "sources": sources,
+            "edits": edits,
+            "targets": targets,
+            "prompts": list(batch["prompt"]),
+            "requirements": list(batch["requirement"]),
+            "keys": list(batch["key"]),
+        }
+
+    def validation_step(self, batch: dict, batch_idx: int) -> dict:
+        return self._evaluate(batch)
+
+    def test_step(self, batch: dict, batch_idx: int) -> dict:
+        return self._evaluate(batch)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        return self._evaluate(batch)
+
+    # ------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep only adapter weights: a checkpoint's size does not grow with the base model."""
+        state = checkpoint["state_dict"]
+        checkpoint["state_dict"] = {k: v for k, v in state.items() if "lora_" in k}
+        checkpoint["editr1"] = {
+            "seed": self.seed,
+            "rollouts_done": self.rollouts_done,
+            "skipped_steps": self.skipped_steps,
+            "adapters": adapters.adapter_names(self.policy.transformer),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        extra = checkpoint.get("editr1", {})
+        expected = adapters.adapter_names(self.policy.transformer)
+        if extra.get("adapters") is not None and sorted(extra["adapters"]) != expected:
+            raise ValueError(f"checkpoint has adapters {extra['adapters']}, this run has {expected} (the `ema` setting?)")
+        lora_keys = {k for k in self.state_dict() if "lora_" in k}
+        missing = lora_keys - set(checkpoint["state_dict"])
+        if missing:
+            raise KeyError(f"checkpoint lacks {len(missing)} adapter weights, e.g. {sorted(missing)[0]}")
+        self.seed = extra.get("seed", self.seed)
+        self.rollouts_done = extra.get("rollouts_done", 0)
+        self.skipped_steps = extra.get("skipped_steps", 0)

@@ -1,0 +1,7 @@
+"""Base editing models behind one interface, one file each."""
+
+from editr1.policies.base import Condition, EditPolicy
+from editr1.policies.flux_kontext import FluxKontextPolicy, TinyFlux
+from editr1.policies.lora import LoraSettings
+
+__all__ = ["Condition", "EditPolicy", "FluxKontextPolicy", "LoraSettings", "TinyFlux"]

@@ -1,0 +1,167 @@
+"""The interface every base editing model implements, and what they share.
+
+A policy owns the frozen components of one base model (text/vision encoders, VAE, transformer) and
+exposes four operations in its own packed latent space:
+
+* ``encode(images, prompts)`` → :class:`Condition`: instruction + source image, computed once per
+  prompt and indexed for every sample of its group and every training timestep;
+* ``velocity(x_t, t, cond)`` → the flow-matching velocity ``v ≈ ε − x0``;
+* ``encode_images(images)`` → clean latents (supervised targets, round-trip checks);
+* ``decode(latents)`` → images in [0, 1].
+
+LoRA adapters live on ``self.transformer`` (see :mod:`editr1.policies.lora`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torchvision.transforms.functional import pil_to_tensor
+
+from editr1.policies import lora
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"torch_dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+@dataclass
+class Condition:
+    """Encoded instruction + source image for a batch of prompts.
+
+    ``tensors`` are batch-first (one row per prompt); ``shared`` are the same for every row
+    (position ids and the like).
+    """
+
+    tensors: dict[str, torch.Tensor]
+    shared: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return next(iter(self.tensors.values())).shape[0]
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key in self.tensors:
+            return self.tensors[key]
+        return self.shared[key]
+
+    def select(self, index: torch.Tensor | Sequence[int]) -> Condition:
+        """Rows ``index`` (repeats allowed: one prompt's condition for each sample of its group)."""
+        if not isinstance(index, torch.Tensor):
+            index = torch.as_tensor(list(index), dtype=torch.long)
+        out = {}
+        for k, v in self.tensors.items():
+            out[k] = v.index_select(0, index.to(v.device))
+        return Condition(out, dict(self.shared))
+
+    def to(self, device: torch.device | str) -> Condition:
+        return Condition(
+            {k: v.to(device) for k, v in self.tensors.items()}, {k: v.to(device) for k, v in self.shared.items()}
+        )
+
+
+def to_tensor_images(images: Sequence[Image.Image | torch.Tensor], height: int, width: int) -> torch.Tensor:
+    """PIL images (any mode, any size) or (3, h, w) tensors in [0, 1] → ``(N, 3, height, width)`` float
+    in [0, 1]: scaled to cover the target size, then centre-cropped (aspect ratio kept)."""
+    out = []
+    for img in images:
+        if isinstance(img, Image.Image):
+            t = pil_to_tensor(img.convert("RGB")).float() / 255.0
+        elif isinstance(img, torch.Tensor):
+            if img.ndim != 3 or img.shape[0] != 3:
+                raise ValueError(f"image tensors must have shape (3, H, W), got {tuple(img.shape)}")
+            t = img.float()
+        else:
+            raise TypeError(f"expected a PIL image or a tensor, got {type(img).__name__}")
+        out.append(_cover_crop(t, height, width))
+    if not out:
+        raise ValueError("no images given")
+    return torch.stack(out)
+
+
+def _cover_crop(t: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    _, h, w = t.shape
+    if (h, w) == (height, width):
+        return t
+    scale = max(height / h, width / w)
+    nh, nw = max(height, round(h * scale)), max(width, round(w * scale))
+    t = F.interpolate(t[None], size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)[0]
+    top, left = (nh - height) // 2, (nw - width) // 2
+    return t[:, top : top + height, left : left + width].clamp(0, 1)
+
+
+class EditPolicy(nn.Module, ABC):
+    """A flow-matching image editor behind one interface. Subclasses: one file per base model.
+
+    All frozen components stay in eval mode (no dropout) whatever ``train()`` is called with; only
+    LoRA weights are trained.
+    """
+
+    transformer: nn.Module
+
+    def __init__(self, height: int, width: int) -> None:
+        super().__init__()
+        if height <= 0 or width <= 0:
+            raise ValueError(f"resolution must be positive, got {height}x{width}")
+        self.height = height
+        self.width = width
+
+    # ----------------------------------------------------------------- the model-specific part
+    @abstractmethod
+    def encode(self, images: torch.Tensor, prompts: list[str]) -> Condition:
+        """Condition for ``(N, 3, H, W)`` source images in [0, 1] and N instructions."""
+
+    @abstractmethod
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
+        """Velocity for packed latents ``x_t`` at per-sample σ ``t`` (shape ``(B,)``)."""
+
+    @abstractmethod
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Packed clean latents of ``(N, 3, H, W)`` images in [0, 1] at the policy's resolution."""
+
+    @abstractmethod
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1], ``(N, 3, H, W)``, from packed latents."""
+
+    @abstractmethod
+    def latent_shape(self) -> tuple[int, ...]:
+        """Shape of one sample's packed latents at the configured resolution."""
+
+    @abstractmethod
+    def sigmas(self, num_steps: int) -> torch.Tensor:
+        """The σ schedule of ``num_steps`` solver steps, ending with 0 (length ``num_steps + 1``)."""
+
+    # ----------------------------------------------------------------- shared behaviour
+    def preprocess(self, images: Sequence[Image.Image | torch.Tensor]) -> torch.Tensor:
+        """Images from the data → ``(N, 3, H, W)`` in [0, 1] at the policy's resolution, on its device."""
+        return to_tensor_images(images, self.height, self.width).to(self.device)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    def train(self, mode: bool = True) -> EditPolicy:
+        super().train(False)  # frozen encoders and the base never switch to train mode
+        return self
+
+    def add_adapters(self, settings: lora.LoraSettings, names: list[str]) -> None:
+        lora.add_adapters(self.transformer, settings, names)
+
+    @contextlib.contextmanager
+    def adapter(self, name: str | None) -> Iterator[None]:
+        """``with policy.adapter("old"):`` runs the rollout policy; ``adapter(None)`` the reference."""
+        with lora.using(self.transformer, name):
+            yield
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(lora.adapter_parameters(self.transformer, lora.DEFAULT).values())

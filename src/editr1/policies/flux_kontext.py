@@ -1,0 +1,253 @@
+"""FLUX.1-Kontext as an :class:`EditPolicy`, on diffusers' ``FluxKontextPipeline`` components.
+
+The instruction goes through CLIP (pooled) and T5 (sequence); the source image is VAE-encoded,
+packed into 2×2 patches and appended to the noisy latents along the sequence with its own position
+ids (first id = 1), exactly as the pipeline does. The distilled guidance embedding (default 2.5) is
+kept in rollouts and training; there is no classifier-free guidance. Resolution comes from the
+config: the pipeline's own ~1024² auto-resize never runs here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
+from diffusers.pipelines.flux.pipeline_flux_kontext import calculate_shift
+
+from editr1.policies.base import Condition, EditPolicy, resolve_dtype
+from editr1.policies.tiny import TinyTextConfig, text_encoders
+
+FLUX_SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
+
+
+@dataclass
+class TinyFlux:
+    """Sizes of a FLUX.1-Kontext built in code (random weights unless ``weights`` is given)."""
+
+    heads: int = 2  # attention heads of the transformer
+    head_dim: int = 16  # per-head width; rope axes split it as (head_dim/4, 3·head_dim/8, 3·head_dim/8)
+    layers: int = 1  # double-stream (MMDiT) blocks
+    single_layers: int = 1  # single-stream blocks
+    vae_channels: list[int] = field(default_factory=lambda: [16, 32])  # VAE widths; downsampling = 2^(len − 1)
+    latent_channels: int = 4  # VAE latent channels (the transformer sees 4× this after 2×2 packing)
+    text: TinyTextConfig = field(default_factory=TinyTextConfig)  # tiny CLIP + T5 sizes
+    words: list[str] | None = None  # T5 word vocabulary; None = the synthetic-scene grammar
+    seed: int = 0  # seed of the random initialisation
+    weights: str | None = None  # optional safetensors file with trained weights for these components
+
+    def __post_init__(self) -> None:
+        if self.head_dim % 8:
+            raise ValueError(f"tiny head_dim must be a multiple of 8, got {self.head_dim}")
+        if not self.vae_channels:
+            raise ValueError("tiny vae_channels must not be empty")
+
+
+def build_tiny_pipeline(cfg: TinyFlux) -> FluxKontextPipeline:
+    """A complete FluxKontextPipeline at tiny size, deterministic in ``cfg.seed``."""
+    words = cfg.words if cfg.words is not None else _scene_words()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        text = text_encoders(cfg.text, words)
+        r = cfg.head_dim // 8
+        transformer = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=cfg.latent_channels * 4,
+            num_layers=cfg.layers,
+            num_single_layers=cfg.single_layers,
+            attention_head_dim=cfg.head_dim,
+            num_attention_heads=cfg.heads,
+            joint_attention_dim=cfg.text.t5_hidden,
+            pooled_projection_dim=cfg.text.clip_hidden,
+            guidance_embeds=True,
+            axes_dims_rope=(2 * r, 3 * r, 3 * r),
+        )
+        n = len(cfg.vae_channels)
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=["DownEncoderBlock2D"] * n,
+            up_block_types=["UpDecoderBlock2D"] * n,
+            block_out_channels=list(cfg.vae_channels),
+            layers_per_block=1,
+            latent_channels=cfg.latent_channels,
+            norm_num_groups=min(8, min(cfg.vae_channels)),
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            shift_factor=0.0,
+            scaling_factor=1.0,
+        )
+    pipe = FluxKontextPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG),
+        vae=vae,
+        transformer=transformer,
+        **text,
+    )
+    if cfg.weights:
+        load_pipeline_weights(pipe, cfg.weights)
+    return pipe
+
+
+def load_pipeline_weights(pipe: FluxKontextPipeline, path: str) -> None:
+    """Load ``{component}.{param}`` tensors from one safetensors file (strict)."""
+    from safetensors.torch import load_file
+
+    state = load_file(path)
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        module = getattr(pipe, name)
+        prefix = name + "."
+        sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if sub:
+            module.load_state_dict(sub, strict=True)
+
+
+def _scene_words() -> list[str]:
+    from editr1.data.scenes import vocabulary
+
+    return vocabulary()
+
+
+class FluxKontextPolicy(EditPolicy):
+    """FLUX.1-Kontext editing policy.
+
+    Args:
+        pretrained_model_name_or_path: hub id or local folder of a diffusers FluxKontextPipeline
+            (e.g. ``black-forest-labs/FLUX.1-Kontext-dev``). ``None`` builds the tiny model in code.
+        revision: hub revision (branch, tag or commit) of the pretrained weights.
+        torch_dtype: dtype of the frozen weights: ``float32``, ``bfloat16`` or ``float16``.
+        resolution: training/rollout resolution, one int (square) or ``[height, width]``; must be a
+            multiple of 2 × the VAE's downsampling factor. The source image is resized to it too.
+        guidance_scale: the distilled guidance embedding (not CFG); 2.5 as in the paper.
+        max_sequence_length: T5 tokens per instruction.
+        tiny: sizes for the in-code build (ignored when loading pretrained weights).
+        local_files_only: never touch the network when loading pretrained weights.
+    """
+
+    def __init__(
+        self,
+        pretrained_model_name_or_path: str | None = None,
+        revision: str | None = None,
+        torch_dtype: str = "float32",
+        resolution: int | list[int] = 512,
+        guidance_scale: float = 2.5,
+        max_sequence_length: int = 512,
+        tiny: TinyFlux | None = None,
+        local_files_only: bool = False,
+    ) -> None:
+        height, width = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+        super().__init__(height, width)
+        dtype = resolve_dtype(torch_dtype)
+        if pretrained_model_name_or_path is None:
+            pipe = build_tiny_pipeline(tiny or TinyFlux())
+            if dtype != torch.float32:
+                pipe = pipe.to(dtype=dtype)
+        else:
+            pipe = FluxKontextPipeline.from_pretrained(
+                pretrained_model_name_or_path, revision=revision, torch_dtype=dtype, local_files_only=local_files_only
+            )
+        self.pipe = pipe  # not a module: holds the tokenizers and scheduler, shares the modules below
+        self.transformer = pipe.transformer
+        self.vae = pipe.vae
+        self.text_encoder = pipe.text_encoder
+        self.text_encoder_2 = pipe.text_encoder_2
+        self.requires_grad_(False)
+        self.eval()
+        self.guidance_scale = guidance_scale
+        self.max_sequence_length = max_sequence_length
+        self.vae_scale_factor = pipe.vae_scale_factor
+        multiple = self.vae_scale_factor * 2
+        if height % multiple or width % multiple:
+            raise ValueError(f"resolution {height}x{width} must be a multiple of {multiple} for this model")
+        self.latent_h = height // self.vae_scale_factor
+        self.latent_w = width // self.vae_scale_factor
+        self.latent_channels = self.vae.config.latent_channels
+
+    # ---------------------------------------------------------------------------------- encoding
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, prompts: list[str]) -> Condition:
+        if images.shape[0] != len(prompts):
+            raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
+        device = self.device
+        prompt_embeds, pooled, text_ids = self.pipe.encode_prompt(
+            prompt=list(prompts), prompt_2=None, device=device, max_sequence_length=self.max_sequence_length
+        )
+        image_latents = self.encode_images(images)
+        latent_ids = self.pipe._prepare_latent_image_ids(
+            1, self.latent_h // 2, self.latent_w // 2, device, prompt_embeds.dtype
+        )
+        image_ids = latent_ids.clone()
+        image_ids[..., 0] = 1
+        return Condition(
+            tensors={"prompt_embeds": prompt_embeds, "pooled": pooled, "image_latents": image_latents},
+            shared={"text_ids": text_ids, "img_ids": torch.cat([latent_ids, image_ids], dim=0)},
+        )
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        self._check_images(images)
+        x = (images.to(self.device, self.vae.dtype) * 2 - 1)
+        latents = self.vae.encode(x).latent_dist.mode()
+        latents = (latents - self.vae.config.shift_factor) * self.vae.config.scaling_factor
+        n, c, h, w = latents.shape
+        return self.pipe._pack_latents(latents, n, c, h, w).float()
+
+    # ---------------------------------------------------------------------------------- denoising
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
+        dtype = self.transformer.dtype
+        hidden = torch.cat([x_t.to(dtype), cond["image_latents"].to(dtype)], dim=1)
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full((x_t.shape[0],), self.guidance_scale, device=x_t.device, dtype=torch.float32)
+        out = self.transformer(
+            hidden_states=hidden,
+            timestep=t.to(dtype),
+            guidance=guidance,
+            pooled_projections=cond["pooled"].to(dtype),
+            encoder_hidden_states=cond["prompt_embeds"].to(dtype),
+            txt_ids=cond["text_ids"],
+            img_ids=cond["img_ids"],
+            return_dict=False,
+        )[0]
+        return out[:, : x_t.shape[1]].float()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        x = self.pipe._unpack_latents(latents, self.height, self.width, self.vae_scale_factor)
+        x = x / self.vae.config.scaling_factor + self.vae.config.shift_factor
+        images = self.vae.decode(x.to(self.vae.dtype), return_dict=False)[0]
+        return ((images.float() + 1) / 2).clamp(0, 1)
+
+    def latent_shape(self) -> tuple[int, int]:
+        return (self.latent_h // 2) * (self.latent_w // 2), self.latent_channels * 4
+
+    def sigmas(self, num_steps: int) -> torch.Tensor:
+        """The pipeline's schedule: ``linspace(1, 1/n, n)`` time-shifted by the resolution's μ, then 0."""
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.pipe.scheduler.config)
+        cfg = scheduler.config
+        mu = calculate_shift(
+            self.latent_shape()[0],
+            cfg.get("base_image_seq_len", 256),
+            cfg.get("max_image_seq_len", 4096),
+            cfg.get("base_shift", 0.5),
+            cfg.get("max_shift", 1.15),
+        )
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
+        return scheduler.sigmas.to(torch.float32).cpu()
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != (self.height, self.width):
+            raise ValueError(
+                f"expected images of shape (N, 3, {self.height}, {self.width}), got {tuple(images.shape)}; "
+                "use policy.preprocess() to resize"
+            )

@@ -1,0 +1,149 @@
+"""Three policies on one transformer with peft LoRA adapters.
+
+``default`` is θ (trained), ``old`` is θ_old (samples the rollouts), and the reference is the base
+with every adapter disabled — no copy of the base weights is ever made. An optional ``ema`` adapter
+holds an exponential moving average of θ for evaluation and export.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer, set_adapter
+from torch import nn
+
+DEFAULT = "default"
+OLD = "old"
+EMA = "ema"
+
+PAPER_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA on the transformer (paper: r 32, α 64, Gaussian init, attention projections)."""
+
+    rank: int = 32  # LoRA rank r
+    alpha: float = 64.0  # LoRA α; the update is scaled by α / r
+    init: str = "gaussian"  # peft init_lora_weights: "gaussian" (A ~ N, B = 0), "true" (Kaiming A), ...
+    target_modules: list[str] = field(default_factory=lambda: list(PAPER_TARGET_MODULES))  # module-name suffixes
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+        if self.alpha <= 0:
+            raise ValueError(f"LoRA alpha must be positive, got {self.alpha}")
+        if not self.target_modules:
+            raise ValueError("LoRA target_modules must name at least one module")
+
+    def peft_config(self) -> LoraConfig:
+        init: bool | str = {"true": True, "false": False}.get(str(self.init).lower(), self.init)
+        return LoraConfig(
+            r=self.rank, lora_alpha=self.alpha, init_lora_weights=init, target_modules=list(self.target_modules)
+        )
+
+
+def add_adapters(model: nn.Module, settings: LoraSettings, names: list[str]) -> None:
+    """Inject one LoRA adapter per name; every adapter starts as an exact copy of the first one.
+
+    Only the first adapter (normally ``default``) is trainable and active afterwards.
+    """
+    if not names:
+        raise ValueError("need at least one adapter name")
+    config = settings.peft_config()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*multiple adapters.*")  # several adapters is the point
+        for name in names:
+            inject_adapter_in_model(config, model, adapter_name=name)
+    if not list(_tuner_layers(model)):
+        raise ValueError(
+            f"LoRA target_modules {settings.target_modules} matched no module of {type(model).__name__}"
+        )
+    for name in names[1:]:
+        copy_adapter(model, src=names[0], dst=name)
+    activate(model, names[0])
+
+
+def _tuner_layers(model: nn.Module) -> Iterator[BaseTunerLayer]:
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            yield module
+
+
+def adapter_parameters(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
+    """The parameters of adapter ``name`` keyed by their name with the adapter part removed."""
+    marker = f".{name}."
+    out = {}
+    for pname, p in model.named_parameters():
+        if "lora_" in pname and marker in pname:
+            out[pname.replace(marker, ".")] = p
+    if not out:
+        raise KeyError(f"no LoRA adapter named {name!r} on {type(model).__name__}")
+    return out
+
+
+def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """A detached copy of adapter ``name``'s weights (keys without the adapter name)."""
+    return {k: p.detach().clone() for k, p in adapter_parameters(model, name).items()}
+
+
+def load_adapter_state(model: nn.Module, name: str, state: dict[str, torch.Tensor]) -> None:
+    params = adapter_parameters(model, name)
+    missing = set(params) - set(state)
+    unexpected = set(state) - set(params)
+    if missing or unexpected:
+        raise KeyError(f"adapter {name!r}: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(state[k])
+
+
+@torch.no_grad()
+def copy_adapter(model: nn.Module, src: str, dst: str) -> None:
+    mix_adapter(model, src=src, dst=dst, keep=0.0)
+
+
+@torch.no_grad()
+def mix_adapter(model: nn.Module, src: str, dst: str, keep: float) -> None:
+    """``dst ← keep·dst + (1 − keep)·src`` for every LoRA weight (θ_old / EMA update)."""
+    if not 0.0 <= keep <= 1.0:
+        raise ValueError(f"keep must be in [0, 1], got {keep}")
+    src_p = adapter_parameters(model, src)
+    dst_p = adapter_parameters(model, dst)
+    for k, d in dst_p.items():
+        d.lerp_(src_p[k].to(d.dtype), 1.0 - keep)
+
+
+def activate(model: nn.Module, name: str) -> None:
+    """Make ``name`` the only active adapter: trainable if it is ``default``, frozen otherwise."""
+    for layer in _tuner_layers(model):
+        layer.enable_adapters(True)
+    set_adapter(model, name, inference_mode=name != DEFAULT)
+
+
+@contextlib.contextmanager
+def using(model: nn.Module, name: str | None) -> Iterator[None]:
+    """Run the block with adapter ``name`` active, or with all adapters off for ``None`` (the
+    reference policy). ``default`` is active and trainable again afterwards."""
+    try:
+        if name is None:
+            for layer in _tuner_layers(model):
+                layer.enable_adapters(False)
+        else:
+            activate(model, name)
+        yield
+    finally:
+        activate(model, DEFAULT)
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    names: set[str] = set()
+    for layer in _tuner_layers(model):
+        for layer_name in layer.adapter_layer_names:
+            names.update(getattr(layer, layer_name).keys())
+    return sorted(names)

@@ -1,0 +1,82 @@
+"""What one step's rollouts hold, and the deterministic per-sample random streams they use."""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+from editr1.algorithms.grouping import GroupDecision
+from editr1.policies.base import Condition
+from editr1.seeding import derive_seed
+
+
+def key_hash(key: str) -> int:
+    return zlib.crc32(key.encode("utf-8"))
+
+
+def group_ids(keys: list[str]) -> list[tuple[int, int]]:
+    """``(hash of the key, occurrence)`` per prompt: stable ids that do not depend on the batch position
+    or the process, so every draw a sample gets is the same on 1 rank or many."""
+    seen: dict[str, int] = {}
+    out = []
+    for k in keys:
+        occ = seen.get(k, 0)
+        seen[k] = occ + 1
+        out.append((key_hash(k), occ))
+    return out
+
+
+@dataclass
+class Rollout:
+    """K edits for each of G prompts, sampled by the rollout policy.
+
+    ``cond`` has one row per prompt; ``group_index[i]`` is the prompt of sample i (``(G·K,)``,
+    samples of a group are contiguous). ``x0`` are the final clean latents the NFT loss regresses to.
+    """
+
+    prompts: list[str]
+    requirements: list[str]
+    keys: list[str]
+    sources: torch.Tensor  # (G, 3, H, W) in [0, 1]
+    targets: torch.Tensor | None  # (G, 3, H, W) or None
+    cond: Condition
+    x0: torch.Tensor  # (G·K, *latent_shape)
+    edits: torch.Tensor  # (G·K, 3, H, W) in [0, 1]
+    sigmas: torch.Tensor  # (steps + 1,) the rollout schedule, ending with 0
+    group_size: int
+    index: int  # how many rollouts came before this one in the run
+    base_seed: int
+
+    def __post_init__(self) -> None:
+        self._ids = group_ids(self.keys)
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def group_index(self) -> torch.Tensor:
+        return torch.arange(self.num_groups).repeat_interleave(self.group_size)
+
+    def sample_seed(self, stream: int, sample: int, *extra: int) -> int:
+        """Seed of sample ``sample`` (flat index) for one kind of draw."""
+        g, k = divmod(sample, self.group_size)
+        h, occ = self._ids[g]
+        return derive_seed(self.base_seed, stream, self.index, h, occ, k, *extra)
+
+    def expand(self, per_group: torch.Tensor | list) -> torch.Tensor | list:
+        """Repeat per-prompt values for every sample of the group."""
+        if isinstance(per_group, torch.Tensor):
+            return per_group.repeat_interleave(self.group_size, dim=0)
+        return [v for v in per_group for _ in range(self.group_size)]
+
+
+@dataclass
+class StepData:
+    """A rollout with its rewards and the filter's decision: everything ``training_step`` needs."""
+
+    rollout: Rollout
+    rewards: torch.Tensor  # (G, K), NaN = could not be judged
+    decision: GroupDecision

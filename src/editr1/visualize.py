@@ -1,0 +1,37 @@
+"""Image grids with captions for TensorBoard: one row per group, source | K edits."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from torchvision.transforms.functional import pil_to_tensor, to_pil_image
+
+CAPTION_PX = 12
+MIN_TILE = 96
+
+
+def captioned_grid(rows: list[list[torch.Tensor]], captions: list[list[str]], pad: int = 2) -> torch.Tensor:
+    """``rows[i][j]``: a (3, H, W) image in [0, 1]; ``captions[i][j]`` is drawn under it.
+
+    Small images are enlarged (nearest neighbour) to at least 96 px so pixels and text stay legible.
+    Returns a (3, H', W') uint8 tensor for ``SummaryWriter.add_image``.
+    """
+    if not rows or not rows[0]:
+        raise ValueError("captioned_grid needs at least one image")
+    h, w = rows[0][0].shape[-2:]
+    scale = max(1, -(-MIN_TILE // max(h, w)))
+    th, tw = h * scale, w * scale
+    cols = max(len(r) for r in rows)
+    cell_h = th + CAPTION_PX + pad
+    canvas = Image.new("RGB", (cols * (tw + pad) + pad, len(rows) * cell_h + pad), (32, 32, 32))
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    for i, (row, caps) in enumerate(zip(rows, captions)):
+        for j, img in enumerate(row):
+            tile = F.interpolate(img[None].float().clamp(0, 1), scale_factor=scale, mode="nearest")[0]
+            x, y = pad + j * (tw + pad), pad + i * cell_h
+            canvas.paste(to_pil_image(tile), (x, y))
+            if j < len(caps) and caps[j]:
+                draw.text((x + 1, y + th), caps[j][: max(4, tw // 6)], fill=(230, 230, 230), font=font)
+    return pil_to_tensor(canvas)
