@@ -35,21 +35,28 @@ class EditR1CLI(LightningCLI):
         parser.add_lightning_class_args(RewardCallback, "reward")
 
 
+def _has_config(args: list[str]) -> bool:
+    return any(a in ("-c", "--config") or a.startswith("--config=") for a in args)
+
+
 def with_default_config(args: list[str]) -> list[str]:
     """Insert ``--config configs/demo.yaml`` after the subcommand when no config is given."""
-    if not args or args[0] not in SUBCOMMANDS:
-        return args
-    if any(a in ("-c", "--config") or a.startswith("--config=") for a in args[1:]):
+    if not args or args[0] not in SUBCOMMANDS or _has_config(args[1:]):
         return args
     if any(a in ("-h", "--help") for a in args[1:]):
         return args
     return [args[0], "--config", str(config_path())] + args[1:]
 
 
-def cli_main(args: list[str] | None = None) -> EditR1CLI:
-    """Entry point; tests call it in-process with ``args``."""
-    if args is None:
-        sys.argv = [sys.argv[0]] + with_default_config(sys.argv[1:])
+def cli_main(args: list[str] | None = None, run: bool = True) -> EditR1CLI:
+    """Entry point. Tests call it in-process with ``args``; with ``run=False`` there is no
+    subcommand: ``args`` are the options only and nothing runs (``cli.trainer``, ``cli.model`` and
+    ``cli.datamodule`` are built, as in Lightning's own testing recipe)."""
+    if not run:
+        argv = list(args or [])
+        argv = argv if _has_config(argv) else ["--config", str(config_path())] + argv
+    elif args is None:
+        sys.argv = [sys.argv[0]] + with_default_config(sys.argv[1:])  # LightningCLI reads sys.argv
         argv = None
     else:
         argv = with_default_config(list(args))
@@ -57,7 +64,8 @@ def cli_main(args: list[str] | None = None) -> EditR1CLI:
         EditR1Module,
         EditDataModule,
         args=argv,
-        auto_configure_optimizers=False,  # the module builds its own optimiser (optim: section)
+        run=run,
+        auto_configure_optimizers=False,  # the module builds its own optimiser (the optim: section)
         save_config_kwargs={"overwrite": True},
     )
 

@@ -65,20 +65,26 @@ def nft_loss(
     x0_neg = x_t - t_ * v_neg
     loss_pos = _adaptive_mse(x0_pos, x0)
     loss_neg = _adaptive_mse(x0_neg, x0)
-    r = r.to(loss_pos.dtype)
+    if weights is None:
+        weights = torch.ones(batch, dtype=loss_pos.dtype, device=loss_pos.device)
+    weights = weights.to(loss_pos.dtype)
+    on = weights > 0
+    # A switched-off sample (padding, a failed judgement) may carry r = NaN: neutralise it so that
+    # neither the loss nor the gradient sees a NaN. A NaN r on a sample that trains is a bug.
+    r = torch.where(on, r.to(loss_pos.dtype), torch.full_like(loss_pos, 0.5))
+    if torch.isnan(r).any():
+        raise ValueError("nft_loss: r is NaN for a sample with positive weight")
     policy = adv_clip * (r * loss_pos + (1 - r) * loss_neg) / beta
     if v_ref is not None:
         kl = ((v_theta - v_ref) ** 2).flatten(1).mean(dim=1)
     else:
         kl = torch.zeros_like(policy)
-    if weights is None:
-        weights = torch.ones(batch, dtype=policy.dtype, device=policy.device)
-    weights = weights.to(policy.dtype)
     total = weights.sum()
     denom = torch.where(total > 0, total, torch.ones_like(total))
-    loss = (weights * policy).sum() / denom
+    # where(), not 0 * x: a switched-off sample (padding, a NaN r) must not poison the sum.
+    loss = torch.where(on, weights * policy, torch.zeros_like(policy)).sum() / denom
     if v_ref is not None and kl_weight:
-        loss = loss + kl_weight * (weights * kl).sum() / denom
+        loss = loss + kl_weight * torch.where(on, weights * kl, torch.zeros_like(kl)).sum() / denom
     with torch.no_grad():
         old_dev = ((v_theta - v_old) ** 2).flatten(1).mean(dim=1)
     return NFTLoss(loss=loss, policy=policy, kl=kl, old_deviation=old_dev)

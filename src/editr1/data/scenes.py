@@ -395,3 +395,24 @@ def vocabulary() -> list[str]:
         for phrase in row:
             words.extend(phrase.split())
     return list(dict.fromkeys(words))
+
+
+def export_folder(out_dir: str, count: int, config: SceneConfig | None = None, split: str = "train", start: int = 0) -> None:
+    """Write ``count`` scene examples as a UniWorld-format folder (``images/`` + ``train_metadata.jsonl``
+    with ``prompt``, ``image``, ``requirement``, ``target`` and ``task``)."""
+    import json
+    from pathlib import Path
+
+    config = config or SceneConfig()
+    root = Path(out_dir)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for seed in range(start, start + count):
+        ex = make_example(seed, config, split)
+        src, tgt = f"images/{split}-{seed:06d}.png", f"images/{split}-{seed:06d}-target.png"
+        ex["image"].save(root / src)
+        ex["target"].save(root / tgt)
+        lines.append({"prompt": ex["prompt"], "image": src, "requirement": ex["requirement"], "target": tgt, "task": ex["task"]})
+    with (root / "train_metadata.jsonl").open("w", encoding="utf-8") as f:
+        for line in lines:
+            f.write(json.dumps(line) + "\n")

@@ -1,0 +1,147 @@
+"""The `editr1` command: configs parse, the default config, a real run's folder, `python -m editr1`."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from editr1.callbacks import RewardCallback
+from editr1.cli import EditR1CLI, cli_main, config_path, with_default_config
+from editr1.data.datamodule import EditDataModule
+from editr1.module import EditR1Module
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml"))
+KEY = re.compile(r"^\s*(- )?[A-Za-z_][\w.]*:")
+
+
+class ParseOnlyCLI(EditR1CLI):
+    """Parses and type-checks a config without building anything (real-model configs name hub ids)."""
+
+    def instantiate_classes(self) -> None:
+        pass
+
+
+def parse(*configs: Path):
+    args = []
+    for c in configs:
+        args += ["--config", str(c)]
+    cli = ParseOnlyCLI(EditR1Module, EditDataModule, args=args, run=False, auto_configure_optimizers=False)
+    return cli.config
+
+
+def test_there_are_configs():
+    assert (ROOT / "configs" / "demo.yaml") in CONFIGS
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_config_parses(path):
+    demo = ROOT / "configs" / "demo.yaml"
+    cfg = parse(demo, path) if path != demo else parse(demo)  # partial configs compose onto the demo
+    assert cfg.model.policy.class_path
+    assert cfg.reward.model.class_path
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_config_key_has_a_comment(path):
+    missing = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if KEY.match(line) and "#" not in line and line.strip() not in ("init_args:", "- init_args:"):
+            missing.append(f"{path.name}:{n}: {line.strip()}")
+    assert not missing, "config keys without a comment:\n" + "\n".join(missing)
+
+
+def test_default_config_is_the_demo_and_is_installed_with_the_package():
+    assert config_path() == ROOT / "configs" / "demo.yaml"
+    assert with_default_config(["fit"]) == ["fit", "--config", str(config_path())]
+    assert with_default_config(["fit", "-c", "x.yaml"]) == ["fit", "-c", "x.yaml"]
+    assert with_default_config(["fit", "--help"]) == ["fit", "--help"]
+
+
+def test_packaging_lists_every_subpackage():
+    text = (ROOT / "pyproject.toml").read_text()
+    listed = set(re.search(r"packages = \[(.*?)\]", text).group(1).replace('"', "").replace(" ", "").split(","))
+    found = {"editr1"} | {
+        "editr1." + ".".join(p.parent.relative_to(ROOT / "src" / "editr1").parts)
+        for p in (ROOT / "src" / "editr1").rglob("__init__.py")
+        if p.parent != ROOT / "src" / "editr1"
+    }
+    assert found | {"editr1.configs"} == listed
+
+
+def test_demo_config_runs_in_process_into_one_run_folder(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.chdir(tmp_path)
+    cli = cli_main(
+        [
+            "fit",
+            "--trainer.max_steps=3",
+            "--trainer.val_check_interval=3",
+            "--model.rollout.group_size=4",
+            "--reward.log_images_every_n_steps=2",
+            "--data.val_size=4",
+        ]
+    )
+    assert cli.trainer.global_step == 3
+    run = Path(cli.trainer.log_dir).resolve()
+    assert run.parent.parent == tmp_path.resolve() / "runs"
+    assert (run / "config.yaml").is_file()
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    ea = EventAccumulator(str(run), size_guidance={"images": 0, "scalars": 0})
+    ea.Reload()
+    scalars = set(ea.Tags()["scalars"])
+    for tag in ("reward/mean", "reward/std", "frac_reward_zero_std", "filter/frac_groups_dropped", "loss/policy",
+                "loss/kl", "nft/old_deviation", "lr", "time/rollout_s", "time/reward_s", "time/train_s",
+                "val/reward"):
+        assert tag in scalars, tag
+    assert len(ea.Scalars("reward/mean")) == 3
+    assert "rollouts/source_edits" in ea.Tags()["images"]
+    assert "val/source_edit" in ea.Tags()["images"]
+    assert any(isinstance(cb, RewardCallback) for cb in cli.trainer.callbacks)
+
+
+def test_validate_subcommand(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = cli_main(["validate", "--data.val_size=2"])
+    assert "val/reward" in cli.trainer.callback_metrics
+
+
+def test_python_dash_m_prints_the_default_config(tmp_path):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    out = subprocess.run(
+        [sys.executable, "-m", "editr1", "fit", "--print_config"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    cfg = yaml.safe_load(out.stdout)
+    assert cfg["model"]["policy"]["class_path"] == "editr1.policies.FluxKontextPolicy"
+    assert cfg["model"]["policy"]["init_args"]["resolution"] == 32
+    assert cfg["reward"]["model"]["class_path"] == "editr1.rewards.SceneReward"
+    assert cfg["seed_everything"] == 0
+
+
+def test_readme_commands_and_ci_agree():
+    readme = (ROOT / "README.md").read_text().splitlines()
+    commands = [line for line in readme if line.startswith("python3 -m venv")]
+    assert len(commands) >= 2
+    assert commands[0].endswith("&& editr1 fit")
+    assert commands[1].endswith("python -m pytest")
+    assert commands[1] in (ROOT / ".ci" / "run").read_text()
+
+
+def test_fit_on_the_bundled_uniworld_folder(tmp_path, monkeypatch):
+    sample = ROOT / "data" / "sample_uniworld"
+    monkeypatch.chdir(tmp_path)
+    cli = cli_main(
+        ["fit", f"--data.path={sample}", f"--data.val_path={sample}", "--trainer.max_steps=2",
+         "--trainer.val_check_interval=2", "--model.rollout.group_size=2", "--data.batch_size=2"]
+    )
+    assert cli.trainer.global_step == 2
+    assert 0.0 <= float(cli.trainer.callback_metrics["val/reward"]) <= 1.0

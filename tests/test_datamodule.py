@@ -1,0 +1,84 @@
+"""EditDataModule: sources, splits, collation and bad-input handling."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from editr1.data import EditDataModule, SceneConfig
+from editr1.data.datamodule import collate_prompts
+
+
+def make_folder(root, rows, images=("a.png", "b.png")):
+    (root / "images").mkdir(parents=True)
+    for name in images:
+        Image.new("RGB", (40, 24), (10, 200, 30)).save(root / "images" / name)
+    (root / "train_metadata.jsonl").write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows))
+    return root
+
+
+def test_scenes_are_the_default_source_and_validation_is_held_out():
+    dm = EditDataModule(batch_size=3, train_size=9, val_size=5)
+    dm.setup("fit")
+    train = next(iter(dm.train_dataloader()))
+    val = next(iter(dm.val_dataloader()))
+    assert len(train["prompt"]) == 3 and len(val["prompt"]) == 3
+    assert all(k.startswith("scene-train-") for k in train["key"])
+    assert all(k.startswith("scene-heldout-") for k in val["key"])
+    assert isinstance(train["image"][0], Image.Image) and train["target"] is not None
+    assert len(dm.val_dataloader().dataset) == 5
+
+
+def test_folder_source_skips_bad_rows_and_counts_them(tmp_path):
+    root = make_folder(
+        tmp_path / "d",
+        [
+            {"prompt": "make it red", "image": "images/a.png", "requirement": "keep the rest"},
+            {"prompt": "make it blue", "image": "images/b.png"},
+            "{not json",
+            {"prompt": "", "image": "images/a.png"},
+            {"prompt": "x", "image": "images/missing.png"},
+        ],
+    )
+    dm = EditDataModule(path=str(root), batch_size=2, shuffle=False)
+    dm.setup("fit")
+    ds = dm.train_dataloader().dataset
+    assert len(ds) == 2
+    assert dict(ds.skipped_rows) == {"malformed_json": 1, "empty_prompt": 1, "missing_image_file": 1}
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["prompt"] == ["make it red", "make it blue"]
+    assert batch["requirement"] == ["keep the rest", ""]
+    assert batch["target"] is None
+    assert dm.val_dataloader() == []  # no validation folder given: no validation
+
+
+def test_unusable_folder_fails_before_training(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        EditDataModule(path=str(tmp_path / "nope")).setup("fit")
+    root = make_folder(tmp_path / "bad", ["{", {"prompt": "x"}])
+    with pytest.raises(ValueError, match="no usable row"):
+        EditDataModule(path=str(root)).setup("fit")
+
+
+def test_collate_drops_and_counts_unreadable_items():
+    good = {"image": Image.new("RGB", (4, 4)), "prompt": "p", "requirement": "", "target": None, "task": "", "key": "k"}
+    batch = collate_prompts([good, {"skipped": "unreadable_image"}, {"skipped": "unreadable_image"}])
+    assert batch["prompt"] == ["p"]
+    assert batch["skipped"] == {"unreadable_image": 2}
+    with pytest.raises(ValueError, match="target"):
+        collate_prompts([good, dict(good, target=Image.new("RGB", (4, 4)))])
+
+
+def test_test_and_predict_default_to_validation_set():
+    dm = EditDataModule(scenes=SceneConfig(), val_size=3)
+    dm.setup("test")
+    assert len(dm.test_dataloader().dataset) == 3
+    dm.setup("predict")
+    assert dm.predict_dataloader().dataset is dm.test_dataloader().dataset
+
+
+def test_bad_batch_size():
+    with pytest.raises(ValueError):
+        EditDataModule(batch_size=0)

@@ -1,0 +1,253 @@
+"""EditR1Module + RewardCallback end to end on the tiny FLUX.1-Kontext (CPU)."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from conftest import small_module, small_trainer, tiny_policy
+
+from editr1.algorithms.nft import old_policy_eta
+from editr1.callbacks import FilterSettings, ImageWriter, RewardCallback
+from editr1.policies import lora
+from editr1.rewards import RewardInputs, RewardModel, SceneReward
+
+
+class ConstantReward(RewardModel):
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+    def score(self, inputs: RewardInputs) -> torch.Tensor:
+        return torch.full((inputs.edits.shape[0],), self.value)
+
+
+class NaNFirstGroupReward(RewardModel):
+    """Scene reward, except the first group_size samples of every batch could not be judged."""
+
+    def __init__(self, group_size: int) -> None:
+        self.k = group_size
+        self.inner = SceneReward()
+
+    def score(self, inputs: RewardInputs) -> torch.Tensor:
+        r = self.inner.score(inputs)
+        r[: self.k] = float("nan")
+        return r
+
+
+class Recorder(L.Callback):
+    """Adapter weights before training and after every batch, and each step's rollout/decision."""
+
+    def __init__(self) -> None:
+        self.states: list[tuple[int, dict, dict]] = []
+        self.steps: list = []
+
+    def _snap(self, module, step):
+        model = module.policy.transformer
+        self.states.append((step, lora.adapter_state(model, lora.DEFAULT), lora.adapter_state(model, lora.OLD)))
+
+    def on_train_start(self, trainer, module):
+        self._snap(module, 0)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.steps.append(batch["rl"])
+        self._snap(module, trainer.global_step)
+
+
+def base_state(module) -> dict:
+    return {k: v.detach().clone() for k, v in module.policy.state_dict().items() if "lora_" not in k}
+
+
+def fit(module, data, reward=None, max_steps=3, callbacks=(), **trainer_kwargs):
+    L.seed_everything(0)
+    rec = Recorder()
+    cbs = [RewardCallback(model=reward or SceneReward(), log_images_every_n_steps=0), rec, *callbacks]
+    trainer = small_trainer(cbs, max_steps=max_steps, **trainer_kwargs)
+    trainer.fit(module, datamodule=data)
+    return trainer, rec
+
+
+def test_fit_trains_default_old_follows_schedule_base_frozen(scenes_data):
+    module = small_module()
+    before = base_state(module)
+    trainer, rec = fit(module, scenes_data, max_steps=3)
+    assert trainer.global_step == 3
+    # The base weights (everything that is not LoRA) never change.
+    after = base_state(module)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # θ moved.
+    d0, d3 = rec.states[0][1], rec.states[-1][1]
+    assert max(float((d3[k] - d0[k]).abs().max()) for k in d0) > 0
+    # θ_old followed θ_old ← η·θ_old + (1 − η)·θ with η = min(0.2·step, 0.5), exactly.
+    assert [s[0] for s in rec.states] == [0, 1, 2, 3]
+    for (_, _, old_prev), (step, default, old) in zip(rec.states, rec.states[1:]):
+        eta = old_policy_eta(step, rate=0.2, cap=0.5)
+        assert eta == pytest.approx([0.2, 0.4, 0.5][step - 1])
+        for k in old:
+            expected = eta * old_prev[k] + (1 - eta) * default[k]
+            torch.testing.assert_close(old[k], expected, rtol=1e-6, atol=1e-7)  # float rounding only
+    # Old started as an exact copy of default.
+    assert all(torch.equal(rec.states[0][1][k], rec.states[0][2][k]) for k in d0)
+    metrics = trainer.callback_metrics
+    for name in ("reward/mean", "reward/std", "frac_reward_zero_std", "filter/frac_groups_dropped", "loss/policy",
+                 "loss/kl", "nft/old_deviation", "lr", "time/rollout_s", "time/reward_s", "time/train_s"):
+        assert name in metrics, name
+    assert float(metrics["nft/trained_samples"]) == 2 * 4
+
+
+def test_same_seed_same_rollouts_and_weights(scenes_data):
+    from editr1.data import EditDataModule, SceneConfig
+
+    def run(seed):
+        data = EditDataModule(scenes=SceneConfig(size=32), batch_size=2, train_size=64, val_size=4)
+        module = small_module(seed=seed)
+        _, rec = fit(module, data, max_steps=2)
+        return rec.steps[0].rollout.edits, rec.states[-1][1]
+
+    edits_a, w_a = run(1234)
+    edits_b, w_b = run(1234)
+    edits_c, _ = run(99)
+    assert torch.equal(edits_a, edits_b)
+    assert all(torch.equal(w_a[k], w_b[k]) for k in w_a)
+    assert not torch.equal(edits_a, edits_c)
+
+
+def test_group_of_k_shares_one_encoding_and_differs_in_noise(scenes_data):
+    module = small_module()
+    _, rec = fit(module, scenes_data, max_steps=1)
+    ro = rec.steps[0].rollout
+    assert len(ro.cond) == ro.num_groups == 2  # encoded once per prompt, not per sample
+    assert ro.x0.shape[0] == 2 * 4
+    # The K samples of a group are different edits (different noise).
+    assert not torch.equal(ro.x0[0], ro.x0[1])
+
+
+def test_all_groups_filtered_skips_the_step_without_touching_weights(scenes_data):
+    module = small_module()
+    w0 = lora.adapter_state(module.policy.transformer, lora.DEFAULT)
+    trainer, rec = fit(module, scenes_data, reward=ConstantReward(1.0), max_steps=5, limit_train_batches=3, max_epochs=1)
+    assert trainer.global_step == 0
+    assert module.skipped_steps == 3
+    w1 = lora.adapter_state(module.policy.transformer, lora.DEFAULT)
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    assert all(s.decision.dropped_low_variance.all() for s in rec.steps)
+
+
+def test_nan_reward_drops_its_group_and_is_counted(scenes_data):
+    module = small_module()
+    trainer, rec = fit(module, scenes_data, reward=NaNFirstGroupReward(4), max_steps=2)
+    for step in rec.steps:
+        d = step.decision
+        assert bool(d.dropped_nan[0]) and not bool(d.dropped_nan[1])
+        assert not d.train_mask[0].any() and d.train_mask[1].all()
+        assert torch.isnan(step.rewards[0]).all()  # never turned into a number
+    assert float(trainer.callback_metrics["nft/trained_samples"]) == 4
+    assert float(trainer.callback_metrics["reward/nan"]) == 4
+
+
+def test_nan_policy_sample_keeps_the_rest_of_the_group(scenes_data):
+    class OneNaN(RewardModel):
+        def score(self, inputs):
+            r = SceneReward().score(inputs)
+            r[0] = float("nan")
+            return r
+
+    module = small_module()
+    cb = RewardCallback(model=OneNaN(), filter=FilterSettings(rule="none", nan_policy="sample"), log_images_every_n_steps=0)
+    rec = Recorder()
+    small_trainer([cb, rec], max_steps=1).fit(module, datamodule=scenes_data)
+    mask = rec.steps[0].decision.train_mask
+    assert mask.sum() == 7 and not mask[0, 0]
+
+
+def test_banned_prompts_are_not_rolled_out_again():
+    from editr1.data import EditDataModule, SceneConfig
+
+    data = EditDataModule(scenes=SceneConfig(size=32), batch_size=2, train_size=4, val_size=2)
+    module = small_module()
+    cb = RewardCallback(model=ConstantReward(1.0), filter=FilterSettings(ban=True), log_images_every_n_steps=0)
+    trainer = small_trainer([cb], max_steps=10, max_epochs=2)
+    trainer.fit(module, datamodule=data)
+    assert len(cb.banned) == 4
+    assert cb.counts["banned_prompts_skipped"] == 4  # the whole second epoch
+    assert module.rollouts_done == 2  # only the first epoch was rolled out
+    assert cb.state_dict()["banned"] == sorted(cb.banned)
+
+
+def test_reward_outside_unit_interval_is_an_error(scenes_data):
+    with pytest.raises(ValueError, match="outside"):
+        fit(small_module(), scenes_data, reward=ConstantReward(1.5), max_steps=1)
+
+
+def test_training_without_reward_callback_says_what_is_missing(scenes_data):
+    trainer = small_trainer([], max_steps=1)
+    with pytest.raises(RuntimeError, match="RewardCallback"):
+        trainer.fit(small_module(), datamodule=scenes_data)
+
+
+def test_checkpoint_holds_only_adapters_and_resumes(tmp_path, scenes_data):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    module = small_module()
+    ckpt_cb = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer, _ = fit(module, scenes_data, max_steps=2, callbacks=[ckpt_cb], enable_checkpointing=True)
+    ckpt = torch.load(tmp_path / "last.ckpt", weights_only=False, map_location="cpu")
+    keys = list(ckpt["state_dict"])
+    assert keys and all("lora_" in k for k in keys)
+    assert {k.split(".lora_")[1].split(".")[1] for k in keys} == {"default", "old"}
+    assert ckpt["editr1"]["rollouts_done"] == 2
+    assert ckpt["editr1"]["seed"] == 1234
+    # Resume in a fresh module: the adapters come back and training continues.
+    resumed = small_module()
+    trainer2 = small_trainer([RewardCallback(model=SceneReward(), log_images_every_n_steps=0)], max_steps=3)
+    trainer2.fit(resumed, datamodule=scenes_data, ckpt_path=str(tmp_path / "last.ckpt"))
+    assert trainer2.global_step == 3
+    assert resumed.rollouts_done == 3
+
+
+def test_validate_scores_held_out_scenes_and_predict_writes_pngs(tmp_path, scenes_data):
+    module = small_module()
+    cb = RewardCallback(model=SceneReward(), log_images_every_n_steps=0)
+    trainer = small_trainer([cb, ImageWriter(str(tmp_path / "pred"))], limit_val_batches=None)
+    metrics = trainer.validate(module, datamodule=scenes_data)[0]
+    assert 0.0 <= metrics["val/reward"] <= 1.0
+    assert metrics["val/failed"] == 0
+    trainer.predict(module, datamodule=scenes_data, return_predictions=False)
+    pngs = sorted((tmp_path / "pred").glob("*.png"))
+    assert len(pngs) == 4
+    lines = (tmp_path / "pred" / "predictions.rank0.jsonl").read_text().splitlines()
+    assert len(lines) == 4
+
+
+def test_eval_edits_are_fixed_per_prompt(scenes_data):
+    module = small_module()
+    scenes_data.setup("validate")
+    batch = next(iter(scenes_data.val_dataloader()))
+    a = module._evaluate(batch)["edits"]
+    b = module._evaluate(batch)["edits"]
+    assert torch.equal(a, b)
+
+
+def test_eval_adapter_ema_requires_ema():
+    from editr1.module import EvalSettings
+
+    with pytest.raises(ValueError, match="ema"):
+        small_module(evaluation=EvalSettings(adapter="ema"))
+
+
+def test_ema_adapter_tracks_default(scenes_data):
+    module = small_module(ema=True)
+    fit(module, scenes_data, max_steps=2)
+    model = module.policy.transformer
+    assert lora.adapter_names(model) == ["default", "ema", "old"]
+    ema = lora.adapter_state(model, lora.EMA)
+    default = lora.adapter_state(model, lora.DEFAULT)
+    assert any(not torch.equal(ema[k], default[k]) for k in ema)  # decay (1+s)/(10+s) > 0
+
+
+def test_adamw8bit_is_selectable():
+    from editr1.module import OptimSettings
+
+    module = small_module(optim=OptimSettings(name="adamw8bit"))
+    opt = module.configure_optimizers()
+    assert type(opt).__name__ == "AdamW8bit"
