@@ -277,7 +277,8 @@ def test_tiny_weights_file(tmp_path):
     state = {k: v.detach().clone().contiguous() for k, v in _state(source).items()}  # clone: T5 ties embeddings
     path = tmp_path / "tiny.safetensors"
     save_file(state, str(path))
-    loaded = _state(FluxKontextPolicy(resolution=RES, max_sequence_length=SEQ, tiny=TinyFlux(seed=0, weights=str(path))))
+    tiny = TinyFlux(seed=0, weights=str(path))
+    loaded = _state(FluxKontextPolicy(resolution=RES, max_sequence_length=SEQ, tiny=tiny))
     assert loaded.keys() == state.keys()
     assert all(torch.equal(loaded[k], state[k]) for k in state)
     # a file with a wrong shape for a component is rejected
@@ -285,6 +286,11 @@ def test_tiny_weights_file(tmp_path):
     save_file(bad, str(tmp_path / "bad.safetensors"))
     with pytest.raises(RuntimeError):
         build_tiny_pipeline(TinyFlux(weights=str(tmp_path / "bad.safetensors")))
+    # keys without a known component prefix are an error, not silently random weights
+    unprefixed = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("transformer.")}
+    save_file(unprefixed, str(tmp_path / "unprefixed.safetensors"))
+    with pytest.raises(ValueError, match="component"):
+        build_tiny_pipeline(TinyFlux(weights=str(tmp_path / "unprefixed.safetensors")))
 
 
 def test_tiny_config_validation():

@@ -19,8 +19,8 @@ import torch
 from editr1.algorithms.nft import add_noise, ema_decay, nft_loss, old_policy_eta
 from editr1.algorithms.timesteps import TimestepMode, train_timesteps
 from editr1.policies import lora as adapters
-from editr1.policies.base import EditPolicy
-from editr1.rollout import Rollout, StepData, key_hash
+from editr1.policies.base import Condition, EditPolicy
+from editr1.rollout import Rollout, StepData, group_ids, key_hash, sample_seed
 from editr1.sampling import Solver, sample
 from editr1.seeding import EVAL_NOISE, ROLLOUT_NOISE, TRAIN_NOISE, TRAIN_TIMESTEPS, derive_seed, per_sample_rand, per_sample_randn
 
@@ -181,19 +181,17 @@ class EditR1Module(L.LightningModule):
         adapter: str | None,
         batch_size: int,
         group_size: int = 1,
-        cond=None,
-    ) -> tuple[torch.Tensor, Any]:
+    ) -> tuple[torch.Tensor, Condition]:
         """Sample ``group_size`` edits per prompt; returns (final latents ``(G·K, …)``, condition).
 
         The condition is encoded once per prompt and reused for every sample of its group.
-        ``seeds`` has one entry per sample (G·K).
+        ``seeds`` has one entry per sample (G·K): sample i starts from noise drawn with ``seeds[i]``.
         """
         policy = self.policy
-        if cond is None:
-            cond = policy.encode(sources, prompts)
         n = len(prompts) * group_size
         if len(seeds) != n:
             raise ValueError(f"need {n} seeds, got {len(seeds)}")
+        cond = policy.encode(sources, prompts)
         noise = per_sample_randn(policy.latent_shape(), seeds, device=self.device)
         group_index = torch.arange(len(prompts), device=self.device).repeat_interleave(group_size)
         sigmas = policy.sigmas(steps)
@@ -201,15 +199,8 @@ class EditR1Module(L.LightningModule):
         with policy.adapter(adapter):
             for s in range(0, n, batch_size):
                 c = cond.select(group_index[s : s + batch_size])
-                out.append(
-                    sample(
-                        lambda x, t, c=c: policy.velocity(x, t, c),
-                        noise[s : s + batch_size],
-                        sigmas,
-                        self.rollout_cfg.solver if solver is None else solver,
-                        self.rollout_cfg.lower_order_second,
-                    )
-                )
+                velocity = lambda x, t, c=c: policy.velocity(x, t, c)  # noqa: E731
+                out.append(sample(velocity, noise[s : s + batch_size], sigmas, solver, self.rollout_cfg.lower_order_second))
         return torch.cat(out), cond
 
     @torch.no_grad()
@@ -223,29 +214,28 @@ class EditR1Module(L.LightningModule):
         if self.seed is None:
             self.setup("fit")
         sources = self.policy.preprocess(batch["image"])
-        targets = self.policy.preprocess(batch["target"]) if batch.get("target") is not None else None
         keys = list(batch["key"])
+        ids = group_ids(keys)
+        n = len(keys) * cfg.group_size
+        seeds = [sample_seed(int(self.seed), ROLLOUT_NOISE, self.rollouts_done, ids, cfg.group_size, i) for i in range(n)]
+        x0, cond = self.edit(
+            sources, list(batch["prompt"]), seeds, steps=cfg.steps, solver=cfg.solver, adapter=adapters.OLD,
+            batch_size=cfg.batch_size, group_size=cfg.group_size,
+        )
         ro = Rollout(
             prompts=list(batch["prompt"]),
             requirements=list(batch["requirement"]),
             keys=keys,
             sources=sources,
-            targets=targets,
-            cond=None,  # type: ignore[arg-type]
-            x0=torch.empty(0),
-            edits=torch.empty(0),
+            targets=self.policy.preprocess(batch["target"]) if batch.get("target") is not None else None,
+            cond=cond,
+            x0=x0,
+            edits=self.decode(x0, cfg.batch_size),
             sigmas=self.policy.sigmas(cfg.steps),
             group_size=cfg.group_size,
             index=self.rollouts_done,
             base_seed=int(self.seed),
         )
-        n = ro.num_groups * cfg.group_size
-        seeds = [ro.sample_seed(ROLLOUT_NOISE, i) for i in range(n)]
-        ro.x0, ro.cond = self.edit(
-            sources, ro.prompts, seeds, steps=cfg.steps, solver=cfg.solver, adapter=adapters.OLD,
-            batch_size=cfg.batch_size, group_size=cfg.group_size,
-        )
-        ro.edits = self.decode(ro.x0, cfg.batch_size)
         self.rollouts_done += 1
         return ro
 

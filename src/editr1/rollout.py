@@ -28,6 +28,13 @@ def group_ids(keys: list[str]) -> list[tuple[int, int]]:
     return out
 
 
+def sample_seed(base_seed: int, stream: int, index: int, ids: list[tuple[int, int]], group_size: int, sample: int, *extra: int) -> int:
+    """Seed of sample ``sample`` (flat index over G·K) of rollout ``index`` for one kind of draw."""
+    g, k = divmod(sample, group_size)
+    h, occ = ids[g]
+    return derive_seed(base_seed, stream, index, h, occ, k, *extra)
+
+
 @dataclass
 class Rollout:
     """K edits for each of G prompts, sampled by the rollout policy.
@@ -62,9 +69,7 @@ class Rollout:
 
     def sample_seed(self, stream: int, sample: int, *extra: int) -> int:
         """Seed of sample ``sample`` (flat index) for one kind of draw."""
-        g, k = divmod(sample, self.group_size)
-        h, occ = self._ids[g]
-        return derive_seed(self.base_seed, stream, self.index, h, occ, k, *extra)
+        return sample_seed(self.base_seed, stream, self.index, self._ids, self.group_size, sample, *extra)
 
     def expand(self, per_group: torch.Tensor | list) -> torch.Tensor | list:
         """Repeat per-prompt values for every sample of the group."""

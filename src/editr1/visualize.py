@@ -19,6 +19,8 @@ def captioned_grid(rows: list[list[torch.Tensor]], captions: list[list[str]], pa
     """
     if not rows or not rows[0]:
         raise ValueError("captioned_grid needs at least one image")
+    if len(captions) != len(rows):
+        raise ValueError(f"{len(rows)} rows of images but {len(captions)} rows of captions")
     h, w = rows[0][0].shape[-2:]
     scale = max(1, -(-MIN_TILE // max(h, w)))
     th, tw = h * scale, w * scale

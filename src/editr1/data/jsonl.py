@@ -21,6 +21,8 @@ from pathlib import Path
 from PIL import Image
 from torch.utils.data import Dataset
 
+from editr1.images import to_rgb
+
 log = logging.getLogger(__name__)
 
 MAX_INSTRUCTION_CHARS = 2000
@@ -128,23 +130,13 @@ def load_image(path: Path) -> Image.Image | str:
                 if img.width * img.height > MAX_IMAGE_PIXELS:
                     return "image_too_large"
                 img.load()
-                return _to_rgb(img)
+                return to_rgb(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         return "image_too_large"
     except FileNotFoundError:
         return "missing_image_file"
     except (OSError, ValueError, SyntaxError):
         return "unreadable_image"
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        img = img.point(lambda v: v / 256).convert("L")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        img = img.convert("RGBA")
-        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, img)
-    return img.convert("RGB")
 
 
 class JsonlEditDataset(Dataset):

@@ -25,6 +25,7 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms.functional import pil_to_tensor
 
+from editr1.images import to_rgb
 from editr1.policies import lora
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -76,7 +77,7 @@ def to_tensor_images(images: Sequence[Image.Image | torch.Tensor], height: int, 
     out = []
     for img in images:
         if isinstance(img, Image.Image):
-            t = pil_to_tensor(img.convert("RGB")).float() / 255.0
+            t = pil_to_tensor(to_rgb(img)).float() / 255.0
         elif isinstance(img, torch.Tensor):
             if img.ndim != 3 or img.shape[0] != 3:
                 raise ValueError(f"image tensors must have shape (3, H, W), got {tuple(img.shape)}")

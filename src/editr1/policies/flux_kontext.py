@@ -102,7 +102,11 @@ def load_pipeline_weights(pipe: FluxKontextPipeline, path: str) -> None:
     from safetensors.torch import load_file
 
     state = load_file(path)
-    for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+    components = ("transformer", "vae", "text_encoder", "text_encoder_2")
+    unknown = sorted(k for k in state if k.split(".", 1)[0] not in components)
+    if unknown or not state:
+        raise ValueError(f"{path}: keys must be '<component>.<param>', component in {components}; got {unknown[:3]}")
+    for name in components:
         module = getattr(pipe, name)
         prefix = name + "."
         sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
