@@ -7,6 +7,7 @@ import logging
 import re
 import time
 import zlib
+from concurrent.futures import Future
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,6 +37,14 @@ class FilterSettings:
     std_threshold: float = 0.05  # τσ
     ban: bool = False  # never roll out a prompt again once the filter dropped it
     nan_policy: NanPolicy = "group"  # a reward that failed drops its whole "group" or only the "sample"
+
+
+def check_rewards(rewards: torch.Tensor, n: int) -> None:
+    if rewards.shape != (n,):
+        raise ValueError(f"reward model returned shape {tuple(rewards.shape)} for {n} edits")
+    bad = torch.isfinite(rewards) & ((rewards < 0) | (rewards > 1))
+    if bad.any():
+        raise ValueError(f"reward model returned values outside [0, 1]: {rewards[bad][:4].tolist()}")
 
 
 def gather_groups(module: L.LightningModule, rewards: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -104,10 +113,11 @@ class RewardCallback(Callback):
             batch["rl"] = None
             return
         t0 = time.perf_counter()
-        ro: Rollout = pl_module.rollout(batch)
+        futures: list[Future] = []
+        ro: Rollout = pl_module.rollout(batch, on_chunk=lambda chunk: futures.append(self.model.submit(chunk)))
         t1 = time.perf_counter()
-        rewards = self.score_rollout(ro)
-        t2 = time.perf_counter()
+        rewards = self._collect(futures, ro)
+        t2 = time.perf_counter()  # time/reward_s: scoring time not hidden behind the rollout
         everything, offset = gather_groups(pl_module, rewards)
         nft = pl_module.nft
         f = self.filter
@@ -125,21 +135,10 @@ class RewardCallback(Callback):
         if self.log_images_every_n_steps and (ro.index % self.log_images_every_n_steps == 0):
             self._log_rollout_images(trainer, ro, rewards, decision, pl_module.global_step)
 
-    def score_rollout(self, ro: Rollout) -> torch.Tensor:
-        """``(G, K)`` rewards of a rollout (NaN where the judge failed)."""
-        inputs = RewardInputs(
-            sources=ro.expand(ro.sources),
-            edits=ro.edits,
-            instructions=ro.expand(ro.prompts),
-            requirements=ro.expand(ro.requirements),
-            targets=ro.expand(ro.targets) if ro.targets is not None else None,
-        )
-        rewards = self.model.score(inputs).float()
-        if rewards.shape != (ro.edits.shape[0],):
-            raise ValueError(f"reward model returned shape {tuple(rewards.shape)} for {ro.edits.shape[0]} edits")
-        bad = torch.isfinite(rewards) & ((rewards < 0) | (rewards > 1))
-        if bad.any():
-            raise ValueError(f"reward model returned values outside [0, 1]: {rewards[bad][:4].tolist()}")
+    def _collect(self, futures: list[Future], ro: Rollout) -> torch.Tensor:
+        """``(G, K)`` rewards of a rollout from its chunks' futures (NaN where the judge failed)."""
+        rewards = torch.cat([f.result().float().reshape(-1).cpu() for f in futures])
+        check_rewards(rewards, ro.edits.shape[0])
         return rewards.view(ro.num_groups, ro.group_size)
 
     def _drop_banned(self, batch: dict) -> None:
@@ -178,6 +177,7 @@ class RewardCallback(Callback):
             "time/rollout_s": rollout_s,
             "time/reward_s": reward_s,
         }
+        metrics.update({f"reward_model/{k}": v for k, v in self.model.stats().items()})
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=decision.num_groups)
         mean = float(finite.mean()) if finite.numel() else float("nan")
         pl_module.log("reward/mean", mean, on_step=True, on_epoch=False, prog_bar=True, batch_size=decision.num_groups)
@@ -221,7 +221,9 @@ class RewardCallback(Callback):
             sources=outputs["sources"], edits=outputs["edits"], instructions=outputs["prompts"],
             requirements=outputs["requirements"], targets=outputs["targets"],
         )
-        rewards = self.model.score(inputs).float().to(pl_module.device)
+        rewards = self.model.score(inputs).float().reshape(-1)
+        check_rewards(rewards, inputs.edits.shape[0])
+        rewards = rewards.to(pl_module.device)
         outputs["rewards"] = rewards
         self._eval["reward"].update(rewards)
         self._eval["failed"].update((~torch.isfinite(rewards)).sum().float())
@@ -243,6 +245,9 @@ class RewardCallback(Callback):
             return
         pl_module.log(f"{prefix}/reward", self._eval["reward"].compute(), prog_bar=prefix == "val")
         pl_module.log(f"{prefix}/failed", self._eval["failed"].compute())
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self.model.close()
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if trainer.is_global_zero and self.counts:

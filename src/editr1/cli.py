@@ -1,4 +1,5 @@
-"""The ``editr1`` command: LightningCLI with ``fit``, ``validate``, ``test`` and ``predict``.
+"""The ``editr1`` command: LightningCLI with ``fit``, ``validate``, ``test`` and ``predict``, plus
+``editr1 serve-reward`` (an OpenAI-compatible server for an MLLM judge).
 
 ``editr1 fit`` with no ``--config`` runs the built-in default, ``configs/demo.yaml``: a tiny
 FLUX.1-Kontext built in code, synthetic scenes and the verifiable scene reward, on the CPU.
@@ -48,10 +49,23 @@ def with_default_config(args: list[str]) -> list[str]:
     return [args[0], "--config", str(config_path())] + args[1:]
 
 
-def cli_main(args: list[str] | None = None, run: bool = True) -> EditR1CLI:
+def serve_reward_main(args: list[str]) -> None:
+    """``editr1 serve-reward [--model ...] [--port ...]``: see :func:`editr1.rewards.server.serve_reward`."""
+    from jsonargparse import auto_cli
+
+    from editr1.rewards.server import serve_reward
+
+    auto_cli(serve_reward, args=args, as_positional=False)
+
+
+def cli_main(args: list[str] | None = None, run: bool = True) -> EditR1CLI | None:
     """Entry point. Tests call it in-process with ``args``; with ``run=False`` there is no
     subcommand: ``args`` are the options only and nothing runs (``cli.trainer``, ``cli.model`` and
     ``cli.datamodule`` are built, as in Lightning's own testing recipe)."""
+    raw = list(sys.argv[1:] if args is None else args)
+    if raw[:1] == ["serve-reward"]:
+        serve_reward_main(raw[1:])
+        return None
     if not run:
         argv = list(args or [])
         argv = argv if _has_config(argv) else ["--config", str(config_path())] + argv

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, Literal
 
 import lightning as L
@@ -20,6 +21,7 @@ from editr1.algorithms.nft import add_noise, ema_decay, nft_loss, old_policy_eta
 from editr1.algorithms.timesteps import TimestepMode, train_timesteps
 from editr1.policies import lora as adapters
 from editr1.policies.base import Condition, EditPolicy
+from editr1.rewards.base import RewardInputs
 from editr1.rollout import Rollout, StepData, group_ids, key_hash, sample_seed
 from editr1.sampling import Solver, sample
 from editr1.seeding import EVAL_NOISE, ROLLOUT_NOISE, TRAIN_NOISE, TRAIN_TIMESTEPS, derive_seed, per_sample_rand, per_sample_randn
@@ -180,64 +182,71 @@ class EditR1Module(L.LightningModule):
         solver: Solver,
         adapter: str | None,
         batch_size: int,
-        group_size: int = 1,
-    ) -> tuple[torch.Tensor, Condition]:
-        """Sample ``group_size`` edits per prompt; returns (final latents ``(G·K, …)``, condition).
-
-        The condition is encoded once per prompt and reused for every sample of its group.
-        ``seeds`` has one entry per sample (G·K): sample i starts from noise drawn with ``seeds[i]``.
-        """
+    ) -> torch.Tensor:
+        """One edit per prompt, decoded: ``(N, 3, H, W)`` in [0, 1]. Sample i starts from noise
+        drawn with ``seeds[i]``."""
+        if len(seeds) != len(prompts):
+            raise ValueError(f"need {len(prompts)} seeds, got {len(seeds)}")
         policy = self.policy
-        n = len(prompts) * group_size
-        if len(seeds) != n:
-            raise ValueError(f"need {n} seeds, got {len(seeds)}")
         cond = policy.encode(sources, prompts)
-        noise = per_sample_randn(policy.latent_shape(), seeds, device=self.device)
-        group_index = torch.arange(len(prompts), device=self.device).repeat_interleave(group_size)
         sigmas = policy.sigmas(steps)
         out = []
         with policy.adapter(adapter):
-            for s in range(0, n, batch_size):
-                c = cond.select(group_index[s : s + batch_size])
-                velocity = lambda x, t, c=c: policy.velocity(x, t, c)  # noqa: E731
-                out.append(sample(velocity, noise[s : s + batch_size], sigmas, solver, self.rollout_cfg.lower_order_second))
-        return torch.cat(out), cond
+            for s in range(0, len(prompts), batch_size):
+                idx = torch.arange(s, min(s + batch_size, len(prompts)))
+                out.append(policy.decode(self._sample(cond.select(idx), seeds[s : s + batch_size], sigmas, solver)))
+        return torch.cat(out)
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, batch_size: int) -> torch.Tensor:
-        return torch.cat([self.policy.decode(latents[s : s + batch_size]) for s in range(0, len(latents), batch_size)])
+    def rollout(self, batch: dict, on_chunk: Callable[[RewardInputs], None] | None = None) -> Rollout:
+        """K edits per prompt of ``batch`` with the rollout policy θ_old.
 
-    @torch.no_grad()
-    def rollout(self, batch: dict) -> Rollout:
-        """K edits per prompt of ``batch`` with the rollout policy θ_old."""
+        Samples are generated and decoded in chunks of ``rollout.batch_size``; ``on_chunk`` gets each
+        chunk's edits as soon as they exist (the reward callback submits them for scoring, so a
+        served judge works while the next chunk is generated).
+        """
         cfg = self.rollout_cfg
         if self.seed is None:
             self.setup("fit")
-        sources = self.policy.preprocess(batch["image"])
-        keys = list(batch["key"])
+        policy = self.policy
+        prompts, requirements, keys = list(batch["prompt"]), list(batch["requirement"]), list(batch["key"])
+        sources = policy.preprocess(batch["image"])
+        targets = policy.preprocess(batch["target"]) if batch.get("target") is not None else None
         ids = group_ids(keys)
-        n = len(keys) * cfg.group_size
-        seeds = [sample_seed(int(self.seed), ROLLOUT_NOISE, self.rollouts_done, ids, cfg.group_size, i) for i in range(n)]
-        x0, cond = self.edit(
-            sources, list(batch["prompt"]), seeds, steps=cfg.steps, solver=cfg.solver, adapter=adapters.OLD,
-            batch_size=cfg.batch_size, group_size=cfg.group_size,
-        )
+        k = cfg.group_size
+        n = len(keys) * k
+        seeds = [sample_seed(int(self.seed), ROLLOUT_NOISE, self.rollouts_done, ids, k, i) for i in range(n)]
+        cond = policy.encode(sources, prompts)  # once per prompt, reused by every sample of its group
+        sigmas = policy.sigmas(cfg.steps)
+        group_index = torch.arange(len(keys)).repeat_interleave(k)
+        x0_chunks, edit_chunks = [], []
+        with policy.adapter(adapters.OLD):
+            for s in range(0, n, cfg.batch_size):
+                idx = group_index[s : s + cfg.batch_size]
+                x0 = self._sample(cond.select(idx), seeds[s : s + cfg.batch_size], sigmas, cfg.solver)
+                edits = policy.decode(x0)
+                x0_chunks.append(x0)
+                edit_chunks.append(edits)
+                if on_chunk is not None:
+                    g = idx.tolist()
+                    on_chunk(RewardInputs(
+                        sources=sources[idx.to(sources.device)], edits=edits, instructions=[prompts[i] for i in g],
+                        requirements=[requirements[i] for i in g],
+                        targets=None if targets is None else targets[idx.to(targets.device)], source_ids=g,
+                    ))
         ro = Rollout(
-            prompts=list(batch["prompt"]),
-            requirements=list(batch["requirement"]),
-            keys=keys,
-            sources=sources,
-            targets=self.policy.preprocess(batch["target"]) if batch.get("target") is not None else None,
-            cond=cond,
-            x0=x0,
-            edits=self.decode(x0, cfg.batch_size),
-            sigmas=self.policy.sigmas(cfg.steps),
-            group_size=cfg.group_size,
-            index=self.rollouts_done,
-            base_seed=int(self.seed),
+            prompts=prompts, requirements=requirements, keys=keys, sources=sources, targets=targets, cond=cond,
+            x0=torch.cat(x0_chunks), edits=torch.cat(edit_chunks), sigmas=sigmas, group_size=k,
+            index=self.rollouts_done, base_seed=int(self.seed),
         )
         self.rollouts_done += 1
         return ro
+
+    def _sample(self, cond: Condition, seeds: list[int], sigmas: torch.Tensor, solver: Solver) -> torch.Tensor:
+        """Final latents for one chunk (one condition row and one seed per sample)."""
+        noise = per_sample_randn(self.policy.latent_shape(), seeds, device=self.device)
+        velocity = lambda x, t: self.policy.velocity(x, t, cond)  # noqa: E731
+        return sample(velocity, noise, sigmas, solver, self.rollout_cfg.lower_order_second)
 
     # ------------------------------------------------------------------------------- training
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
@@ -337,11 +346,10 @@ class EditR1Module(L.LightningModule):
             self.setup("validate")
         sources = self.policy.preprocess(batch["image"])
         seeds = [derive_seed(int(self.seed), EVAL_NOISE, key_hash(k)) for k in batch["key"]]
-        latents, _ = self.edit(
+        edits = self.edit(
             sources, list(batch["prompt"]), seeds, steps=cfg.steps, solver=cfg.solver,
             adapter=ADAPTERS[cfg.adapter], batch_size=cfg.batch_size,
         )
-        edits = self.decode(latents, cfg.batch_size)
         targets = self.policy.preprocess(batch["target"]) if batch.get("target") is not None else None
         return {
             "sources": sources,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,7 @@ class RewardInputs:
     instructions: list[str]
     requirements: list[str]
     targets: torch.Tensor | None = None
+    source_ids: list[int] | None = None  # edits with the same id share one source (encode it once)
 
     def __post_init__(self) -> None:
         n = self.edits.shape[0]
@@ -32,6 +34,19 @@ class RewardInputs:
             )
         if self.targets is not None and self.targets.shape[0] != n:
             raise ValueError(f"RewardInputs: {n} edits but {self.targets.shape[0]} targets")
+        if self.source_ids is not None and len(self.source_ids) != n:
+            raise ValueError(f"RewardInputs: {n} edits but {len(self.source_ids)} source ids")
+
+    def select(self, start: int, stop: int) -> "RewardInputs":
+        """Edits ``start:stop``."""
+        return RewardInputs(
+            sources=self.sources[start:stop],
+            edits=self.edits[start:stop],
+            instructions=self.instructions[start:stop],
+            requirements=self.requirements[start:stop],
+            targets=None if self.targets is None else self.targets[start:stop],
+            source_ids=None if self.source_ids is None else self.source_ids[start:stop],
+        )
 
 
 class RewardModel(ABC):
@@ -39,6 +54,9 @@ class RewardModel(ABC):
 
     A sample that could not be judged (a failed request, an unparsable answer) is NaN — never a
     made-up number. Training drops it and counts it.
+
+    ``submit`` starts scoring and returns a future, so a reward that waits on a server can overlap
+    with generating the next rollout chunk; the default scores at once, in the caller's thread.
     """
 
     @abstractmethod
@@ -46,6 +64,21 @@ class RewardModel(ABC):
 
     def __call__(self, inputs: RewardInputs) -> torch.Tensor:
         return self.score(inputs)
+
+    def submit(self, inputs: RewardInputs) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(self.score(inputs))
+        except BaseException as exc:  # the caller sees it when it asks for the result
+            future.set_exception(exc)
+        return future
+
+    def stats(self) -> dict[str, float]:
+        """Counters worth logging (failures by reason, retries, …); empty by default."""
+        return {}
+
+    def close(self) -> None:
+        """Release connections or threads (called when training ends)."""
 
     def to(self, device: torch.device | str) -> "RewardModel":  # noqa: D401 - torch-like
         """Move any model weights to ``device`` (a no-op for rewards without weights)."""

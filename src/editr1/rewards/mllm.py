@@ -1,0 +1,206 @@
+"""A multimodal LLM as a training-free reward, read from its logits (local, in-process).
+
+One user turn shows the source image, the edited image, then the prompt (instruction, requirement,
+0–5 rubric, "answer with the number"). The reward is the expected digit of the first answer token,
+``Σ_d p(d)·d / 5``, with p the softmax over the six digit tokens (ids from the tokenizer). Any
+transformers image-text-to-text chat model works through the Auto classes (Qwen2.5-VL by default;
+Qwen2-VL, Qwen3-VL). Batched with left padding; optional 8-/4-bit loading through bitsandbytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from PIL import Image
+from torchvision.transforms.functional import to_pil_image
+
+from editr1.rewards.base import RewardInputs, RewardModel
+from editr1.rewards.prompts import load_template, render
+from editr1.rewards.scoring import digit_token_ids, expected_score_from_logits
+from editr1.rewards.tiny_judge import TinyJudge, build_tiny_judge
+
+log = logging.getLogger(__name__)
+
+Quantization = Literal["none", "8bit", "4bit"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def limit_pixels(img: Image.Image, max_pixels: int | None) -> Image.Image:
+    """Downscale (aspect kept) so that width·height ≤ max_pixels."""
+    if max_pixels is None or img.width * img.height <= max_pixels:
+        return img
+    scale = (max_pixels / (img.width * img.height)) ** 0.5
+    size = (max(1, int(img.width * scale)), max(1, int(img.height * scale)))
+    return img.resize(size, Image.Resampling.BICUBIC)
+
+
+def judge_images(inputs: RewardInputs, max_pixels: int | None = None) -> list[tuple[Image.Image, Image.Image]]:
+    """(source, edit) PIL pairs; each distinct source is converted once."""
+    cache: dict[int, Image.Image] = {}
+    pairs = []
+    for i in range(inputs.edits.shape[0]):
+        sid = inputs.source_ids[i] if inputs.source_ids is not None else -1 - i
+        if sid not in cache:
+            cache[sid] = limit_pixels(to_pil_image(inputs.sources[i].float().clamp(0, 1).cpu()), max_pixels)
+        pairs.append((cache[sid], limit_pixels(to_pil_image(inputs.edits[i].float().clamp(0, 1).cpu()), max_pixels)))
+    return pairs
+
+
+def user_turn(text: str, n_images: int = 2) -> list[dict]:
+    """The chat messages of one judgement: the images first, then the text."""
+    return [{"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}]
+
+
+class MLLMJudge:
+    """A transformers chat MLLM that returns next-token logits for batches of conversations.
+
+    Shared by :class:`LocalMLLMReward` and the ``editr1 serve-reward`` server. Loads lazily on the
+    first call (or :meth:`load`), so a quantised model goes straight to its device.
+    """
+
+    def __init__(
+        self,
+        pretrained_model_name_or_path: str | None = None,
+        revision: str | None = None,
+        torch_dtype: str = "bfloat16",
+        quantization: Quantization = "none",
+        trust_remote_code: bool = False,
+        tiny: TinyJudge | None = None,
+        local_files_only: bool = False,
+    ) -> None:
+        if torch_dtype not in DTYPES:
+            raise ValueError(f"torch_dtype must be one of {sorted(DTYPES)}, got {torch_dtype!r}")
+        if quantization not in ("none", "8bit", "4bit"):
+            raise ValueError(f"quantization must be 'none', '8bit' or '4bit', got {quantization!r}")
+        self.path = pretrained_model_name_or_path
+        self.revision = revision
+        self.dtype = DTYPES[torch_dtype]
+        self.quantization = quantization
+        self.trust_remote_code = trust_remote_code
+        self.tiny = tiny
+        self.local_files_only = local_files_only
+        self.model = None
+        self.processor = None
+        self.digit_ids: list[int] = []
+        self.device = torch.device("cpu")
+        self._lock = threading.Lock()
+
+    @property
+    def name(self) -> str:
+        return self.path or "editr1-tiny-judge"
+
+    def load(self, device: torch.device | str = "cpu") -> None:
+        device = torch.device(device)
+        if self.model is not None:
+            if device != self.device and self.quantization == "none":
+                self.model.to(device)
+                self.device = device
+            return
+        if self.path is None:
+            model, processor = build_tiny_judge(self.tiny)
+            model.to(device=device, dtype=self.dtype if self.dtype != torch.float32 else None)
+        else:
+            from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
+
+            kwargs: dict = dict(
+                revision=self.revision, trust_remote_code=self.trust_remote_code, local_files_only=self.local_files_only
+            )
+            processor = AutoProcessor.from_pretrained(self.path, **kwargs)
+            quant = None
+            if self.quantization == "8bit":
+                quant = BitsAndBytesConfig(load_in_8bit=True)
+            elif self.quantization == "4bit":
+                quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=self.dtype)
+            model = AutoModelForImageTextToText.from_pretrained(
+                self.path, dtype=self.dtype, quantization_config=quant,
+                device_map={"": str(device)} if quant is not None else None, **kwargs,
+            )
+            if quant is None:
+                model.to(device)
+        model.eval().requires_grad_(False)
+        processor.tokenizer.padding_side = "left"
+        self.digit_ids = digit_token_ids(processor.tokenizer)
+        self.model, self.processor, self.device = model, processor, device
+
+    @torch.no_grad()
+    def next_token_logits(self, texts: Sequence[str], images: Sequence[Sequence[Image.Image]]) -> torch.Tensor:
+        """``(N, vocab)`` float32 logits of the first answer token, one left-padded forward pass."""
+        if self.model is None:
+            self.load(self.device)
+        with self._lock:
+            batch = self.processor(text=list(texts), images=[list(im) for im in images], return_tensors="pt", padding=True)
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            if "pixel_values" in batch and self.quantization == "none":
+                batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
+            out = self.model(**batch, logits_to_keep=1)
+            return out.logits[:, -1, :].float()
+
+    def chat_text(self, messages: list[dict]) -> str:
+        if self.model is None:
+            self.load(self.device)
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+class LocalMLLMReward(RewardModel):
+    """The MLLM judge in this process (transformers).
+
+    Args:
+        pretrained_model_name_or_path: hub id or folder (e.g. ``Qwen/Qwen2.5-VL-7B-Instruct``); ``None``
+            builds the tiny judge in code (tests, demos).
+        revision: hub revision.
+        torch_dtype: ``bfloat16`` (default), ``float16`` or ``float32``.
+        quantization: ``none``, ``8bit`` or ``4bit`` (bitsandbytes).
+        trust_remote_code: allow a model's own code from the hub; off unless you trust it.
+        prompt: the judge prompt template (``{instruction}``, ``{requirement}``); ``None`` = ours.
+        prompt_file: read the template from this file instead.
+        batch_size: judgements per forward pass.
+        max_pixels: downscale each image to at most this many pixels before the processor.
+        tiny: sizes of the tiny judge when no path is given.
+        local_files_only: never reach the network when loading.
+    """
+
+    def __init__(
+        self,
+        pretrained_model_name_or_path: str | None = None,
+        revision: str | None = None,
+        torch_dtype: str = "bfloat16",
+        quantization: Quantization = "none",
+        trust_remote_code: bool = False,
+        prompt: str | None = None,
+        prompt_file: str | None = None,
+        batch_size: int = 8,
+        max_pixels: int | None = 512 * 512,
+        tiny: TinyJudge | None = None,
+        local_files_only: bool = False,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.template = load_template(prompt, prompt_file)
+        self.batch_size = batch_size
+        self.max_pixels = max_pixels
+        self.judge = MLLMJudge(
+            pretrained_model_name_or_path, revision, torch_dtype, quantization, trust_remote_code, tiny, local_files_only
+        )
+
+    def to(self, device: torch.device | str) -> LocalMLLMReward:
+        self.judge.load(device)
+        return self
+
+    def texts(self, inputs: RewardInputs) -> list[str]:
+        return [
+            self.judge.chat_text(user_turn(render(self.template, ins, req)))
+            for ins, req in zip(inputs.instructions, inputs.requirements)
+        ]
+
+    def score(self, inputs: RewardInputs) -> torch.Tensor:
+        texts = self.texts(inputs)
+        images = judge_images(inputs, self.max_pixels)
+        out = []
+        for s in range(0, len(texts), self.batch_size):
+            logits = self.judge.next_token_logits(texts[s : s + self.batch_size], images[s : s + self.batch_size])
+            out.append(expected_score_from_logits(logits, self.judge.digit_ids).cpu())
+        return torch.cat(out)

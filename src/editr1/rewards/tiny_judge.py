@@ -1,0 +1,147 @@
+"""A tiny Qwen2.5-VL judge built in code (model, tokenizer, processor, chat template): no download.
+
+For tests and demos of the MLLM reward path. The tokenizer is byte-level with no merges (one token
+per byte) plus Qwen's special tokens; ``mrope_section`` sums to head_dim / 2 as the model requires.
+``warmup_steps`` of supervised training on random image pairs teach it to answer with a digit
+(more for image pairs that differ less), so its first-token distribution is concentrated on "0"…"5"
+like a real judge's — needed for a server's top-20 log-probabilities to contain every digit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tokenizers.pre_tokenizers import ByteLevel
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, Qwen2Tokenizer
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"
+]
+
+# One user/assistant turn format in the style of Qwen2-VL (our own template text).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@dataclass
+class TinyJudge:
+    """Sizes of the tiny Qwen2.5-VL judge."""
+
+    hidden: int = 32  # text width
+    layers: int = 1  # text decoder layers
+    heads: int = 2  # attention heads (head_dim = hidden / heads)
+    vision_hidden: int = 32  # vision tower width
+    max_pixels: int = 56 * 56  # images are resized to at most this many pixels (4 merged tokens)
+    seed: int = 0  # initialisation seed
+    warmup_steps: int = 80  # supervised steps that teach it to answer with a digit
+
+
+def build_processor(max_pixels: int = 56 * 56) -> Qwen2_5_VLProcessor:
+    alphabet = sorted(ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    for s in SPECIAL_TOKENS:
+        vocab[s] = len(vocab)
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab, merges=[], unk_token=None, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS})
+    image_processor = Qwen2VLImageProcessor(
+        min_pixels=28 * 28, max_pixels=max_pixels, patch_size=14, merge_size=2, temporal_patch_size=2
+    )
+    return Qwen2_5_VLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(),
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_tiny_judge(cfg: TinyJudge | None = None) -> tuple[Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor]:
+    """(model in eval mode, processor), deterministic in ``cfg.seed``."""
+    cfg = cfg or TinyJudge()
+    processor = build_processor(cfg.max_pixels)
+    tok = processor.tokenizer
+    ids = {s: tok.convert_tokens_to_ids(s) for s in SPECIAL_TOKENS}
+    head_dim = cfg.hidden // cfg.heads
+    half = head_dim // 2
+    section = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(tok),
+            hidden_size=cfg.hidden,
+            intermediate_size=cfg.hidden * 2,
+            num_hidden_layers=cfg.layers,
+            num_attention_heads=cfg.heads,
+            num_key_value_heads=1,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
+            max_position_embeddings=1024,
+            bos_token_id=None,
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
+        ),
+        vision_config=dict(
+            depth=1,
+            hidden_size=cfg.vision_hidden,
+            intermediate_size=cfg.vision_hidden * 2,
+            num_heads=2,
+            out_hidden_size=cfg.hidden,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=56,
+            fullatt_block_indexes=[0],
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = Qwen2_5_VLForConditionalGeneration(config)
+        if cfg.warmup_steps > 0:
+            _warmup(model, processor, cfg.warmup_steps)
+    return model.eval(), processor
+
+
+def _warmup(model, processor, steps: int, batch: int = 8) -> None:
+    """Teach the last position to answer with a digit: the edited image's brightness in 0…5."""
+    from editr1.rewards.scoring import digit_token_ids
+
+    digits = torch.tensor(digit_token_ids(processor.tokenizer))
+    processor.tokenizer.padding_side = "left"
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Score 0-5."}]}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    model.train()
+    for _ in range(steps):
+        level = torch.randint(0, 6, (batch,))
+        src = torch.rand(batch, 3, 28, 28)
+        edit = (level.view(-1, 1, 1, 1) / 5 + 0.1 * torch.randn(batch, 3, 28, 28)).clamp(0, 1)
+        images = [[_pil(src[i]), _pil(edit[i])] for i in range(batch)]
+        inputs = processor(text=[text] * batch, images=images, return_tensors="pt", padding=True)
+        logits = model(**inputs).logits[:, -1, :]
+        loss = torch.nn.functional.cross_entropy(logits, digits[level])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+def _pil(t: torch.Tensor):
+    from torchvision.transforms.functional import to_pil_image
+
+    return to_pil_image(t)

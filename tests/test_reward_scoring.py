@@ -1,0 +1,74 @@
+"""The implicit score: expected digit from logits or from top log-probabilities (hand-computed)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from editr1.rewards.prompts import DEFAULT_TEMPLATE, load_template, render
+from editr1.rewards.scoring import digit_token_ids, expected_score_from_logits, expected_score_from_top_logprobs
+from editr1.rewards.tiny_judge import build_processor
+
+
+def test_expected_score_from_logits_by_hand():
+    # Digits sit at ids 7..12 of a 13-token vocabulary; other logits must not matter.
+    digit_ids = [7, 8, 9, 10, 11, 12]
+    logits = torch.full((3, 13), -50.0)
+    logits[:, :7] = 100.0  # huge non-digit logits are ignored: the softmax is over the digits only
+    logits[0, 7:] = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0])  # uniform: E = 2.5 → 0.5
+    logits[1, 12] = 0.0  # all mass on "5" → 1.0
+    logits[2, 7:] = torch.tensor([math.log(1), math.log(3), -50, -50, -50, math.log(4)])
+    # p = (1/8, 3/8, 0, 0, 0, 4/8): E = 3/8 + 20/8 = 23/8 → 23/40
+    s = expected_score_from_logits(logits, digit_ids)
+    torch.testing.assert_close(s, torch.tensor([0.5, 1.0, 23 / 40]), rtol=0, atol=1e-6)
+
+
+def test_non_finite_logits_give_nan_not_a_number():
+    logits = torch.zeros(2, 6)
+    logits[1, 3] = float("nan")
+    s = expected_score_from_logits(logits, list(range(6)))
+    assert s[0] == pytest.approx(0.5) and torch.isnan(s[1])
+
+
+def test_expected_score_from_top_logprobs_renormalises_over_digits_present():
+    # Only "1" (p = 0.2) and "4" (p = 0.6) are present, plus a word: renormalised 0.25 / 0.75.
+    top = [("4", math.log(0.6)), ("yes", math.log(0.15)), ("1", math.log(0.2))]
+    assert expected_score_from_top_logprobs(top) == pytest.approx((0.25 * 1 + 0.75 * 4) / 5)
+    # " 3" and "3" are both the digit 3 and add up; "7" and "10" are not digits 0-5.
+    top = [(" 3", math.log(0.3)), ("3", math.log(0.3)), ("7", math.log(0.2)), ("0", math.log(0.2)), ("10", -0.1)]
+    assert expected_score_from_top_logprobs(top) == pytest.approx((0.6 * 3) / 0.8 / 5)
+    assert math.isnan(expected_score_from_top_logprobs([("yes", -0.1), ("no", -2.0)]))
+    assert math.isnan(expected_score_from_top_logprobs([]))
+
+
+def test_digit_ids_come_from_the_tokenizer():
+    tok = build_processor().tokenizer
+    ids = digit_token_ids(tok)
+    assert ids == [tok.convert_tokens_to_ids(str(d)) for d in range(6)]
+    assert [tok.decode([i]) for i in ids] == ["0", "1", "2", "3", "4", "5"]
+
+    class Splitting:
+        def encode(self, text, add_special_tokens=False):
+            return [1, 2] if text == "3" else [ord(text)]
+
+    with pytest.raises(ValueError, match="splits the digit '3'"):
+        digit_token_ids(Splitting())
+
+
+def test_prompt_template_inline_file_and_validation(tmp_path):
+    assert load_template() == DEFAULT_TEMPLATE
+    text = render(DEFAULT_TEMPLATE, " make it red ", "")
+    assert "Instruction: make it red" in text and "Requirements: none beyond the instruction" in text
+    f = tmp_path / "p.txt"
+    f.write_text("Edit: {instruction} / {requirement} / 0-5?")
+    assert render(load_template(template_file=str(f)), "a", "b") == "Edit: a / b / 0-5?"
+    with pytest.raises(ValueError, match="not both"):
+        load_template("x {instruction}", str(f))
+    with pytest.raises(ValueError, match="unknown fields"):
+        load_template("{instruction} {score}")
+    with pytest.raises(ValueError, match="instruction"):
+        load_template("rate it")
+    with pytest.raises(FileNotFoundError):
+        load_template(template_file=str(tmp_path / "missing.txt"))

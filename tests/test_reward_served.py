@@ -1,0 +1,214 @@
+"""The served MLLM reward (OpenAI-compatible client): agreement with the local judge, faults, a fit step."""
+
+from __future__ import annotations
+
+import math
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from fake_openai import FakeOpenAI
+
+from editr1.rewards import LocalMLLMReward, RewardInputs, ServedMLLMReward
+from editr1.rewards.server import RewardServer
+from editr1.rewards.served import RewardServerError
+
+ROOT = Path(__file__).resolve().parents[1]
+SHORT = "Instruction: {instruction}. Requirement: {requirement}. Score 0-5."
+TOP = [("4", math.log(0.6)), ("1", math.log(0.2)), ("yes", math.log(0.1))]  # → (0.25·1 + 0.75·4)/5 = 0.65
+
+
+def inputs(n=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    src = torch.rand(n, 3, 32, 32, generator=g)
+    edits = torch.linspace(0, 1, n).view(n, 1, 1, 1).expand(n, 3, 32, 32).clone()
+    instructions = [("make the red circle blue", "remove the square")[i % 2] for i in range(n)]
+    return RewardInputs(src, edits, instructions, [""] * n,
+                        source_ids=[i // 2 for i in range(n)])
+
+
+def client(url, **kw):
+    kw.setdefault("max_retries", 2)
+    kw.setdefault("retry_backoff", 0.01)
+    kw.setdefault("timeout", 5.0)
+    return ServedMLLMReward(base_url=url, model="judge", prompt=SHORT, **kw)
+
+
+@pytest.fixture(scope="module")
+def local():
+    return LocalMLLMReward(torch_dtype="float32", prompt=SHORT, max_pixels=56 * 56).to("cpu")
+
+
+@pytest.fixture(scope="module")
+def server(local):
+    srv = RewardServer(local.judge, port=0).start()
+    yield srv
+    srv.shutdown()
+
+
+def test_served_agrees_with_local(local, server):
+    c = client(server.url, max_pixels=56 * 56)
+    try:
+        x = inputs(8)
+        served, direct = c.score(x), local.score(x)
+        torch.testing.assert_close(served, direct, rtol=0, atol=1e-4)
+        assert served.std() > 0.01
+        assert c.stats() == {"requests": 8.0}
+    finally:
+        c.close()
+
+
+def test_request_shape_and_api_key_from_environment(monkeypatch):
+    monkeypatch.setenv("MY_JUDGE_KEY", "s3cret")
+    with FakeOpenAI([("ok", TOP)]) as fake:
+        c = client(fake.url, api_key_env="MY_JUDGE_KEY")
+        s = c.score(inputs(2))
+        c.close()
+    assert s.tolist() == pytest.approx([0.65, 0.65])
+    req = fake.requests[0]
+    headers = {k.lower(): v for k, v in req["headers"].items()}
+    assert headers["authorization"] == "Bearer s3cret"
+    body = req["body"]
+    assert body["max_tokens"] == 1 and body["logprobs"] is True and body["top_logprobs"] == 20
+    assert body["temperature"] == 0
+    parts = body["messages"][0]["content"]
+    assert [p["type"] for p in parts] == ["image_url", "image_url", "text"]
+    assert parts[0]["image_url"]["url"].startswith("data:image/png;base64,")
+    texts = sorted(r["body"]["messages"][0]["content"][2]["text"] for r in fake.requests)
+    assert "make the red circle blue" in texts[0] and "remove the square" in texts[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_server_not_running_gives_nan_after_bounded_retries():
+    c = client(f"http://127.0.0.1:{free_port()}/v1", max_retries=2)
+    s = c.score(inputs(2))
+    c.close()
+    assert torch.isnan(s).all()
+    st = c.stats()
+    assert st["failed/connection"] == 2 and st["requests"] == 6 and st["retries"] == 4
+
+
+def test_too_slow_times_out_then_nan():
+    with FakeOpenAI([("slow", 2.0, TOP)]) as fake:
+        c = client(fake.url, timeout=0.3, max_retries=1)
+        t0 = time.perf_counter()
+        s = c.score(inputs(2))
+        elapsed = time.perf_counter() - t0
+        c.close()
+    assert torch.isnan(s).all()
+    assert c.stats()["failed/timeout"] == 2 and c.stats()["errors/timeout"] == 4
+    assert elapsed < 1.8  # two attempts of 0.3 s each, concurrently, not 2 s waits
+
+
+def test_http_500_then_success_is_retried():
+    with FakeOpenAI([("status", 500), ("ok", TOP)]) as fake:
+        c = client(fake.url, max_concurrency=1)
+        s = c.score(inputs(2))
+        c.close()
+    assert s.tolist() == pytest.approx([0.65, 0.65])
+    assert c.stats()["errors/http_500"] == 1 and c.stats()["retries"] == 1
+
+
+def test_malformed_json_is_retried_then_nan():
+    with FakeOpenAI([("malformed",)]) as fake:
+        c = client(fake.url, max_retries=1)
+        s = c.score(inputs(2))
+        c.close()
+    assert torch.isnan(s).all() and c.stats()["failed/malformed_response"] == 2
+    with FakeOpenAI([("malformed",), ("ok", TOP)]) as fake:
+        c = client(fake.url, max_concurrency=1)
+        s = c.score(inputs(1))
+        c.close()
+    assert s.tolist() == pytest.approx([0.65])
+
+
+def test_missing_logprobs_is_a_failure_not_a_zero():
+    with FakeOpenAI([("no_logprobs",)]) as fake:
+        c = client(fake.url, max_retries=0)
+        s = c.score(inputs(2))
+        c.close()
+    assert torch.isnan(s).all() and c.stats()["failed/malformed_response"] == 2
+
+
+def test_digits_missing_from_top_logprobs_is_nan_without_retrying():
+    with FakeOpenAI([("ok", [("yes", -0.1), ("no", -2.5)])]) as fake:
+        c = client(fake.url)
+        s = c.score(inputs(2))
+        c.close()
+    assert torch.isnan(s).all()
+    assert c.stats() == {"requests": 2.0, "failed/no_digits": 2.0}
+
+
+def test_wrong_chosen_token_still_scores_from_the_digits_present():
+    top = [("Sure", -0.2), ("5", math.log(0.3)), ("3", math.log(0.1))]
+    with FakeOpenAI([("ok_chosen", top, "Sure")]) as fake:
+        c = client(fake.url)
+        s = c.score(inputs(2))
+        c.close()
+    assert s.tolist() == pytest.approx([(0.75 * 5 + 0.25 * 3) / 5] * 2)
+
+
+def test_configuration_errors_stop_with_the_servers_message():
+    with FakeOpenAI([("status", 401)]) as fake:
+        c = client(fake.url)
+        with pytest.raises(RewardServerError, match="401"):
+            c.score(inputs(2))
+        c.close()
+
+
+def test_oversized_request_is_refused_with_a_json_error(local):
+    from editr1.rewards.server import Limits
+
+    srv = RewardServer(local.judge, port=0, limits=Limits(max_request_bytes=2000)).start()
+    try:
+        c = client(srv.url)
+        with pytest.raises(RewardServerError, match="413.*exceeds"):
+            c.score(inputs(2))
+        c.close()
+    finally:
+        srv.shutdown()
+
+
+def test_submit_is_asynchronous_and_concurrency_is_bounded():
+    with FakeOpenAI([("slow", 0.3, TOP)]) as fake:
+        c = client(fake.url, max_concurrency=2)
+        t0 = time.perf_counter()
+        fut = c.submit(inputs(4))
+        submitted = time.perf_counter() - t0
+        s = fut.result()
+        total = time.perf_counter() - t0
+        c.close()
+    assert submitted < 0.2  # returns at once: the caller can generate the next chunk meanwhile
+    assert s.tolist() == pytest.approx([0.65] * 4)
+    assert 0.55 < total < 1.5  # 4 requests, 2 at a time, 0.3 s each
+
+
+def test_sources_are_encoded_once_per_group():
+    with FakeOpenAI([("ok", TOP)]) as fake:
+        c = client(fake.url)
+        c.score(inputs(4))
+        c.close()
+    urls = [r["body"]["messages"][0]["content"][0]["image_url"]["url"] for r in fake.requests]
+    assert len(set(urls)) == 2
+
+
+def test_fit_step_with_the_served_reward(server, tmp_path, monkeypatch):
+    from editr1.cli import cli_main
+
+    monkeypatch.chdir(tmp_path)
+    cli = cli_main([
+        "fit", "-c", str(ROOT / "configs" / "demo.yaml"), "-c", str(ROOT / "configs" / "reward" / "tiny_served.yaml"),
+        f"--reward.model.init_args.base_url={server.url}", "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
+        "--trainer.num_sanity_val_steps=0", "--model.rollout.group_size=4", "--data.batch_size=2",
+    ])
+    assert cli.trainer.global_step == 1
+    metrics = cli.trainer.callback_metrics
+    assert float(metrics["reward_model/requests"]) == 8
+    assert 0.0 <= float(metrics["reward/mean"]) <= 1.0
