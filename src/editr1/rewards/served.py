@@ -2,7 +2,8 @@
 serve-reward``, a hosted API): ``max_tokens: 1``, ``logprobs`` + ``top_logprobs: 20``, and the score
 from the digit probabilities renormalised over the digits present.
 
-Requests run on a background event loop with bounded concurrency, so ``submit`` returns at once and
+HTTP goes through ``httpx`` (an async client, pooled connections). Requests run on a background event
+loop with bounded concurrency, so ``submit`` returns at once and
 scoring one rollout chunk overlaps generating the next. Transport failures (connection refused,
 timeouts, HTTP 429/5xx, a malformed body) are retried with exponential backoff a bounded number of
 times; a sample that still fails is NaN and counted by reason — never a silent 0. Configuration
@@ -44,19 +45,22 @@ def data_url(img: Image.Image, fmt: str = "png") -> str:
 
 
 def top_logprobs_of(response: Any) -> list[tuple[str, float]]:
-    """``(token, logprob)`` pairs of the first answer token of a chat completion; raises ValueError
-    when the response carries none."""
-    choices = getattr(response, "choices", None)
-    if not choices:
-        raise ValueError("no_choices")
-    logprobs = getattr(choices[0], "logprobs", None)
-    content = getattr(logprobs, "content", None) if logprobs is not None else None
-    if not content:
-        raise ValueError("no_logprobs")
-    first = content[0]
-    pairs = {t.token: t.logprob for t in (getattr(first, "top_logprobs", None) or [])}
-    pairs.setdefault(first.token, first.logprob)  # the chosen token, if the top list left it out
+    """``(token, logprob)`` pairs of the first answer token of a chat-completion JSON body; raises
+    ValueError when it carries none."""
+    try:
+        first = response["choices"][0]["logprobs"]["content"][0]
+        pairs = {t["token"]: float(t["logprob"]) for t in (first.get("top_logprobs") or [])}
+        pairs.setdefault(first["token"], float(first["logprob"]))  # the chosen token, if the list left it out
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError):
+        raise ValueError("no_logprobs") from None
     return list(pairs.items())
+
+
+def error_message(response) -> str:
+    try:
+        return str(response.json()["error"]["message"])
+    except Exception:
+        return response.text[:200]
 
 
 class ServedMLLMReward(RewardModel):
@@ -128,11 +132,14 @@ class ServedMLLMReward(RewardModel):
 
     def _get_client(self):
         if self._client is None:
-            from openai import AsyncOpenAI
+            import httpx
 
             key = os.environ.get(self.api_key_env) if self.api_key_env else None
-            # Our own retry loop (below) is the only one: the client's is off.
-            self._client = AsyncOpenAI(base_url=self.base_url, api_key=key or "EMPTY", timeout=self.timeout, max_retries=0)
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
+            limits = httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
+            self._client = httpx.AsyncClient(
+                base_url=self.base_url.rstrip("/") + "/", headers=headers, timeout=self.timeout, limits=limits
+            )
             self._semaphore = asyncio.Semaphore(self.max_concurrency)
         return self._client
 
@@ -142,7 +149,7 @@ class ServedMLLMReward(RewardModel):
         if loop is None:
             return
         if self._client is not None:
-            asyncio.run_coroutine_threadsafe(self._client.close(), loop).result(timeout=10)
+            asyncio.run_coroutine_threadsafe(self._client.aclose(), loop).result(timeout=10)
             self._client = None
         loop.call_soon_threadsafe(loop.stop)
         if self._thread is not None:
@@ -195,18 +202,23 @@ class ServedMLLMReward(RewardModel):
         return out
 
     async def _judge(self, source_url: str, edit_url: str, text: str) -> float:
-        import openai
+        import httpx
 
-        messages = [
-            {
+        payload = {
+            "model": self.model,
+            "messages": [{
                 "role": "user",
                 "content": [
                     {"type": "image_url", "image_url": {"url": source_url}},
                     {"type": "image_url", "image_url": {"url": edit_url}},
                     {"type": "text", "text": text},
                 ],
-            }
-        ]
+            }],
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "logprobs": True,
+            "top_logprobs": self.top_logprobs,
+        }
         assert self._semaphore is not None
         for attempt in range(self.max_retries + 1):
             if attempt:
@@ -215,35 +227,29 @@ class ServedMLLMReward(RewardModel):
             self._count("requests")
             try:
                 async with self._semaphore:
-                    response = await self._client.chat.completions.create(
-                        model=self.model, messages=messages, max_tokens=1, temperature=0.0, logprobs=True,
-                        top_logprobs=self.top_logprobs,
-                    )
-            except openai.APITimeoutError:
+                    response = await self._client.post("chat/completions", json=payload)
+            except httpx.TimeoutException:
                 reason = "timeout"
-            except openai.APIConnectionError:
+            except httpx.TransportError:
                 reason = "connection"
-            except openai.APIStatusError as exc:
-                if exc.status_code in (408, 409, 429) or exc.status_code >= 500:
-                    reason = f"http_{exc.status_code}"
-                else:
-                    raise RewardServerError(
-                        f"reward server {self.base_url} refused the request (HTTP {exc.status_code}): {exc.message}"
-                    ) from None
-            except (openai.APIResponseValidationError, ValueError) as exc:
-                reason = "malformed_response"
-                log.debug("malformed reward response: %s", exc)
             else:
-                try:
-                    top = top_logprobs_of(response)
-                except (ValueError, AttributeError, TypeError, IndexError):
-                    reason = "malformed_response"
+                status = response.status_code
+                if status in (408, 409, 429) or status >= 500:
+                    reason = f"http_{status}"
+                elif status != 200:
+                    raise RewardServerError(
+                        f"reward server {self.base_url} refused the request (HTTP {status}): {error_message(response)}"
+                    )
                 else:
-                    value = expected_score_from_top_logprobs(top)
-                    if value != value:  # NaN: a well-formed answer without any digit — retrying will not help
-                        self._count("failed/no_digits")
-                        return float("nan")
-                    return value
+                    try:
+                        top = top_logprobs_of(response.json())
+                    except ValueError:  # includes a body that is not JSON
+                        reason = "malformed_response"
+                    else:
+                        value = expected_score_from_top_logprobs(top)
+                        if value != value:  # NaN: a well-formed answer without any digit; retrying will not help
+                            self._count("failed/no_digits")
+                        return value
             self._count(f"errors/{reason}")
         self._count(f"failed/{reason}")
         return float("nan")

@@ -189,7 +189,7 @@ class RewardServer:
         judge.load(judge.device)
         self.batcher = Batcher(judge, self.limits)
         handler = type("Handler", (_Handler,), {"server_ref": self})
-        self.httpd = ThreadingHTTPServer((host, port), handler)
+        self.httpd = _HTTPServer((host, port), handler)
         self.httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
 
@@ -287,6 +287,11 @@ class RewardServer:
         return new, steps
 
 
+class _HTTPServer(ThreadingHTTPServer):
+    request_queue_size = 256  # many clients connect at once (the stdlib default of 5 drops connections)
+    daemon_threads = True
+
+
 class _Handler(BaseHTTPRequestHandler):
     server_ref: RewardServer
     protocol_version = "HTTP/1.1"
@@ -364,6 +369,7 @@ def serve_reward(
     max_image_pixels: int = 16 * 1024 * 1024,
     max_batch: int = 8,
     local_files_only: bool = False,
+    num_threads: int | None = None,
 ) -> None:
     """Serve a transformers MLLM judge over an OpenAI-compatible API.
 
@@ -382,7 +388,10 @@ def serve_reward(
         max_image_pixels: largest decoded image accepted.
         max_batch: one-token requests batched per forward pass.
         local_files_only: never reach the network when loading.
+        num_threads: CPU threads for torch (default: torch's choice).
     """
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
     api_key = None
     if api_key_env:
         api_key = os.environ.get(api_key_env)
