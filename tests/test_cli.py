@@ -21,6 +21,9 @@ CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml"))
 KEY = re.compile(r"^\s*(- )?[A-Za-z_][\w.]*:")
 
 
+DEMO = ["-c", str(ROOT / "configs" / "demo.yaml"), "-c", str(ROOT / "configs" / "demo_smoke.yaml")]
+
+
 class ParseOnlyCLI(EditR1CLI):
     """Parses and type-checks a config without building anything (real-model configs name hub ids)."""
 
@@ -66,29 +69,22 @@ def test_default_config_is_the_demo_and_is_installed_with_the_package():
 
 def test_packaging_lists_every_subpackage():
     text = (ROOT / "pyproject.toml").read_text()
-    listed = set(re.search(r"packages = \[(.*?)\]", text).group(1).replace('"', "").replace(" ", "").split(","))
+    block = re.search(r"packages = \[(.*?)\]", text, re.S).group(1)
+    listed = {p.strip().strip('"') for p in block.split(",") if p.strip()}
     found = {"editr1"} | {
         "editr1." + ".".join(p.parent.relative_to(ROOT / "src" / "editr1").parts)
         for p in (ROOT / "src" / "editr1").rglob("__init__.py")
         if p.parent != ROOT / "src" / "editr1"
     }
-    assert found | {"editr1.configs"} == listed
+    assert found | {"editr1.configs", "editr1.assets"} == listed
 
 
 def test_demo_config_runs_in_process_into_one_run_folder(tmp_path, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     monkeypatch.chdir(tmp_path)
-    cli = cli_main(
-        [
-            "fit",
-            "--trainer.max_steps=3",
-            "--trainer.val_check_interval=3",
-            "--model.rollout.group_size=4",
-            "--reward.log_images_every_n_steps=2",
-            "--data.val_size=4",
-        ]
-    )
+    cli = cli_main(["fit", *DEMO, "--trainer.max_steps=3", "--trainer.val_check_interval=3",
+                    "--reward.log_images_every_n_steps=2"])
     assert cli.trainer.global_step == 3
     run = Path(cli.trainer.log_dir).resolve()
     assert run.parent.parent == tmp_path.resolve() / "runs"
@@ -101,15 +97,19 @@ def test_demo_config_runs_in_process_into_one_run_folder(tmp_path, monkeypatch):
                 "loss/kl", "nft/old_deviation", "lr", "time/rollout_s", "time/reward_s", "time/train_s",
                 "val/reward"):
         assert tag in scalars, tag
-    assert len(ea.Scalars("reward/mean")) == 3
+    # one rollout per optimiser step, plus one per step skipped because the filter dropped every group
+    skipped = int(ea.Scalars("filter/steps_skipped")[-1].value) if "filter/steps_skipped" in scalars else 0
+    assert len(ea.Scalars("reward/mean")) == 3 + skipped
     assert "rollouts/source_edits" in ea.Tags()["images"]
     assert "val/source_edit" in ea.Tags()["images"]
+    assert {"eval/heldout/before", "eval/heldout/after", "eval/unseen/after"} <= scalars
+    assert (run / "scene_eval.json").is_file()
     assert any(isinstance(cb, RewardCallback) for cb in cli.trainer.callbacks)
 
 
 def test_validate_subcommand(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cli = cli_main(["validate", "--data.val_size=2"])
+    cli = cli_main(["validate", *DEMO])
     assert "val/reward" in cli.trainer.callback_metrics
 
 
@@ -125,6 +125,7 @@ def test_python_dash_m_prints_the_default_config(tmp_path):
     assert cfg["model"]["policy"]["init_args"]["resolution"] == 32
     assert cfg["reward"]["model"]["class_path"] == "editr1.rewards.SceneReward"
     assert cfg["seed_everything"] == 0
+    assert cfg["model"]["policy"]["init_args"]["tiny"]["weights"] == "asset:demo_base/model.safetensors"
 
 
 def test_readme_commands_and_ci_agree():
@@ -140,8 +141,8 @@ def test_fit_on_the_bundled_uniworld_folder(tmp_path, monkeypatch):
     sample = ROOT / "data" / "sample_uniworld"
     monkeypatch.chdir(tmp_path)
     cli = cli_main(
-        ["fit", f"--data.path={sample}", f"--data.val_path={sample}", "--trainer.max_steps=2",
-         "--trainer.val_check_interval=2", "--model.rollout.group_size=2", "--data.batch_size=2"]
+        ["fit", *DEMO, f"--data.path={sample}", f"--data.val_path={sample}", "--model.rollout.group_size=2",
+         "--trainer.callbacks=[]"]
     )
     assert cli.trainer.global_step == 2
     assert 0.0 <= float(cli.trainer.callback_metrics["val/reward"]) <= 1.0

@@ -251,3 +251,59 @@ def test_adamw8bit_is_selectable():
     module = small_module(optim=OptimSettings(name="adamw8bit"))
     opt = module.configure_optimizers()
     assert type(opt).__name__ == "AdamW8bit"
+
+
+def test_sft_objective_trains_default_towards_targets_without_rollouts(scenes_data):
+    module = small_module(objective="sft")
+    assert not module.wants_rollouts
+    cb = RewardCallback(model=SceneReward(), log_images_every_n_steps=0)
+    rec = Recorder()
+    rec.on_train_batch_end = lambda trainer, m, outputs, batch, batch_idx: rec._snap(m, trainer.global_step)
+    trainer = small_trainer([cb, rec], max_steps=3)
+    trainer.fit(module, datamodule=scenes_data)
+    assert trainer.global_step == 3 and module.rollouts_done == 0
+    d0, d3 = rec.states[0][1], rec.states[-1][1]
+    assert max(float((d3[k] - d0[k]).abs().max()) for k in d0) > 0
+    for _, default, old in rec.states:  # θ_old copies θ in supervised training
+        assert all(torch.equal(default[k], old[k]) for k in default)
+    assert "loss/sft" in trainer.callback_metrics
+
+
+def test_sft_objective_needs_targets(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from editr1.data import EditDataModule
+
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "images" / "a.png")
+    (tmp_path / "train_metadata.jsonl").write_text(json.dumps({"prompt": "p", "image": "images/a.png"}) + "\n")
+    data = EditDataModule(path=str(tmp_path), batch_size=1)
+    trainer = small_trainer([RewardCallback(model=SceneReward())], max_steps=1)
+    with pytest.raises(ValueError, match="target"):
+        trainer.fit(small_module(objective="sft"), datamodule=data)
+
+
+def test_scene_evaluation_before_and_after(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from editr1.callbacks import SceneEvaluation
+    from editr1.data import EditDataModule, SceneConfig
+
+    scenes = SceneConfig(size=32, holdout=["circle:yellow"])
+    data = EditDataModule(scenes=scenes, batch_size=2, train_size=16, val_size=2)
+    ev = SceneEvaluation(count=4, group_size=2, steps=2, image_rows=2)
+    trainer = small_trainer(
+        [RewardCallback(model=SceneReward(), log_images_every_n_steps=0), ev], max_steps=2,
+        logger=TensorBoardLogger(str(tmp_path), name="run"),
+    )
+    trainer.fit(small_module(), datamodule=data)
+    for when in ("before", "after"):
+        for split in ("heldout", "unseen"):
+            r = ev.results[when][split]
+            assert 0 <= r["mean"] <= 1 and r["identity"] == pytest.approx(0.5)
+            assert 0.0 <= r["ceiling"] <= 1.0  # a random tiny VAE: the round trip is poor
+    assert "heldout" in ev.table() and "unseen" in ev.table()
+    saved = (tmp_path / "run" / "version_0" / "scene_eval.json").read_text()
+    assert '"before"' in saved and '"after"' in saved

@@ -204,9 +204,10 @@ def test_fit_step_with_the_served_reward(server, tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     cli = cli_main([
-        "fit", "-c", str(ROOT / "configs" / "demo.yaml"), "-c", str(ROOT / "configs" / "reward" / "tiny_served.yaml"),
-        f"--reward.model.init_args.base_url={server.url}", "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
-        "--trainer.num_sanity_val_steps=0", "--model.rollout.group_size=4", "--data.batch_size=2",
+        "fit", "-c", str(ROOT / "configs" / "demo.yaml"), "-c", str(ROOT / "configs" / "demo_smoke.yaml"),
+        "-c", str(ROOT / "configs" / "reward" / "tiny_served.yaml"), f"--reward.model.init_args.base_url={server.url}",
+        "--trainer.max_steps=1", "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0",
+        "--trainer.callbacks=[]",
     ])
     assert cli.trainer.global_step == 1
     metrics = cli.trainer.callback_metrics

@@ -17,17 +17,21 @@ from typing import Any, Literal
 import lightning as L
 import torch
 
+from editr1.algorithms.flow_matching import flow_matching_loss
 from editr1.algorithms.nft import add_noise, ema_decay, nft_loss, old_policy_eta
-from editr1.algorithms.timesteps import TimestepMode, train_timesteps
+from editr1.algorithms.timesteps import TimestepMode, continuous_timesteps, train_timesteps
 from editr1.policies import lora as adapters
-from editr1.policies.base import Condition, EditPolicy
+from editr1.policies.base import EditPolicy
 from editr1.rewards.base import RewardInputs
 from editr1.rollout import Rollout, StepData, group_ids, key_hash, sample_seed
-from editr1.sampling import Solver, sample
+from editr1.editing import edit_images
+from editr1.sampling import Solver
 from editr1.seeding import EVAL_NOISE, ROLLOUT_NOISE, TRAIN_NOISE, TRAIN_TIMESTEPS, derive_seed, per_sample_rand, per_sample_randn
 
 # The policy runs in eval mode on purpose (frozen base, deterministic forward passes).
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+# Checkpoints after the optimiser step are what resuming needs.
+warnings.filterwarnings("ignore", message=r".*no pre-optimization state was saved.*")
 
 ADAPTERS = {"default": adapters.DEFAULT, "old": adapters.OLD, "ema": adapters.EMA, "reference": None}
 
@@ -64,6 +68,18 @@ class NFTSettings:
     def __post_init__(self) -> None:
         if self.beta <= 0 or self.adv_clip <= 0 or self.kl_weight < 0 or self.micro_batch_size < 1:
             raise ValueError("nft: beta and adv_clip must be > 0, kl_weight >= 0, micro_batch_size >= 1")
+
+
+@dataclass(frozen=True)
+class SFTSettings:
+    """Supervised flow matching on (source, instruction, target) pairs (``objective: sft``)."""
+
+    timesteps: Literal["uniform", "logit_normal"] = "logit_normal"  # distribution of t
+    micro_batch_size: int = 16  # samples per forward/backward
+
+    def __post_init__(self) -> None:
+        if self.micro_batch_size < 1:
+            raise ValueError("sft.micro_batch_size must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -113,6 +129,9 @@ class EditR1Module(L.LightningModule):
         ema: keep an EMA adapter of θ (decay min((1+s)/(10+s), 0.9)) for evaluation and export.
         seed: base of every per-sample random stream; ``None`` takes ``torch.initial_seed()`` (the
             value of ``seed_everything``) when training starts.
+        objective: ``nft`` (Edit-R1: rollouts, rewards, DiffusionNFT) or ``sft`` (supervised flow
+            matching towards each row's ``target`` image; no rollouts, no reward).
+        sft: settings of the supervised objective.
     """
 
     def __init__(
@@ -126,6 +145,8 @@ class EditR1Module(L.LightningModule):
         evaluation: EvalSettings = EvalSettings(),
         ema: bool = False,
         seed: int | None = None,
+        objective: Literal["nft", "sft"] = "nft",
+        sft: SFTSettings = SFTSettings(),
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -138,6 +159,10 @@ class EditR1Module(L.LightningModule):
         self.optim_cfg = optim
         self.eval_cfg = evaluation
         self.use_ema = ema
+        if objective not in ("nft", "sft"):
+            raise ValueError(f"objective must be 'nft' or 'sft', got {objective!r}")
+        self.objective = objective
+        self.sft_cfg = sft
         if self.eval_cfg.adapter == "ema" and not ema:
             raise ValueError("evaluation.adapter is 'ema' but ema is off")
         names = [adapters.DEFAULT, adapters.OLD] + ([adapters.EMA] if ema else [])
@@ -146,6 +171,11 @@ class EditR1Module(L.LightningModule):
         self.seed = seed
         self.rollouts_done = 0  # rollouts sampled so far (the index of every random stream)
         self.skipped_steps = 0  # steps with nothing left to train on after filtering
+
+    @property
+    def wants_rollouts(self) -> bool:
+        """Whether training batches need rollouts and rewards (the RewardCallback asks)."""
+        return self.objective == "nft"
 
     # ------------------------------------------------------------------------------- set-up
     def setup(self, stage: str) -> None:
@@ -172,32 +202,6 @@ class EditR1Module(L.LightningModule):
 
     # ------------------------------------------------------------------------------- editing
     @torch.no_grad()
-    def edit(
-        self,
-        sources: torch.Tensor,
-        prompts: list[str],
-        seeds: list[int],
-        *,
-        steps: int,
-        solver: Solver,
-        adapter: str | None,
-        batch_size: int,
-    ) -> torch.Tensor:
-        """One edit per prompt, decoded: ``(N, 3, H, W)`` in [0, 1]. Sample i starts from noise
-        drawn with ``seeds[i]``."""
-        if len(seeds) != len(prompts):
-            raise ValueError(f"need {len(prompts)} seeds, got {len(seeds)}")
-        policy = self.policy
-        cond = policy.encode(sources, prompts)
-        sigmas = policy.sigmas(steps)
-        out = []
-        with policy.adapter(adapter):
-            for s in range(0, len(prompts), batch_size):
-                idx = torch.arange(s, min(s + batch_size, len(prompts)))
-                out.append(policy.decode(self._sample(cond.select(idx), seeds[s : s + batch_size], sigmas, solver)))
-        return torch.cat(out)
-
-    @torch.no_grad()
     def rollout(self, batch: dict, on_chunk: Callable[[RewardInputs], None] | None = None) -> Rollout:
         """K edits per prompt of ``batch`` with the rollout policy θ_old.
 
@@ -214,42 +218,34 @@ class EditR1Module(L.LightningModule):
         targets = policy.preprocess(batch["target"]) if batch.get("target") is not None else None
         ids = group_ids(keys)
         k = cfg.group_size
-        n = len(keys) * k
-        seeds = [sample_seed(int(self.seed), ROLLOUT_NOISE, self.rollouts_done, ids, k, i) for i in range(n)]
-        cond = policy.encode(sources, prompts)  # once per prompt, reused by every sample of its group
-        sigmas = policy.sigmas(cfg.steps)
-        group_index = torch.arange(len(keys)).repeat_interleave(k)
-        x0_chunks, edit_chunks = [], []
+        seeds = [sample_seed(int(self.seed), ROLLOUT_NOISE, self.rollouts_done, ids, k, i) for i in range(len(keys) * k)]
+
+        def chunk_ready(index: torch.Tensor, images: torch.Tensor) -> None:
+            g = (index // k).tolist()
+            on_chunk(RewardInputs(
+                sources=sources[index // k], edits=images, instructions=[prompts[i] for i in g],
+                requirements=[requirements[i] for i in g],
+                targets=None if targets is None else targets[index // k], source_ids=g,
+            ))
+
         with policy.adapter(adapters.OLD):
-            for s in range(0, n, cfg.batch_size):
-                idx = group_index[s : s + cfg.batch_size]
-                x0 = self._sample(cond.select(idx), seeds[s : s + cfg.batch_size], sigmas, cfg.solver)
-                edits = policy.decode(x0)
-                x0_chunks.append(x0)
-                edit_chunks.append(edits)
-                if on_chunk is not None:
-                    g = idx.tolist()
-                    on_chunk(RewardInputs(
-                        sources=sources[idx.to(sources.device)], edits=edits, instructions=[prompts[i] for i in g],
-                        requirements=[requirements[i] for i in g],
-                        targets=None if targets is None else targets[idx.to(targets.device)], source_ids=g,
-                    ))
+            out = edit_images(
+                policy, sources, prompts, seeds, steps=cfg.steps, solver=cfg.solver, batch_size=cfg.batch_size,
+                group_size=k, lower_order_second=cfg.lower_order_second,
+                on_chunk=chunk_ready if on_chunk is not None else None,
+            )
         ro = Rollout(
-            prompts=prompts, requirements=requirements, keys=keys, sources=sources, targets=targets, cond=cond,
-            x0=torch.cat(x0_chunks), edits=torch.cat(edit_chunks), sigmas=sigmas, group_size=k,
-            index=self.rollouts_done, base_seed=int(self.seed),
+            prompts=prompts, requirements=requirements, keys=keys, sources=sources, targets=targets, cond=out.cond,
+            x0=out.x0, edits=out.images, sigmas=out.sigmas, group_size=k, index=self.rollouts_done,
+            base_seed=int(self.seed),
         )
         self.rollouts_done += 1
         return ro
 
-    def _sample(self, cond: Condition, seeds: list[int], sigmas: torch.Tensor, solver: Solver) -> torch.Tensor:
-        """Final latents for one chunk (one condition row and one seed per sample)."""
-        noise = per_sample_randn(self.policy.latent_shape(), seeds, device=self.device)
-        velocity = lambda x, t: self.policy.velocity(x, t, cond)  # noqa: E731
-        return sample(velocity, noise, sigmas, solver, self.rollout_cfg.lower_order_second)
-
     # ------------------------------------------------------------------------------- training
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        if self.objective == "sft":
+            return self._sft_step(batch)
         data: StepData | None = batch.get("rl")
         if "rl" not in batch:
             raise RuntimeError(
@@ -316,6 +312,49 @@ class EditR1Module(L.LightningModule):
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=ro.num_groups)
         return torch.tensor(metrics["loss/policy"])
 
+    def _sft_step(self, batch: dict) -> torch.Tensor:
+        """Supervised flow matching of θ (LoRA ``default``) towards the batch's target images."""
+        if batch.get("target") is None:
+            raise ValueError(
+                "objective 'sft' needs target images: use the synthetic scenes or give every JSONL row a `target`"
+            )
+        start = time.perf_counter()
+        policy, cfg = self.policy, self.sft_cfg
+        if self.seed is None:
+            self.setup("fit")
+        opt = self.optimizers()
+        prompts, keys = list(batch["prompt"]), list(batch["key"])
+        n = len(prompts)
+        with torch.no_grad():
+            cond = policy.encode(policy.preprocess(batch["image"]), prompts)
+            x0 = policy.encode_images(policy.preprocess(batch["target"]))
+        ids = group_ids(keys)
+        step = self.global_step
+        keys_t = per_sample_rand(1, [sample_seed(int(self.seed), TRAIN_TIMESTEPS, step, ids, 1, i) for i in range(n)])
+        t_all = continuous_timesteps(keys_t[:, 0], cfg.timesteps)
+        total = 0.0
+        for s in range(0, n, cfg.micro_batch_size):
+            idx = torch.arange(s, min(s + cfg.micro_batch_size, n))
+            seeds = [sample_seed(int(self.seed), TRAIN_NOISE, step, ids, 1, int(i)) for i in idx]
+            eps = per_sample_randn(x0.shape[1:], seeds, self.device)
+            t = t_all[idx].to(self.device)
+            x_t = add_noise(x0[idx.to(x0.device)], eps, t)
+            v = policy.velocity(x_t, t, cond.select(idx))
+            loss = flow_matching_loss(v, eps, x0[idx.to(x0.device)])
+            self.manual_backward(loss.sum() / n)
+            total += float(loss.detach().sum())
+        grad_norm = self._clip_and_step(opt)
+        self._update_shadow_adapters(keep_old=0.0)  # θ_old tracks θ exactly during supervised training
+        metrics = {
+            "loss/sft": total / n,
+            "grad_norm": float(grad_norm),
+            "lr": float(opt.param_groups[0]["lr"]),
+            "time/train_s": time.perf_counter() - start,
+        }
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=n)
+        self.log("loss/sft_bar", total / n, prog_bar=True, on_step=True, on_epoch=False, batch_size=n, logger=False)
+        return torch.tensor(total / n)
+
     def _clip_and_step(self, opt) -> torch.Tensor:
         params = self.policy.trainable_parameters()
         if self.optim_cfg.grad_clip > 0:
@@ -330,11 +369,12 @@ class EditR1Module(L.LightningModule):
         return norm
 
     @torch.no_grad()
-    def _update_shadow_adapters(self) -> None:
-        """After optimiser step s: θ_old ← η(s)·θ_old + (1 − η(s))·θ; EMA ← d(s)·EMA + (1 − d(s))·θ."""
+    def _update_shadow_adapters(self, keep_old: float | None = None) -> None:
+        """After optimiser step s: θ_old ← η(s)·θ_old + (1 − η(s))·θ; EMA ← d(s)·EMA + (1 − d(s))·θ.
+        ``keep_old`` overrides η (0 copies θ)."""
         step = self.global_step
         model = self.policy.transformer
-        eta = old_policy_eta(step, self.old_cfg.rate, self.old_cfg.cap, self.old_cfg.delay)
+        eta = old_policy_eta(step, self.old_cfg.rate, self.old_cfg.cap, self.old_cfg.delay) if keep_old is None else keep_old
         adapters.mix_adapter(model, src=adapters.DEFAULT, dst=adapters.OLD, keep=eta)
         if self.use_ema:
             adapters.mix_adapter(model, src=adapters.DEFAULT, dst=adapters.EMA, keep=ema_decay(step))
@@ -346,10 +386,11 @@ class EditR1Module(L.LightningModule):
             self.setup("validate")
         sources = self.policy.preprocess(batch["image"])
         seeds = [derive_seed(int(self.seed), EVAL_NOISE, key_hash(k)) for k in batch["key"]]
-        edits = self.edit(
-            sources, list(batch["prompt"]), seeds, steps=cfg.steps, solver=cfg.solver,
-            adapter=ADAPTERS[cfg.adapter], batch_size=cfg.batch_size,
-        )
+        with self.policy.adapter(ADAPTERS[cfg.adapter]):
+            edits = edit_images(
+                self.policy, sources, list(batch["prompt"]), seeds, steps=cfg.steps, solver=cfg.solver,
+                batch_size=cfg.batch_size, lower_order_second=self.rollout_cfg.lower_order_second,
+            ).images
         targets = self.policy.preprocess(batch["target"]) if batch.get("target") is not None else None
         return {
             "sources": sources,

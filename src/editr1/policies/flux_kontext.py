@@ -10,6 +10,7 @@ config: the pipeline's own ~1024² auto-resize never runs here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -98,10 +99,14 @@ def build_tiny_pipeline(cfg: TinyFlux) -> FluxKontextPipeline:
 
 
 def load_pipeline_weights(pipe: FluxKontextPipeline, path: str) -> None:
-    """Load ``{component}.{param}`` tensors from one safetensors file (strict)."""
-    from safetensors.torch import load_file
+    """Load ``{component}.{param}`` tensors from one safetensors file (strict). The file's metadata
+    may carry the VAE's latent normalisation (``shift_factor``, ``scaling_factor``)."""
+    from safetensors import safe_open
 
-    state = load_file(path)
+    path = resolve_asset(path)
+    with safe_open(path, "pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+        meta = f.metadata() or {}
     components = ("transformer", "vae", "text_encoder", "text_encoder_2")
     unknown = sorted(k for k in state if k.split(".", 1)[0] not in components)
     if unknown or not state:
@@ -112,6 +117,22 @@ def load_pipeline_weights(pipe: FluxKontextPipeline, path: str) -> None:
         sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if sub:
             module.load_state_dict(sub, strict=True)
+    latent_norm = {k: float(meta[k]) for k in ("shift_factor", "scaling_factor") if k in meta}
+    if latent_norm:
+        pipe.vae.register_to_config(**latent_norm)
+
+
+def resolve_asset(path: str) -> str:
+    """``asset:<name>`` names a file shipped with editr1 (the repository's ``data/`` folder, installed
+    as the package ``editr1.assets``); anything else is an ordinary path."""
+    if not path.startswith("asset:"):
+        return path
+    from importlib import resources
+
+    found = Path(str(resources.files("editr1.assets").joinpath(path[len("asset:") :])))
+    if not found.is_file():
+        raise FileNotFoundError(f"{path}: no such file among editr1's bundled assets ({found})")
+    return str(found)
 
 
 def _scene_words() -> list[str]:
@@ -176,8 +197,12 @@ class FluxKontextPolicy(EditPolicy):
         self.latent_channels = self.vae.config.latent_channels
 
     # ---------------------------------------------------------------------------------- encoding
-    @torch.no_grad()
     def encode(self, images: torch.Tensor, prompts: list[str]) -> Condition:
+        with torch.no_grad():
+            return self.condition(images, prompts)
+
+    def condition(self, images: torch.Tensor, prompts: list[str]) -> Condition:
+        """:meth:`encode` with gradients through the text encoders (for training them)."""
         if images.shape[0] != len(prompts):
             raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
         device = self.device

@@ -1,0 +1,1 @@
+"""Files shipped with editr1 (this folder is the repository's data/), named asset:<path> in configs."""

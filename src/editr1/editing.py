@@ -1,0 +1,65 @@
+"""Editing with a policy: encode once per prompt, sample K edits per prompt in chunks, decode.
+
+Shared by rollouts (training), evaluation and prediction. Sample i starts from noise drawn with
+``seeds[i]``, so results do not depend on chunk sizes or on which process runs them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from editr1.policies.base import Condition, EditPolicy
+from editr1.sampling import Solver, sample
+from editr1.seeding import per_sample_randn
+
+
+@dataclass
+class Edits:
+    x0: torch.Tensor  # (G·K, *latent_shape) final clean latents
+    images: torch.Tensor  # (G·K, 3, H, W) in [0, 1]
+    cond: Condition  # one row per prompt
+    sigmas: torch.Tensor  # the schedule used, ending with 0
+
+
+@torch.no_grad()
+def edit_images(
+    policy: EditPolicy,
+    sources: torch.Tensor,
+    prompts: list[str],
+    seeds: list[int],
+    *,
+    steps: int,
+    solver: Solver,
+    batch_size: int,
+    group_size: int = 1,
+    lower_order_second: bool = True,
+    on_chunk: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+) -> Edits:
+    """``group_size`` edits of each prompt with whatever adapter is active on ``policy``.
+
+    ``on_chunk(sample_index, images)`` is called as soon as each chunk is decoded (``sample_index``:
+    flat indices into G·K) — the reward can start on it while the next chunk is generated.
+    """
+    n = len(prompts) * group_size
+    if len(seeds) != n:
+        raise ValueError(f"need {n} seeds (one per edit), got {len(seeds)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    cond = policy.encode(sources, prompts)
+    sigmas = policy.sigmas(steps)
+    group_index = torch.arange(len(prompts)).repeat_interleave(group_size)
+    x0_chunks, image_chunks = [], []
+    for s in range(0, n, batch_size):
+        idx = torch.arange(s, min(s + batch_size, n))
+        c = cond.select(group_index[idx])
+        noise = per_sample_randn(policy.latent_shape(), seeds[s : s + batch_size], device=policy.device)
+        x0 = sample(lambda x, t: policy.velocity(x, t, c), noise, sigmas, solver, lower_order_second)
+        images = policy.decode(x0)
+        x0_chunks.append(x0)
+        image_chunks.append(images)
+        if on_chunk is not None:
+            on_chunk(idx, images)
+    return Edits(torch.cat(x0_chunks), torch.cat(image_chunks), cond, sigmas)
