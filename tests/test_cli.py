@@ -146,3 +146,26 @@ def test_fit_on_the_bundled_uniworld_folder(tmp_path, monkeypatch):
     )
     assert cli.trainer.global_step == 2
     assert 0.0 <= float(cli.trainer.callback_metrics["val/reward"]) <= 1.0
+
+
+def test_fit_step_with_the_tiny_qwen_image_edit(tmp_path, monkeypatch):
+    from editr1.policies import QwenImageEditPolicy
+
+    monkeypatch.chdir(tmp_path)
+    cli = cli_main(["fit", *DEMO, "-c", str(ROOT / "configs" / "model" / "tiny_qwen_image_edit.yaml"),
+                    "--trainer.max_steps=1", "--trainer.enable_progress_bar=false"])
+    assert isinstance(cli.model.policy, QwenImageEditPolicy)
+    assert cli.trainer.global_step == 1
+    assert (Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.parametrize("model", ["flux_kontext_dev", "qwen_image_edit", "qwen_image_edit_2509"])
+def test_real_model_configs_compose_with_reward_and_trainer(model):
+    cfg = parse(ROOT / "configs" / "model" / f"{model}.yaml", ROOT / "configs" / "reward" / "qwen25vl_32b_vllm.yaml",
+                ROOT / "configs" / "trainer" / "gpu.yaml")
+    policy = cfg.model.policy.init_args
+    assert policy.pretrained_model_name_or_path and policy.resolution == 512 and policy.torch_dtype == "bfloat16"
+    assert (cfg.model.rollout.group_size, cfg.model.rollout.steps, cfg.data.batch_size) == (12, 6, 24)
+    assert (cfg.model.lora.rank, cfg.model.lora.alpha, cfg.model.optim.lr) == (32, 64.0, 3e-4)
+    assert cfg.reward.model.class_path.endswith("ServedMLLMReward")
+    assert cfg.trainer.accelerator == "gpu"

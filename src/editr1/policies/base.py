@@ -15,10 +15,12 @@ LoRA adapters live on ``self.transformer`` (see :mod:`editr1.policies.lora`).
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -101,6 +103,60 @@ def _cover_crop(t: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return t[:, top : top + height, left : left + width].clamp(0, 1)
 
 
+def resolve_asset(path: str) -> str:
+    """``asset:<name>`` names a file shipped with editr1 (the repository's ``data/`` folder, installed
+    as the package ``editr1.assets``); anything else is an ordinary path."""
+    if not path.startswith("asset:"):
+        return path
+    from importlib import resources
+
+    found = Path(str(resources.files("editr1.assets").joinpath(path[len("asset:") :])))
+    if not found.is_file():
+        raise FileNotFoundError(f"{path}: no such file among editr1's bundled assets ({found})")
+    return str(found)
+
+
+def load_component_weights(pipe, path: str, components: Sequence[str]) -> dict[str, str]:
+    """Load ``{component}.{param}`` tensors from one safetensors file into the pipeline's components
+    (strict per component present); returns the file's metadata."""
+    from safetensors import safe_open
+
+    path = resolve_asset(path)
+    with safe_open(path, "pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+        meta = f.metadata() or {}
+    unknown = sorted(k for k in state if k.split(".", 1)[0] not in components)
+    if unknown or not state:
+        raise ValueError(f"{path}: keys must be '<component>.<param>', component in {tuple(components)}; got {unknown[:3]}")
+    for name in components:
+        prefix = name + "."
+        sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if sub:
+            getattr(pipe, name).load_state_dict(sub, strict=True)
+    return meta
+
+
+def shifted_sigmas(scheduler_config, image_seq_len: int, num_steps: int) -> torch.Tensor:
+    """σ's of ``num_steps`` steps as diffusers' flow-matching pipelines set them: ``linspace(1, 1/n, n)``
+    through the scheduler (dynamic shift μ from the latent sequence length, terminal shift if any), then 0."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux_kontext import calculate_shift
+
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+    cfg = scheduler.config
+    mu = calculate_shift(
+        image_seq_len,
+        cfg.get("base_image_seq_len", 256),
+        cfg.get("max_image_seq_len", 4096),
+        cfg.get("base_shift", 0.5),
+        cfg.get("max_shift", 1.15),
+    )
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
+    return scheduler.sigmas.to(torch.float32).cpu()
+
+
 class EditPolicy(nn.Module, ABC):
     """A flow-matching image editor behind one interface. Subclasses: one file per base model.
 
@@ -146,6 +202,13 @@ class EditPolicy(nn.Module, ABC):
     def preprocess(self, images: Sequence[Image.Image | torch.Tensor]) -> torch.Tensor:
         """Images from the data → ``(N, 3, H, W)`` in [0, 1] at the policy's resolution, on its device."""
         return to_tensor_images(images, self.height, self.width).to(self.device)
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != (self.height, self.width):
+            raise ValueError(
+                f"expected images of shape (N, 3, {self.height}, {self.width}), got {tuple(images.shape)}; "
+                "use policy.preprocess() to resize"
+            )
 
     @property
     def device(self) -> torch.device:

@@ -10,14 +10,11 @@ config: the pipeline's own ~1024² auto-resize never runs here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import numpy as np
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
-from diffusers.pipelines.flux.pipeline_flux_kontext import calculate_shift
 
-from editr1.policies.base import Condition, EditPolicy, resolve_dtype
+from editr1.policies.base import Condition, EditPolicy, load_component_weights, resolve_dtype, shifted_sigmas
 from editr1.policies.tiny import TinyTextConfig, text_encoders
 
 FLUX_SCHEDULER_CONFIG = {
@@ -101,38 +98,10 @@ def build_tiny_pipeline(cfg: TinyFlux) -> FluxKontextPipeline:
 def load_pipeline_weights(pipe: FluxKontextPipeline, path: str) -> None:
     """Load ``{component}.{param}`` tensors from one safetensors file (strict). The file's metadata
     may carry the VAE's latent normalisation (``shift_factor``, ``scaling_factor``)."""
-    from safetensors import safe_open
-
-    path = resolve_asset(path)
-    with safe_open(path, "pt") as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}
-        meta = f.metadata() or {}
-    components = ("transformer", "vae", "text_encoder", "text_encoder_2")
-    unknown = sorted(k for k in state if k.split(".", 1)[0] not in components)
-    if unknown or not state:
-        raise ValueError(f"{path}: keys must be '<component>.<param>', component in {components}; got {unknown[:3]}")
-    for name in components:
-        module = getattr(pipe, name)
-        prefix = name + "."
-        sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        if sub:
-            module.load_state_dict(sub, strict=True)
+    meta = load_component_weights(pipe, path, ("transformer", "vae", "text_encoder", "text_encoder_2"))
     latent_norm = {k: float(meta[k]) for k in ("shift_factor", "scaling_factor") if k in meta}
     if latent_norm:
         pipe.vae.register_to_config(**latent_norm)
-
-
-def resolve_asset(path: str) -> str:
-    """``asset:<name>`` names a file shipped with editr1 (the repository's ``data/`` folder, installed
-    as the package ``editr1.assets``); anything else is an ordinary path."""
-    if not path.startswith("asset:"):
-        return path
-    from importlib import resources
-
-    found = Path(str(resources.files("editr1.assets").joinpath(path[len("asset:") :])))
-    if not found.is_file():
-        raise FileNotFoundError(f"{path}: no such file among editr1's bundled assets ({found})")
-    return str(found)
 
 
 def _scene_words() -> list[str]:
@@ -260,23 +229,5 @@ class FluxKontextPolicy(EditPolicy):
 
     def sigmas(self, num_steps: int) -> torch.Tensor:
         """The pipeline's schedule: ``linspace(1, 1/n, n)`` time-shifted by the resolution's μ, then 0."""
-        if num_steps < 1:
-            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.pipe.scheduler.config)
-        cfg = scheduler.config
-        mu = calculate_shift(
-            self.latent_shape()[0],
-            cfg.get("base_image_seq_len", 256),
-            cfg.get("max_image_seq_len", 4096),
-            cfg.get("base_shift", 0.5),
-            cfg.get("max_shift", 1.15),
-        )
-        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
-        return scheduler.sigmas.to(torch.float32).cpu()
+        return shifted_sigmas(self.pipe.scheduler.config, self.latent_shape()[0], num_steps)
 
-    def _check_images(self, images: torch.Tensor) -> None:
-        if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != (self.height, self.width):
-            raise ValueError(
-                f"expected images of shape (N, 3, {self.height}, {self.width}), got {tuple(images.shape)}; "
-                "use policy.preprocess() to resize"
-            )
