@@ -66,6 +66,11 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> EditR1CLI | Non
     if raw[:1] == ["serve-reward"]:
         serve_reward_main(raw[1:])
         return None
+    if raw[:1] == ["make-shards"]:
+        from editr1.data.shards import make_shards_main
+
+        make_shards_main(raw[1:])
+        return None
     if not run:
         argv = list(args or [])
         argv = argv if _has_config(argv) else ["--config", str(config_path())] + argv

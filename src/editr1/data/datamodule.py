@@ -1,8 +1,9 @@
 """The LightningDataModule: batches of prompts (source image, instruction, requirement) for rollouts.
 
 One batch = the prompts of one optimisation step on this process; the module samples a group of
-edits for each. Sources: a UniWorld-format folder (``path``) or the synthetic scenes (``scenes``,
-used when no ``path`` is given).
+edits for each. Sources: a UniWorld-format folder (``path``), WebDataset tar shards (``shards``,
+streamed and split across ranks and workers) or the synthetic scenes (``scenes``, used when
+neither is given).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from editr1.data.jsonl import JsonlEditDataset
 from editr1.data.scenes import SceneConfig, SceneDataset
+from editr1.data.shards import ShardEditDataset
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +48,11 @@ class EditDataModule(L.LightningDataModule):
     Args:
         path: a UniWorld-format training folder (``images/`` + ``train_metadata.jsonl``). When set,
             the synthetic scenes are not used.
-        scenes: the synthetic scene generator, used when ``path`` is not set.
+        shards: WebDataset tar shards for training (a brace pattern such as
+            ``/data/edits-{000000..000127}.tar``, a list, or URLs webdataset understands; write them
+            with ``editr1 make-shards``). Streamed endlessly, epoch after epoch.
+        shard_seed: seed of the per-epoch shard order.
+        scenes: the synthetic scene generator, used when neither ``path`` nor ``shards`` is set.
         batch_size: prompts (= groups) per optimisation step on each process.
         num_workers: DataLoader worker processes.
         train_size: synthetic training prompts per epoch (seeds ``[0, train_size)`` of the ``train`` split).
@@ -62,6 +68,8 @@ class EditDataModule(L.LightningDataModule):
     def __init__(
         self,
         path: str | None = None,
+        shards: str | list[str] | None = None,
+        shard_seed: int = 0,
         scenes: SceneConfig | None = None,
         batch_size: int = 4,
         num_workers: int = 0,
@@ -76,9 +84,13 @@ class EditDataModule(L.LightningDataModule):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if path is None and scenes is None:
+        if path is not None and shards is not None:
+            raise ValueError("give the training data as path (a folder) or shards, not both")
+        if path is None and shards is None and scenes is None:
             scenes = SceneConfig()
         self.path = path
+        self.shards = shards
+        self.shard_seed = shard_seed
         self.scenes = scenes
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -110,11 +122,14 @@ class EditDataModule(L.LightningDataModule):
         if split in ("test", "predict") and folder is None:
             return self._dataset("val")
         ds: Dataset | None
-        if folder is not None:
+        if split == "train" and self.shards is not None:
+            ds = ShardEditDataset(self.shards, shuffle=self.shuffle, seed=self.shard_seed, repeat=True)
+            log.info("train data: %d shards", len(ds.urls))
+        elif folder is not None:
             ds = JsonlEditDataset(folder, self.metadata_file)
             log.info("%s data: %d prompts from %s", split, len(ds), folder)
-        elif self.path is not None:
-            ds = None  # a real training folder without a validation folder: no validation
+        elif self.path is not None or self.shards is not None:
+            ds = None  # real training data without a validation folder: no validation
         elif split == "train":
             ds = SceneDataset(self.scenes, "train", start=0, length=self.train_size)
         else:
@@ -126,6 +141,11 @@ class EditDataModule(L.LightningDataModule):
         ds = self._dataset(split)
         if ds is None:
             return []
+        if isinstance(ds, ShardEditDataset):  # ranks and workers split the shards themselves
+            if self.trainer is not None:
+                ds.bind(self.trainer.global_rank, self.trainer.world_size)
+            return DataLoader(ds, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate_prompts,
+                              persistent_workers=self.num_workers > 0)
         return DataLoader(
             ds,
             batch_size=self.batch_size,

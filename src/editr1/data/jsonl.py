@@ -11,6 +11,7 @@ training starts. Images are read lazily; one that cannot be read is skipped and 
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import warnings
@@ -51,14 +52,9 @@ def parse_line(line: str, root: Path) -> EditRecord | str:
         return "malformed_json"
     if not isinstance(obj, dict):
         return "not_an_object"
-    prompt = obj.get("prompt")
-    if not isinstance(prompt, str):
-        return "missing_prompt"
-    prompt = prompt.strip()
-    if not prompt:
-        return "empty_prompt"
-    if len(prompt) > MAX_INSTRUCTION_CHARS:
-        return "overlong_prompt"
+    prompt, reason = check_prompt(obj.get("prompt"))
+    if reason:
+        return reason
     image = obj.get("image")
     if not isinstance(image, str) or not image.strip():
         return "missing_image_field"
@@ -81,6 +77,18 @@ def parse_line(line: str, root: Path) -> EditRecord | str:
             return "missing_target_file"
     task = obj.get("task", "")
     return EditRecord(prompt, image_path, requirement.strip(), target_path, str(task) if task is not None else "")
+
+
+def check_prompt(prompt) -> tuple[str, str | None]:
+    """``(stripped instruction, None)``, or ``("", reason)`` when it is unusable."""
+    if not isinstance(prompt, str):
+        return "", "missing_prompt"
+    prompt = prompt.strip()
+    if not prompt:
+        return "", "empty_prompt"
+    if len(prompt) > MAX_INSTRUCTION_CHARS:
+        return "", "overlong_prompt"
+    return prompt, None
 
 
 def _inside(root: Path, rel: str) -> Path | None:
@@ -121,12 +129,12 @@ def read_metadata(folder: str | Path, filename: str = "train_metadata.jsonl") ->
     return records, skipped
 
 
-def load_image(path: Path) -> Image.Image | str:
-    """An RGB image, or the reason it cannot be used."""
+def load_image(source: Path | bytes) -> Image.Image | str:
+    """An RGB image from a file or from encoded bytes, or the reason it cannot be used."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as img:
                 if img.width * img.height > MAX_IMAGE_PIXELS:
                     return "image_too_large"
                 img.load()

@@ -1,0 +1,238 @@
+"""Instruction–image pairs streamed from WebDataset tar shards, and the converter that writes them.
+
+A sample is the files of one key in a shard::
+
+    0000042.json      {"prompt": "...", "requirement": "...", "task": "..."}
+    0000042.src.png   the source image (any format PIL reads)
+    0000042.tgt.png   optional target image (supervised objective)
+
+Shards are given the way webdataset takes them: a brace pattern (``/data/edits-{000000..000127}.tar``),
+a list, URLs (``https://…``, ``s3://…`` through ``pipe:`` commands). Each epoch the shard list is put
+in a seeded order (the same on every process), dealt to ranks (``rank::world_size``), then to
+DataLoader workers (``worker::num_workers``): every sample is read exactly once per epoch across all
+processes and workers, provided there are at least as many shards as ranks × workers (fewer is an
+error, not silent duplication). Bad records get the same treatment as in JSONL folders: skipped and
+counted by reason; an unreadable shard is counted as ``unreadable_shard``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import webdataset as wds
+from torch.utils.data import IterableDataset
+from webdataset.utils import pytorch_worker_info
+
+from editr1.data.jsonl import check_prompt, load_image, read_metadata
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff", "gif")
+
+
+def expand_urls(urls: str | list[str]) -> list[str]:
+    """A brace pattern, a ``::``-separated string or a list of them → the list of shard URLs."""
+    items = [urls] if isinstance(urls, str) else list(urls)
+    out: list[str] = []
+    for item in items:
+        for part in str(item).split("::"):
+            out.extend(wds.shardlists.expand_urls(part))
+    if not out:
+        raise ValueError(f"no shards in {urls!r}")
+    return out
+
+
+def _field(sample: dict, role: str) -> bytes | None:
+    for ext in IMAGE_EXTENSIONS:
+        value = sample.get(f"{role}.{ext}")
+        if value is not None:
+            return value
+    return None
+
+
+def decode_sample(sample: dict, load_targets: bool = True) -> dict:
+    """One raw webdataset sample (bytes per extension) → a prompt item, or ``{"skipped": reason}``."""
+    raw = sample.get("json")
+    if raw is None:
+        return {"skipped": "missing_json"}
+    try:
+        obj = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {"skipped": "malformed_json"}
+    if not isinstance(obj, dict):
+        return {"skipped": "not_an_object"}
+    prompt, reason = check_prompt(obj.get("prompt"))
+    if reason:
+        return {"skipped": reason}
+    requirement = obj.get("requirement") or ""
+    if not isinstance(requirement, str):
+        return {"skipped": "bad_requirement"}
+    src = _field(sample, "src")
+    if src is None:
+        return {"skipped": "missing_image_field"}
+    image = load_image(src)
+    if isinstance(image, str):
+        return {"skipped": image}
+    target = None
+    tgt = _field(sample, "tgt")
+    if load_targets and tgt is not None:
+        target = load_image(tgt)
+        if isinstance(target, str):
+            return {"skipped": "target_" + target}
+    shard = Path(str(sample.get("__url__", ""))).name
+    return {
+        "image": image,
+        "prompt": prompt,
+        "requirement": requirement.strip(),
+        "target": target,
+        "task": str(obj.get("task") or ""),
+        "key": f"{shard}/{sample.get('__key__')}::{prompt}",
+    }
+
+
+def process_rank() -> tuple[int, int]:
+    """(rank, world size) of this process: the initialised process group, else RANK/WORLD_SIZE, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    rank, world_size, _, _ = pytorch_worker_info()
+    return rank, world_size
+
+
+class ShardEditDataset(IterableDataset):
+    """Streams prompt items from tar shards, split across ranks and DataLoader workers.
+
+    Args:
+        urls: shards (see :func:`expand_urls`).
+        shuffle: put the shards in a new seeded order each epoch (samples within a shard keep their order).
+        seed: seed of the shard order.
+        repeat: start the next epoch when one ends (training); ``False`` reads one epoch.
+        load_targets: decode ``tgt`` images when present.
+    """
+
+    def __init__(self, urls: str | list[str], shuffle: bool = True, seed: int = 0, repeat: bool = True,
+                 load_targets: bool = True) -> None:
+        self.urls = expand_urls(urls)
+        self.shuffle = shuffle
+        self.seed = seed
+        self.repeat = repeat
+        self.load_targets = load_targets
+        self.epoch = 0
+        self.rank, self.world_size = process_rank()
+
+    def bind(self, rank: int, world_size: int) -> None:
+        """Fix the process's place among the ranks (DataLoader workers may not see the process group)."""
+        self.rank, self.world_size = rank, world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def shards_for(self, epoch: int, rank: int, world_size: int, worker: int, num_workers: int) -> list[str]:
+        """The shards one (rank, worker) reads in ``epoch``."""
+        if len(self.urls) < world_size * num_workers:
+            raise ValueError(
+                f"{len(self.urls)} shards cannot be split over {world_size} ranks x {num_workers} workers "
+                "without duplicates: write more, smaller shards or use fewer workers"
+            )
+        order = list(self.urls)
+        if self.shuffle:
+            random.Random(f"{self.seed}/{epoch}").shuffle(order)
+        return order[rank::world_size][worker::num_workers]
+
+    def __iter__(self) -> Iterator[dict]:
+        _, _, worker, num_workers = pytorch_worker_info()
+        rank, world_size = self.rank, self.world_size
+        epoch = self.epoch
+        while True:
+            errors: list[str] = []
+
+            def handler(exn: Exception) -> bool:
+                errors.append(f"{type(exn).__name__}: {exn}")
+                return True  # keep going with the next shard
+
+            shards = self.shards_for(epoch, rank, world_size, worker, num_workers)
+            samples = wds.DataPipeline(wds.SimpleShardList(shards), wds.tarfile_to_samples(handler=handler))
+            for sample in samples:
+                yield from self._drain(errors)
+                yield decode_sample(sample, self.load_targets)
+            yield from self._drain(errors)
+            if not self.repeat:
+                return
+            epoch += 1
+
+    @staticmethod
+    def _drain(errors: list[str]) -> Iterator[dict]:
+        while errors:
+            log.warning("skipping the rest of a shard: %s", errors.pop(0))
+            yield {"skipped": "unreadable_shard"}
+
+
+def write_shards(folder: str | Path, pattern: str, maxcount: int = 1000,
+                 metadata_file: str = "train_metadata.jsonl") -> dict:
+    """Convert a UniWorld-format folder into tar shards (``pattern`` like ``out/edits-%06d.tar``).
+
+    Image bytes are copied as they are (no re-encoding). Rows the folder reader skips are counted.
+    Returns ``{"samples": n, "shards": [paths], "skipped": {reason: count}}``.
+    """
+    if "%" not in pattern:
+        raise ValueError(f"pattern needs a %d-style shard number, e.g. out/edits-%06d.tar; got {pattern!r}")
+    records, skipped = read_metadata(folder, metadata_file)
+    Path(pattern % 0).parent.mkdir(parents=True, exist_ok=True)
+    written: list[str] = []
+    with wds.ShardWriter(pattern, maxcount=maxcount, verbose=0) as sink:
+        for i, rec in enumerate(records):
+            sample = {
+                "__key__": f"{i:09d}",
+                "json": json.dumps({"prompt": rec.prompt, "requirement": rec.requirement, "task": rec.task}).encode(),
+                f"src.{_ext(rec.image)}": rec.image.read_bytes(),
+            }
+            if rec.target is not None:
+                sample[f"tgt.{_ext(rec.target)}"] = rec.target.read_bytes()
+            sink.write(sample)
+            if sink.fname and (not written or written[-1] != sink.fname):
+                written.append(sink.fname)
+    return {"samples": len(records), "shards": written, "skipped": dict(skipped)}
+
+
+def _ext(path: Path) -> str:
+    ext = path.suffix.lower().lstrip(".")
+    return ext if ext in IMAGE_EXTENSIONS else "png"
+
+
+def make_shards_main(args: list[str]) -> None:
+    """``editr1 make-shards FOLDER PATTERN [--maxcount N]``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="editr1 make-shards", description=write_shards.__doc__)
+    ap.add_argument("folder", help="a UniWorld-format folder (images/ + train_metadata.jsonl)")
+    ap.add_argument("pattern", help="output shards, e.g. shards/edits-%%06d.tar")
+    ap.add_argument("--maxcount", type=int, default=1000, help="samples per shard")
+    ap.add_argument("--metadata-file", default="train_metadata.jsonl")
+    a = ap.parse_args(args)
+    out = write_shards(a.folder, a.pattern, a.maxcount, a.metadata_file)
+    skipped = sum(out["skipped"].values())
+    print(f"wrote {out['samples']} samples to {len(out['shards'])} shards"
+          + (f"; skipped {skipped} rows: {out['skipped']}" if skipped else ""))
+    if out["shards"]:
+        first, last = out["shards"][0], out["shards"][-1]
+        print(f"train with: --data.shards '{_brace(first, last, len(out['shards']))}'")
+
+
+def _brace(first: str, last: str, n: int) -> str:
+    if n == 1:
+        return first
+    i = 0
+    while i < min(len(first), len(last)) and first[i] == last[i]:
+        i += 1
+    while i > 0 and first[i - 1].isdigit():
+        i -= 1
+    j = i
+    while j < len(first) and first[j].isdigit():
+        j += 1
+    return f"{first[:i]}{{{first[i:j]}..{last[i:j]}}}{first[j:]}"

@@ -1,0 +1,179 @@
+"""WebDataset shards: the converter, bad records, and the split over ranks × workers (real gloo processes)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from editr1.cli import cli_main
+from editr1.data import EditDataModule
+from editr1.data.datamodule import collate_prompts
+from editr1.data.shards import ShardEditDataset, _brace, expand_urls, write_shards
+
+
+def make_folder(root: Path, n: int, bad_rows: int = 0, targets: bool = False) -> Path:
+    (root / "images").mkdir(parents=True)
+    rows = []
+    for i in range(n):
+        Image.new("RGB", (16, 12), (i * 7 % 256, 50, 90)).save(root / "images" / f"{i}.png")
+        row = {"prompt": f"edit number {i}", "image": f"images/{i}.png", "requirement": "keep it", "task": "t"}
+        if targets and i % 3 == 0:
+            Image.new("RGB", (16, 12), (0, 0, 0)).save(root / "images" / f"{i}_t.png")
+            row["target"] = f"images/{i}_t.png"
+        rows.append(json.dumps(row))
+    rows += ["{not json"] * bad_rows
+    (root / "train_metadata.jsonl").write_text("\n".join(rows))
+    return root
+
+
+def read_all(urls, **kw) -> list[dict]:
+    return list(ShardEditDataset(urls, repeat=False, **kw))
+
+
+def test_converter_round_trip(tmp_path, capsys):
+    src = make_folder(tmp_path / "d", 10, bad_rows=2, targets=True)
+    out = write_shards(src, str(tmp_path / "s" / "e-%04d.tar"), maxcount=4)
+    assert out["samples"] == 10 and out["skipped"] == {"malformed_json": 2}
+    assert [Path(s).name for s in out["shards"]] == ["e-0000.tar", "e-0001.tar", "e-0002.tar"]
+    items = read_all(str(tmp_path / "s" / "e-{0000..0002}.tar"), shuffle=False)
+    assert [it["prompt"] for it in items] == [f"edit number {i}" for i in range(10)]
+    assert all(it["requirement"] == "keep it" and it["task"] == "t" for it in items)
+    assert [it["target"] is not None for it in items] == [i % 3 == 0 for i in range(10)]
+    assert items[1]["image"].size == (16, 12) and items[1]["image"].mode == "RGB"
+    assert len({it["key"] for it in items}) == 10
+    # the command-line converter prints the brace pattern to train with
+    cli_main(["make-shards", str(src), str(tmp_path / "t" / "x-%06d.tar"), "--maxcount", "5"])
+    printed = capsys.readouterr().out
+    assert "wrote 10 samples to 2 shards" in printed and "x-{000000..000001}.tar" in printed
+
+
+def test_brace_and_expand():
+    assert _brace("a/e-0000.tar", "a/e-0012.tar", 13) == "a/e-{0000..0012}.tar"
+    assert expand_urls("a-{0..2}.tar::b.tar") == ["a-0.tar", "a-1.tar", "a-2.tar", "b.tar"]
+    with pytest.raises(ValueError):
+        expand_urls([])
+
+
+def _png(color=(1, 2, 3), size=(8, 8), mode="RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, color if mode == "RGB" else 0).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def write_tar(path: Path, members: dict[str, bytes]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_bad_records_are_skipped_with_reasons(tmp_path):
+    good = json.dumps({"prompt": "make it red"}).encode()
+    write_tar(tmp_path / "bad.tar", {
+        "a.json": good, "a.src.png": _png(),                               # good
+        "b.json": b"{nope", "b.src.png": _png(),                           # malformed json
+        "c.json": json.dumps({"prompt": "  "}).encode(), "c.src.png": _png(),  # empty prompt
+        "d.json": json.dumps({"prompt": "x" * 5000}).encode(), "d.src.png": _png(),  # overlong
+        "e.json": good,                                                    # no source image
+        "f.json": good, "f.src.png": b"\x89PNG\r\n\x1a\n garbage",         # corrupt image
+        "g.json": good, "g.src.png": _png(), "g.tgt.png": b"not an image",  # bad target
+        "h.src.png": _png(),                                               # no json
+        "i.json": json.dumps({"prompt": "palette"}).encode(), "i.src.png": _png(mode="P"),  # palette: converted
+    })
+    items = read_all(str(tmp_path / "bad.tar"))
+    kept = [it["prompt"] for it in items if "skipped" not in it]
+    reasons = Counter(it["skipped"] for it in items if "skipped" in it)
+    assert kept == ["make it red", "palette"]
+    assert reasons == {"malformed_json": 1, "empty_prompt": 1, "overlong_prompt": 1, "missing_image_field": 1,
+                       "unreadable_image": 1, "target_unreadable_image": 1, "missing_json": 1}
+    batch = collate_prompts(items)
+    assert batch["prompt"] == kept and sum(batch["skipped"].values()) == 7
+
+
+def test_truncated_shard_is_counted_and_the_rest_still_read(tmp_path):
+    src = make_folder(tmp_path / "d", 6)
+    out = write_shards(src, str(tmp_path / "s-%02d.tar"), maxcount=3)
+    first = Path(out["shards"][0])
+    first.write_bytes(first.read_bytes()[:700])  # cut mid-member
+    items = read_all([str(p) for p in out["shards"]], shuffle=False)
+    assert [it["prompt"] for it in items if "skipped" not in it][-3:] == ["edit number 3", "edit number 4", "edit number 5"]
+    assert any(it.get("skipped") == "unreadable_shard" for it in items)
+
+
+def test_too_few_shards_for_ranks_times_workers_is_an_error(tmp_path):
+    ds = ShardEditDataset(["a.tar", "b.tar", "c.tar"])
+    assert ds.shards_for(0, 1, 2, 0, 1) == ds.shards_for(0, 1, 2, 0, 1)
+    with pytest.raises(ValueError, match="without duplicates"):
+        ds.shards_for(0, 0, 2, 0, 2)
+
+
+def test_epochs_reorder_shards_the_same_way_on_every_rank():
+    ds = ShardEditDataset([f"s{i}.tar" for i in range(12)], seed=3)
+    for epoch in range(3):
+        parts = [ds.shards_for(epoch, r, 2, w, 3) for r in range(2) for w in range(3)]
+        assert sorted(sum(parts, [])) == sorted(ds.urls)
+    assert ds.shards_for(0, 0, 2, 0, 3) != ds.shards_for(1, 0, 2, 0, 3) or ds.shards_for(0, 1, 2, 0, 3) != ds.shards_for(1, 1, 2, 0, 3)
+
+
+def _rank_reads(rank: int, world: int, port: int, urls: str, out: str) -> None:
+    os.environ.pop("RANK", None)
+    os.environ.pop("WORLD_SIZE", None)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        keys = []
+        for epoch in range(2):
+            ds = ShardEditDataset(urls, seed=7, repeat=False)
+            ds.set_epoch(epoch)
+            loader = DataLoader(ds, batch_size=3, num_workers=2, collate_fn=collate_prompts)
+            keys.append([k for b in loader for k in b["key"]])
+        Path(out).write_text(json.dumps(keys))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_two_workers_see_every_sample_once_per_epoch(tmp_path):
+    src = make_folder(tmp_path / "d", 23)
+    out = write_shards(src, str(tmp_path / "s" / "e-%03d.tar"), maxcount=3)  # 8 shards, the last one short
+    assert len(out["shards"]) == 8
+    urls = str(tmp_path / "s" / "e-{000..007}.tar")
+    port = 29500 + os.getpid() % 1000
+    files = [str(tmp_path / f"rank{r}.json") for r in range(2)]
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_rank_reads, args=(r, 2, port, urls, files[r])) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+        assert p.exitcode == 0
+    per_rank = [json.loads(Path(f).read_text()) for f in files]
+    for epoch in range(2):
+        seen = per_rank[0][epoch] + per_rank[1][epoch]
+        assert len(seen) == 23 and len(set(seen)) == 23  # all of them, none twice
+        assert per_rank[0][epoch] and per_rank[1][epoch]
+    assert per_rank[0][0] != per_rank[0][1]  # the shard order changes between epochs
+
+
+def test_datamodule_streams_shards_for_training(tmp_path):
+    src = make_folder(tmp_path / "d", 8)
+    write_shards(src, str(tmp_path / "s-%02d.tar"), maxcount=2)
+    dm = EditDataModule(shards=str(tmp_path / "s-{00..03}.tar"), batch_size=3)
+    dm.setup("fit")
+    it = iter(dm.train_dataloader())
+    batches = [next(it) for _ in range(6)]  # 18 prompts from 8 samples: the stream rolls into the next epochs
+    prompts = [p for b in batches for p in b["prompt"]]
+    assert len(prompts) == 18 and set(prompts) == {f"edit number {i}" for i in range(8)}
+    assert dm.val_dataloader() == []
+    with pytest.raises(ValueError, match="not both"):
+        EditDataModule(path=str(src), shards="x.tar")
