@@ -37,13 +37,18 @@ def edit_images(
     group_size: int = 1,
     lower_order_second: bool = True,
     on_chunk: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+    min_chunks: int = 0,
 ) -> Edits:
     """``group_size`` edits of each prompt with whatever adapter is active on ``policy``.
 
     ``on_chunk(sample_index, images)`` is called as soon as each chunk is decoded (``sample_index``:
     flat indices into G·K) — the reward can start on it while the next chunk is generated.
+    ``min_chunks``: run idle denoising passes (results discarded) until at least this many chunks
+    have run — sharded models need every process to make the same number of forward calls.
     """
     n = len(prompts) * group_size
+    if n == 0:
+        raise ValueError("nothing to edit: no prompts")
     if len(seeds) != n:
         raise ValueError(f"need {n} seeds (one per edit), got {len(seeds)}")
     if batch_size < 1:
@@ -62,4 +67,8 @@ def edit_images(
         image_chunks.append(images)
         if on_chunk is not None:
             on_chunk(idx, images)
+    for _ in range(len(x0_chunks), min_chunks):  # idle passes, one sample each
+        c = cond.select([0])
+        noise = torch.zeros((1, *policy.latent_shape()), device=policy.device)
+        sample(lambda x, t: policy.velocity(x, t, c), noise, sigmas, solver, lower_order_second)
     return Edits(torch.cat(x0_chunks), torch.cat(image_chunks), cond, sigmas)

@@ -171,6 +171,7 @@ class EditR1Module(L.LightningModule):
         self.seed = seed
         self.rollouts_done = 0  # rollouts sampled so far (the index of every random stream)
         self.skipped_steps = 0  # steps with nothing left to train on after filtering
+        self._sharded = False  # FSDP2 applied by configure_model
 
     @property
     def wants_rollouts(self) -> bool:
@@ -181,6 +182,47 @@ class EditR1Module(L.LightningModule):
     def setup(self, stage: str) -> None:
         if self.seed is None:
             self.seed = int(torch.initial_seed()) & ((1 << 63) - 1)
+
+    def configure_model(self) -> None:
+        """Under :class:`editr1.strategies.FSDP2Strategy` with ``shard: true``: FSDP2-shard the policy."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is None or not getattr(strategy, "shard", False) or self._sharded:
+            return
+        self.policy.shard(mesh["data_parallel"])
+        self._sharded = True
+
+    # ------------------------------------------------------------------------------- across ranks
+    @property
+    def _world(self) -> int:
+        return self.trainer.world_size if self._trainer is not None else 1
+
+    def _reduce(self, value: float, op: str = "sum") -> float:
+        """``value`` summed (or maxed) over all ranks; itself on one process."""
+        if self._world == 1:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([float(value)], device=self.device, dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        return float(t.item())
+
+    def _sync_gradients(self) -> None:
+        """Replicated multi-rank training: sum the LoRA gradients over ranks (losses are already
+        normalised by the global sample count). Sharded training reduce-scatters in backward instead."""
+        if self._world == 1 or self._sharded:
+            return
+        import torch.distributed as dist
+
+        for p in self.policy.trainable_parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+
+    @property
+    def _loss_world_scale(self) -> float:
+        """FSDP2 averages gradients over ranks; losses normalised globally must be scaled back up."""
+        return float(self._world) if self._sharded else 1.0
 
     def configure_optimizers(self) -> Any:
         params = self.policy.trainable_parameters()
@@ -228,11 +270,13 @@ class EditR1Module(L.LightningModule):
                 targets=None if targets is None else targets[index // k], source_ids=g,
             ))
 
+        chunks = -(-len(seeds) // cfg.batch_size)
+        min_chunks = int(self._reduce(chunks, "max")) if self._sharded else 0
         with policy.adapter(adapters.OLD):
             out = edit_images(
                 policy, sources, prompts, seeds, steps=cfg.steps, solver=cfg.solver, batch_size=cfg.batch_size,
                 group_size=k, lower_order_second=cfg.lower_order_second,
-                on_chunk=chunk_ready if on_chunk is not None else None,
+                on_chunk=chunk_ready if on_chunk is not None else None, min_chunks=min_chunks,
             )
         ro = Rollout(
             prompts=prompts, requirements=requirements, keys=keys, sources=sources, targets=targets, cond=out.cond,
@@ -252,9 +296,21 @@ class EditR1Module(L.LightningModule):
                 "no rollout for this batch: training needs editr1.callbacks.RewardCallback "
                 "(the `reward:` section of the config)"
             )
-        if data is None or not bool(data.decision.train_mask.any()):
+        n_local = int(data.decision.train_mask.sum()) if data is not None else 0
+        n_global = int(self._reduce(n_local))
+        if n_global == 0:  # one decision for all ranks: nobody steps
             self.skipped_steps += 1
             self.log("filter/steps_skipped", float(self.skipped_steps), on_step=True)
+            return None
+        if data is None:
+            if self._sharded:
+                raise RuntimeError(
+                    "this rank has no rollout (every prompt of its batch was banned or skipped) while others "
+                    "train: sharded training needs every rank to take part; use more prompts per rank or ban: false"
+                )
+            self._sync_gradients()
+            self._clip_and_step(self.optimizers())
+            self._update_shadow_adapters()
             return None
         start = time.perf_counter()
         ro, nft = data.rollout, self.nft
@@ -264,20 +320,29 @@ class EditR1Module(L.LightningModule):
         n = len(idx)
         r_all = data.decision.r.flatten().to(self.device)
         train_sigmas = ro.sigmas[:-1]
-        keys = per_sample_rand(train_sigmas.numel(), [ro.sample_seed(TRAIN_TIMESTEPS, i) for i in idx])
+        keys = per_sample_rand(train_sigmas.numel(), [ro.sample_seed(TRAIN_TIMESTEPS, i) for i in idx or [0]])
         ts = train_timesteps(nft.timesteps, train_sigmas, keys, nft.timestep_fraction, t_min=nft.t_min, t_max=nft.t_max)
         rounds = ts.shape[0]
         group_index = ro.group_index
+        mb = nft.micro_batch_size
+        chunks = -(-n // mb)
+        if self._sharded:  # every rank makes the same forward/backward calls: idle chunks where it has fewer
+            chunks = int(self._reduce(chunks, "max"))
+        scale = self._loss_world_scale / (n_global * rounds)
         sums = {"policy": 0.0, "kl": 0.0, "old_deviation": 0.0}
-        for s in range(0, n, nft.micro_batch_size):
-            sel = idx[s : s + nft.micro_batch_size]
+        for c in range(chunks):
+            s = c * mb
+            sel = idx[s : s + mb]
+            idle = not sel
+            if idle:
+                sel = [0]  # any sample of this rank's rollout; its loss is multiplied by 0
             b = len(sel)
             sel_t = torch.tensor(sel, device=self.device)
             cond = ro.cond.select(group_index[sel])
             x0 = ro.x0[sel_t]
             r = r_all[sel_t]
             for j in range(rounds):
-                t = ts[j, s : s + b].to(self.device)
+                t = ts[j, s : s + b].to(self.device) if not idle else ts[j, :1].to(self.device)
                 eps = per_sample_randn(x0.shape[1:], [ro.sample_seed(TRAIN_NOISE, i, j) for i in sel], self.device)
                 x_t = add_noise(x0, eps, t)
                 with torch.no_grad():
@@ -292,13 +357,16 @@ class EditR1Module(L.LightningModule):
                     v_theta, v_old, x_t, x0, t, r, beta=nft.beta, adv_clip=nft.adv_clip, v_ref=v_ref,
                     kl_weight=nft.kl_weight,
                 )
-                self.manual_backward(out.loss * (b / (n * rounds)))
+                self.manual_backward(out.loss * (0.0 if idle else b * scale))
+                if idle:
+                    continue
                 sums["policy"] += float(out.policy.detach().sum())
                 sums["kl"] += float(out.kl.detach().sum())
                 sums["old_deviation"] += float(out.old_deviation.sum())
+        self._sync_gradients()
         grad_norm = self._clip_and_step(opt)
         self._update_shadow_adapters()
-        denom = n * rounds
+        denom = max(n, 1) * rounds
         metrics = {
             "loss/policy": sums["policy"] / denom,
             "loss/kl": sums["kl"] / denom,
@@ -333,16 +401,26 @@ class EditR1Module(L.LightningModule):
         keys_t = per_sample_rand(1, [sample_seed(int(self.seed), TRAIN_TIMESTEPS, step, ids, 1, i) for i in range(n)])
         t_all = continuous_timesteps(keys_t[:, 0], cfg.timesteps)
         total = 0.0
-        for s in range(0, n, cfg.micro_batch_size):
+        n_global = self._reduce(n)
+        chunks = -(-n // cfg.micro_batch_size)
+        if self._sharded:
+            chunks = int(self._reduce(chunks, "max"))
+        for c in range(chunks):
+            s = c * cfg.micro_batch_size
             idx = torch.arange(s, min(s + cfg.micro_batch_size, n))
+            idle = idx.numel() == 0
+            if idle:  # sharded: same forward/backward calls on every rank
+                idx = torch.zeros(1, dtype=torch.long)
             seeds = [sample_seed(int(self.seed), TRAIN_NOISE, step, ids, 1, int(i)) for i in idx]
             eps = per_sample_randn(x0.shape[1:], seeds, self.device)
             t = t_all[idx].to(self.device)
             x_t = add_noise(x0[idx.to(x0.device)], eps, t)
             v = policy.velocity(x_t, t, cond.select(idx))
             loss = flow_matching_loss(v, eps, x0[idx.to(x0.device)])
-            self.manual_backward(loss.sum() / n)
-            total += float(loss.detach().sum())
+            self.manual_backward(loss.sum() * (0.0 if idle else self._loss_world_scale / n_global))
+            if not idle:
+                total += float(loss.detach().sum())
+        self._sync_gradients()
         grad_norm = self._clip_and_step(opt)
         self._update_shadow_adapters(keep_old=0.0)  # θ_old tracks θ exactly during supervised training
         metrics = {
@@ -361,6 +439,8 @@ class EditR1Module(L.LightningModule):
             norm = torch.nn.utils.clip_grad_norm_(params, self.optim_cfg.grad_clip)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        if hasattr(norm, "full_tensor"):  # sharded parameters give a DTensor norm
+            norm = norm.full_tensor()
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched = self.lr_schedulers()

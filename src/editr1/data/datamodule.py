@@ -9,10 +9,11 @@ neither is given).
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 
 import lightning as L
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from editr1.data.jsonl import JsonlEditDataset
 from editr1.data.scenes import SceneConfig, SceneDataset
@@ -51,7 +52,8 @@ class EditDataModule(L.LightningDataModule):
         shards: WebDataset tar shards for training (a brace pattern such as
             ``/data/edits-{000000..000127}.tar``, a list, or URLs webdataset understands; write them
             with ``editr1 make-shards``). Streamed endlessly, epoch after epoch.
-        shard_seed: seed of the per-epoch shard order.
+        seed: seed of the per-epoch order of training prompts (and of shards); ``None`` = the run's
+            ``seed_everything`` value (0 when unset).
         scenes: the synthetic scene generator, used when neither ``path`` nor ``shards`` is set.
         batch_size: prompts (= groups) per optimisation step on each process.
         num_workers: DataLoader worker processes.
@@ -69,7 +71,7 @@ class EditDataModule(L.LightningDataModule):
         self,
         path: str | None = None,
         shards: str | list[str] | None = None,
-        shard_seed: int = 0,
+        seed: int | None = None,
         scenes: SceneConfig | None = None,
         batch_size: int = 4,
         num_workers: int = 0,
@@ -90,7 +92,7 @@ class EditDataModule(L.LightningDataModule):
             scenes = SceneConfig()
         self.path = path
         self.shards = shards
-        self.shard_seed = shard_seed
+        self.seed = seed
         self.scenes = scenes
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -123,7 +125,7 @@ class EditDataModule(L.LightningDataModule):
             return self._dataset("val")
         ds: Dataset | None
         if split == "train" and self.shards is not None:
-            ds = ShardEditDataset(self.shards, shuffle=self.shuffle, seed=self.shard_seed, repeat=True)
+            ds = ShardEditDataset(self.shards, shuffle=self.shuffle, seed=self._order_seed(), repeat=True)
             log.info("train data: %d shards", len(ds.urls))
         elif folder is not None:
             ds = JsonlEditDataset(folder, self.metadata_file)
@@ -137,6 +139,11 @@ class EditDataModule(L.LightningDataModule):
         self._datasets[split] = ds
         return ds
 
+    def _order_seed(self) -> int:
+        if self.seed is not None:
+            return self.seed
+        return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader | list:
         ds = self._dataset(split)
         if ds is None:
@@ -146,10 +153,21 @@ class EditDataModule(L.LightningDataModule):
                 ds.bind(self.trainer.global_rank, self.trainer.world_size)
             return DataLoader(ds, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate_prompts,
                               persistent_workers=self.num_workers > 0)
+        sampler = None
+        if split == "train":
+            # Our own DistributedSampler (world size 1 included): the same seeded permutation whatever the
+            # number of processes, rank r taking every world-th prompt, so a global batch holds the same
+            # prompts on 1 rank or many. Lightning keeps a DistributedSampler it is given.
+            world = self.trainer.world_size if self.trainer is not None else 1
+            rank = self.trainer.global_rank if self.trainer is not None else 0
+            sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=shuffle, seed=self._order_seed(),
+                                         drop_last=True)
+            shuffle = False
         return DataLoader(
             ds,
             batch_size=self.batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=collate_prompts,
             drop_last=split == "train" and len(ds) >= self.batch_size,

@@ -157,6 +157,17 @@ def shifted_sigmas(scheduler_config, image_seq_len: int, num_steps: int) -> torc
     return scheduler.sigmas.to(torch.float32).cpu()
 
 
+def _largest_module_lists(root: nn.Module) -> list[nn.Module]:
+    """The elements of the biggest ``nn.ModuleList`` (by parameter count) under ``root``: its layers."""
+    best, size = [], 0
+    for m in root.modules():
+        if isinstance(m, nn.ModuleList) and len(m) > 1:
+            n = sum(p.numel() for p in m.parameters())
+            if n > size:
+                best, size = list(m), n
+    return best
+
+
 class EditPolicy(nn.Module, ABC):
     """A flow-matching image editor behind one interface. Subclasses: one file per base model.
 
@@ -226,6 +237,30 @@ class EditPolicy(nn.Module, ABC):
         """``with policy.adapter("old"):`` runs the rollout policy; ``adapter(None)`` the reference."""
         with lora.using(self.transformer, name):
             yield
+
+    def shard(self, mesh) -> None:
+        """FSDP2: ``fully_shard`` each block of the transformer and of every frozen encoder (its largest
+        list of layers), then each root. Called by the module's ``configure_model`` under
+        :class:`editr1.strategies.FSDP2Strategy`; LoRA adapters must already be in place."""
+        from torch.distributed.fsdp import fully_shard
+
+        for root in self.shard_roots():
+            blocks = _largest_module_lists(root) if root is not self.transformer else [
+                m for name in ("transformer_blocks", "single_transformer_blocks")
+                for m in getattr(root, name, [])
+            ]
+            for block in blocks:
+                fully_shard(block, mesh=mesh)
+            fully_shard(root, mesh=mesh)
+
+    def shard_roots(self) -> list[nn.Module]:
+        """Modules sharded as units: the transformer and the text encoders (the VAE stays whole)."""
+        roots = [self.transformer]
+        for name in ("text_encoder", "text_encoder_2"):
+            m = getattr(self, name, None)
+            if isinstance(m, nn.Module):
+                roots.append(m)
+        return roots
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(lora.adapter_parameters(self.transformer, lora.DEFAULT).values())
