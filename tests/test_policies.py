@@ -174,6 +174,19 @@ def test_stays_frozen_and_in_eval_mode(case):
     assert all(not q.requires_grad for q in p.parameters())
 
 
+def test_bfloat16_base_trains_float32_adapters(case):
+    c, _ = case
+    p = c.build(torch_dtype="bfloat16")
+    p.add_adapters(lora.LoraSettings(rank=4, alpha=8.0), [lora.DEFAULT, lora.OLD])
+    assert p.transformer.dtype == torch.bfloat16
+    assert {q.dtype for n, q in p.named_parameters() if "lora_" in n} == {torch.float32}
+    cond = p.encode(p.preprocess([_pil(12, c.res)]), [PROMPTS[0]])
+    v = p.velocity(_noise(p, seed=5), torch.tensor([0.5]), cond)
+    assert v.dtype == torch.float32 and torch.isfinite(v).all()
+    v.square().mean().backward()
+    assert all(q.grad is None or q.grad.dtype == torch.float32 for q in p.trainable_parameters())
+
+
 # ------------------------------------------------------------------------------------ Qwen specifics
 def test_qwen_condition_resolution_is_configurable():
     p = QwenImageEditPolicy(resolution=64, condition_resolution=[28, 56])

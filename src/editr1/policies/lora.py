@@ -51,7 +51,8 @@ class LoraSettings:
 def add_adapters(model: nn.Module, settings: LoraSettings, names: list[str]) -> None:
     """Inject one LoRA adapter per name; every adapter starts as an exact copy of the first one.
 
-    Only the first adapter (normally ``default``) is trainable and active afterwards.
+    Only the first adapter (normally ``default``) is trainable and active afterwards. Adapter weights
+    are float32 whatever the base's dtype (a bf16 base trains float32 LoRA; peft casts the inputs).
     """
     if not names:
         raise ValueError("need at least one adapter name")
@@ -64,6 +65,10 @@ def add_adapters(model: nn.Module, settings: LoraSettings, names: list[str]) -> 
         raise ValueError(
             f"LoRA target_modules {settings.target_modules} matched no module of {type(model).__name__}"
         )
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "lora_" in pname and p.dtype != torch.float32:
+                p.data = p.data.float()
     for name in names[1:]:
         copy_adapter(model, src=names[0], dst=name)
     activate(model, names[0])
