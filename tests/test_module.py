@@ -307,3 +307,50 @@ def test_scene_evaluation_before_and_after(tmp_path):
     assert "heldout" in ev.table() and "unseen" in ev.table()
     saved = (tmp_path / "run" / "version_0" / "scene_eval.json").read_text()
     assert '"before"' in saved and '"after"' in saved
+
+
+class NaNVelocityOn:
+    """Makes the policy's velocity NaN during the given training batches (counted from 0)."""
+
+    def __init__(self, module, batches: set[int]):
+        self.module, self.batches, self.batch = module, batches, -1
+        self.original = module.policy.velocity
+        module.policy.velocity = self
+
+    def __call__(self, x, t, cond):
+        v = self.original(x, t, cond)
+        return v * float("nan") if self.batch in self.batches and torch.is_grad_enabled() else v
+
+
+class BatchCounter(L.Callback):
+    def __init__(self, nan):
+        self.nan = nan
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.nan.batch = batch_idx
+
+
+def test_a_non_finite_step_is_skipped_and_counted(scenes_data):
+    from editr1.module import OptimSettings
+
+    module = small_module(optim=OptimSettings(lr=1e-3, max_nonfinite_steps=3))
+    nan = NaNVelocityOn(module, {1})
+    with pytest.warns(UserWarning, match="non-finite"):
+        trainer, rec = fit(module, scenes_data, max_steps=3, callbacks=[BatchCounter(nan)])
+    assert trainer.global_step == 3  # the NaN batch did not count as a step; a fourth batch ran
+    assert module.nonfinite_total == 1 and module.nonfinite_in_a_row == 0
+    assert all(torch.isfinite(p).all() for p in module.policy.trainable_parameters())
+    assert trainer.callback_metrics["train/nonfinite_skipped"] == 1
+
+
+def test_too_many_non_finite_steps_stop_with_a_checkpoint(tmp_path, scenes_data):
+    from editr1.module import OptimSettings
+
+    module = small_module(optim=OptimSettings(max_nonfinite_steps=2))
+    nan = NaNVelocityOn(module, set(range(100)))
+    with pytest.raises(RuntimeError, match="2 steps in a row had a non-finite"):
+        fit(module, scenes_data, max_steps=5, callbacks=[BatchCounter(nan)], default_root_dir=str(tmp_path))
+    saved = list(tmp_path.rglob("stopped-nonfinite-step0.ckpt"))
+    assert len(saved) == 1
+    ck = torch.load(saved[0], weights_only=True)
+    assert ck["editr1"]["nonfinite"] == [2, 2] and all(torch.isfinite(v).all() for v in ck["state_dict"].values())

@@ -35,6 +35,48 @@ class EditR1CLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(RewardCallback, "reward")
 
+    def before_instantiate_classes(self) -> None:
+        """``fit --ckpt_path last``: continue the newest run of this config's logger name, in its own run
+        folder (Lightning alone would look for last.ckpt in a new, empty version folder)."""
+        if self.subcommand != "fit":
+            return
+        cfg = self.config["fit"]
+        if cfg.get("ckpt_path") != "last":
+            return
+        found = find_last_checkpoint(cfg.trainer)
+        if found is None:
+            raise FileNotFoundError(
+                "--ckpt_path last: no checkpoints/last.ckpt in any run folder of this logger "
+                f"({_logger_root(cfg.trainer)}); give the checkpoint's path instead"
+            )
+        path, version = found
+        cfg.ckpt_path = str(path)
+        logger = cfg.trainer.get("logger")
+        if isinstance(logger, dict) or hasattr(logger, "init_args"):
+            logger["init_args"]["version"] = version
+        print(f"resuming {path}")
+
+
+def _logger_root(trainer_cfg) -> Path:
+    logger = trainer_cfg.get("logger")
+    init = logger.get("init_args", {}) if hasattr(logger, "get") else {}
+    save_dir = init.get("save_dir") or trainer_cfg.get("default_root_dir") or "."
+    return Path(save_dir) / (init.get("name") or "lightning_logs")
+
+
+def find_last_checkpoint(trainer_cfg) -> tuple[Path, int] | None:
+    """The newest ``version_N/checkpoints/last.ckpt`` under the configured TensorBoard logger."""
+    root = _logger_root(trainer_cfg)
+    best = None
+    for ckpt in root.glob("version_*/checkpoints/last.ckpt"):
+        try:
+            version = int(ckpt.parent.parent.name.split("_", 1)[1])
+        except ValueError:
+            continue
+        if best is None or version > best[1]:
+            best = (ckpt, version)
+    return best
+
 
 def _has_config(args: list[str]) -> bool:
     return any(a in ("-c", "--config") or a.startswith("--config=") for a in args)

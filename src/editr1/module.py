@@ -33,6 +33,35 @@ warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 # Checkpoints after the optimiser step are what resuming needs.
 warnings.filterwarnings("ignore", message=r".*no pre-optimization state was saved.*")
 
+def rng_states() -> dict:
+    """torch, NumPy and Python global RNG states as tensors and plain numbers (loadable with
+    ``weights_only=True``). Every draw of the algorithm comes from per-sample seeds; these cover the rest."""
+    import random
+
+    import numpy as np
+
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "gauss": float(gauss)},
+        "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss_next": gauss_next},
+    }
+
+
+def set_rng_states(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(x) for x in p["internal"].tolist()), p["gauss_next"]))
+
+
 ADAPTERS = {"default": adapters.DEFAULT, "old": adapters.OLD, "ema": adapters.EMA, "reference": None}
 
 
@@ -103,6 +132,7 @@ class OptimSettings:
     eps: float = 1e-8  # Adam epsilon
     grad_clip: float = 1.0  # max global grad norm (0 = no clipping)
     warmup_steps: int = 0  # linear LR warm-up steps
+    max_nonfinite_steps: int = 3  # consecutive steps with a non-finite loss/gradient skipped before the run stops
 
 
 @dataclass(frozen=True)
@@ -172,6 +202,8 @@ class EditR1Module(L.LightningModule):
         self.rollouts_done = 0  # rollouts sampled so far (the index of every random stream)
         self.skipped_steps = 0  # steps with nothing left to train on after filtering
         self._sharded = False  # FSDP2 applied by configure_model
+        self.nonfinite_in_a_row = 0  # consecutive steps skipped for a non-finite gradient
+        self.nonfinite_total = 0
 
     @property
     def wants_rollouts(self) -> bool:
@@ -309,8 +341,8 @@ class EditR1Module(L.LightningModule):
                     "train: sharded training needs every rank to take part; use more prompts per rank or ban: false"
                 )
             self._sync_gradients()
-            self._clip_and_step(self.optimizers())
-            self._update_shadow_adapters()
+            if self._clip_and_step(self.optimizers()) is not None:
+                self._update_shadow_adapters()
             return None
         start = time.perf_counter()
         ro, nft = data.rollout, self.nft
@@ -365,6 +397,8 @@ class EditR1Module(L.LightningModule):
                 sums["old_deviation"] += float(out.old_deviation.sum())
         self._sync_gradients()
         grad_norm = self._clip_and_step(opt)
+        if grad_norm is None:
+            return None
         self._update_shadow_adapters()
         denom = max(n, 1) * rounds
         metrics = {
@@ -422,6 +456,8 @@ class EditR1Module(L.LightningModule):
                 total += float(loss.detach().sum())
         self._sync_gradients()
         grad_norm = self._clip_and_step(opt)
+        if grad_norm is None:
+            return None
         self._update_shadow_adapters(keep_old=0.0)  # θ_old tracks θ exactly during supervised training
         metrics = {
             "loss/sft": total / n,
@@ -433,7 +469,10 @@ class EditR1Module(L.LightningModule):
         self.log("loss/sft_bar", total / n, prog_bar=True, on_step=True, on_epoch=False, batch_size=n, logger=False)
         return torch.tensor(total / n)
 
-    def _clip_and_step(self, opt) -> torch.Tensor:
+    def _clip_and_step(self, opt) -> torch.Tensor | None:
+        """Clip and take the optimiser step; ``None`` when the gradient is not finite on some rank: the
+        step is skipped on every rank (one collective decision) and counted; after
+        ``optim.max_nonfinite_steps`` in a row the run saves a checkpoint and stops."""
         params = self.policy.trainable_parameters()
         if self.optim_cfg.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, self.optim_cfg.grad_clip)
@@ -441,12 +480,36 @@ class EditR1Module(L.LightningModule):
             norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         if hasattr(norm, "full_tensor"):  # sharded parameters give a DTensor norm
             norm = norm.full_tensor()
+        if self._reduce(0.0 if torch.isfinite(norm) else 1.0, "max") > 0:
+            opt.zero_grad(set_to_none=True)
+            self.nonfinite_in_a_row += 1
+            self.nonfinite_total += 1
+            self.log_dict({"train/nonfinite_skipped": float(self.nonfinite_total)}, on_step=True, on_epoch=False)
+            limit = self.optim_cfg.max_nonfinite_steps
+            if self.nonfinite_in_a_row >= limit:
+                path = self._emergency_checkpoint("nonfinite")
+                raise RuntimeError(
+                    f"{self.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient "
+                    f"(optim.max_nonfinite_steps = {limit}); stopped. Last good state saved to {path}. "
+                    "Lower the learning rate, check the rewards, or resume from an earlier checkpoint."
+                )
+            warnings.warn(f"step skipped: non-finite gradient norm ({float(norm)}); {self.nonfinite_in_a_row} in a row")
+            return None
+        self.nonfinite_in_a_row = 0
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched = self.lr_schedulers()
         if sched is not None:
             sched.step()
         return norm
+
+    def _emergency_checkpoint(self, reason: str) -> str:
+        from pathlib import Path
+
+        root = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        path = root / "checkpoints" / f"stopped-{reason}-step{self.global_step}.ckpt"
+        self.trainer.save_checkpoint(str(path))
+        return str(path)
 
     @torch.no_grad()
     def _update_shadow_adapters(self, keep_old: float | None = None) -> None:
@@ -496,9 +559,11 @@ class EditR1Module(L.LightningModule):
         state = checkpoint["state_dict"]
         checkpoint["state_dict"] = {k: v for k, v in state.items() if "lora_" in k}
         checkpoint["editr1"] = {
+            "rng": rng_states(),
             "seed": self.seed,
             "rollouts_done": self.rollouts_done,
             "skipped_steps": self.skipped_steps,
+            "nonfinite": [self.nonfinite_in_a_row, self.nonfinite_total],
             "adapters": adapters.adapter_names(self.policy.transformer),
         }
 
@@ -514,3 +579,6 @@ class EditR1Module(L.LightningModule):
         self.seed = extra.get("seed", self.seed)
         self.rollouts_done = extra.get("rollouts_done", 0)
         self.skipped_steps = extra.get("skipped_steps", 0)
+        self.nonfinite_in_a_row, self.nonfinite_total = extra.get("nonfinite", [0, 0])
+        if extra.get("rng") is not None:
+            set_rng_states(extra["rng"])

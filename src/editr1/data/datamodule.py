@@ -24,6 +24,26 @@ log = logging.getLogger(__name__)
 FIELDS = ("image", "prompt", "requirement", "target", "task", "key")
 
 
+class ResumableSampler(DistributedSampler):
+    """A DistributedSampler that can start an epoch part-way: after a resume it skips the prompts the
+    interrupted run already consumed in that epoch (its length stays the epoch's, as Lightning's
+    restored progress counters expect)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.resume_epoch: int | None = None
+        self.resume_skip = 0
+
+    def resume(self, epoch: int, skip: int) -> None:
+        self.resume_epoch, self.resume_skip = epoch, skip
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        if self.resume_epoch is not None and self.epoch == self.resume_epoch:
+            indices = indices[self.resume_skip :]
+        return iter(indices)
+
+
 def collate_prompts(items: list[dict]) -> dict:
     """Lists per field (images stay PIL: the policy resizes them to its resolution). Items marked
     ``{"skipped": reason}`` are dropped and counted under ``batch["skipped"]``."""
@@ -104,6 +124,7 @@ class EditDataModule(L.LightningDataModule):
         self.metadata_file = metadata_file
         self.shuffle = shuffle
         self._datasets: dict[str, Dataset] = {}
+        self._resume: dict | None = None  # data position from a checkpoint
 
     # Build datasets eagerly on first use so a bad folder fails before any training step.
     def setup(self, stage: str | None = None) -> None:
@@ -139,6 +160,29 @@ class EditDataModule(L.LightningDataModule):
         self._datasets[split] = ds
         return ds
 
+    # ------------------------------------------------------------------ data position in checkpoints
+    def state_dict(self) -> dict:
+        """Where the training stream is: the epoch and the batches this process consumed in it (saved
+        after a training batch, which counts as consumed), and the batches read from a shard stream."""
+        if self.trainer is None:
+            return {}
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress
+        batches = progress.current.processed
+        total = progress.total.processed
+        return {"epoch": self.trainer.current_epoch, "batches": batches, "stream_batches": total,
+                "seed": self._order_seed(), "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return
+        if state.get("batch_size") != self.batch_size or state.get("seed") != self._order_seed():
+            raise ValueError(
+                f"cannot resume the data position: the checkpoint was taken with data.batch_size "
+                f"{state.get('batch_size')} and prompt-order seed {state.get('seed')}, this run has "
+                f"{self.batch_size} and {self._order_seed()}"
+            )
+        self._resume = dict(state)
+
     def _order_seed(self) -> int:
         if self.seed is not None:
             return self.seed
@@ -151,6 +195,8 @@ class EditDataModule(L.LightningDataModule):
         if isinstance(ds, ShardEditDataset):  # ranks and workers split the shards themselves
             if self.trainer is not None:
                 ds.bind(self.trainer.global_rank, self.trainer.world_size)
+            if split == "train" and self._resume is not None:
+                ds.resume(self._resume["stream_batches"], self.batch_size)
             return DataLoader(ds, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate_prompts,
                               persistent_workers=self.num_workers > 0)
         sampler = None
@@ -160,8 +206,10 @@ class EditDataModule(L.LightningDataModule):
             # prompts on 1 rank or many. Lightning keeps a DistributedSampler it is given.
             world = self.trainer.world_size if self.trainer is not None else 1
             rank = self.trainer.global_rank if self.trainer is not None else 0
-            sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=shuffle, seed=self._order_seed(),
-                                         drop_last=True)
+            sampler = ResumableSampler(ds, num_replicas=world, rank=rank, shuffle=shuffle, seed=self._order_seed(),
+                                       drop_last=True)
+            if self._resume is not None:
+                sampler.resume(self._resume["epoch"], self._resume["batches"] * self.batch_size)
             shuffle = False
         return DataLoader(
             ds,

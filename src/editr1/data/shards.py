@@ -125,6 +125,12 @@ class ShardEditDataset(IterableDataset):
         self.load_targets = load_targets
         self.epoch = 0
         self.rank, self.world_size = process_rank()
+        self.skip_batches, self.batch_size = 0, 1
+
+    def resume(self, batches: int, batch_size: int) -> None:
+        """Continue after ``batches`` batches of ``batch_size`` items that this process already consumed
+        (DataLoader workers hand out batches in turn, so worker w skips its share)."""
+        self.skip_batches, self.batch_size = batches, batch_size
 
     def bind(self, rank: int, world_size: int) -> None:
         """Fix the process's place among the ranks (DataLoader workers may not see the process group)."""
@@ -149,6 +155,15 @@ class ShardEditDataset(IterableDataset):
         _, _, worker, num_workers = pytorch_worker_info()
         rank, world_size = self.rank, self.world_size
         epoch = self.epoch
+        mine = max(0, -(-(self.skip_batches - worker) // num_workers))  # batches w, w + W, ... were this worker's
+        skip = mine * self.batch_size
+        for item in self._stream(rank, world_size, worker, num_workers, epoch):
+            if skip:
+                skip -= 1
+                continue
+            yield item
+
+    def _stream(self, rank: int, world_size: int, worker: int, num_workers: int, epoch: int) -> Iterator[dict]:
         while True:
             errors: list[str] = []
 
