@@ -107,6 +107,14 @@ class RewardCallback(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.model.to(pl_module.device)
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # rows the data source rejected when it was read (before any batch) count as skipped data too
+        datasets = getattr(getattr(trainer, "datamodule", None), "_datasets", {}) or {}
+        rows = getattr(datasets.get("train"), "skipped_rows", None)
+        if rows and not any(k.startswith("data_skipped/") for k in self.counts):  # not again after a resume
+            for reason, n in rows.items():
+                self.counts[f"data_skipped/{reason}"] += n
+
     # --------------------------------------------------------------------------- training
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, batch_idx: int) -> None:
         self._count_skipped_rows(pl_module, batch)
