@@ -7,6 +7,7 @@ import socket
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from fake_openai import FakeOpenAI
@@ -14,6 +15,8 @@ from fake_openai import FakeOpenAI
 from editr1.rewards import LocalMLLMReward, RewardInputs, ServedMLLMReward
 from editr1.rewards.server import RewardServer
 from editr1.rewards.served import RewardServerError
+
+from editr1.callbacks import FilterSettings, RewardCallback
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORT = "Instruction: {instruction}. Requirement: {requirement}. Score 0-5."
@@ -213,3 +216,72 @@ def test_fit_step_with_the_served_reward(server, tmp_path, monkeypatch):
     metrics = cli.trainer.callback_metrics
     assert float(metrics["reward_model/requests"]) == 8
     assert 0.0 <= float(metrics["reward/mean"]) <= 1.0
+
+
+class Outage(L.Callback):
+    """Shuts the judge server down after optimiser step ``down_after`` and brings it back on the same
+    port ``batches_down`` training batches later."""
+
+    def __init__(self, judge, port: int, holder: dict, down_after: int = 1, batches_down: int = 1):
+        self.judge, self.port, self.holder = judge, port, holder
+        self.down_after, self.batches_down = down_after, batches_down
+        self.down_at_batch = None
+        self.weights_when_down = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.down_at_batch is None and trainer.global_step == self.down_after:
+            self.holder["server"].shutdown()
+            self.down_at_batch = batch_idx
+            self.weights_when_down = [p.detach().clone() for p in pl_module.policy.trainable_parameters()]
+        elif self.down_at_batch is not None and batch_idx == self.down_at_batch + self.batches_down:
+            if self.holder.get("restart", True):
+                self.holder["server"] = RewardServer(self.judge, port=self.port).start()
+                self.weights_after_outage = [p.detach().clone() for p in pl_module.policy.trainable_parameters()]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _outage_fit(local, tmp_path, on_failure: str, restart: bool):
+    from conftest import small_module, small_trainer
+
+    from editr1.data import EditDataModule, SceneConfig
+
+    port = _free_port()
+    holder = {"server": RewardServer(local.judge, port=port).start(), "restart": restart}
+    reward = ServedMLLMReward(base_url=f"http://127.0.0.1:{port}/v1", model="judge", prompt=SHORT,
+                              max_pixels=56 * 56, max_retries=1, retry_backoff=0.05, timeout=10)
+    cb = RewardCallback(model=reward, log_images_every_n_steps=0, on_failure=on_failure,
+                        filter=FilterSettings(rule="none"))
+    outage = Outage(local.judge, port, holder)
+    trainer = small_trainer([outage, cb], max_steps=3, default_root_dir=str(tmp_path))  # outage acts first
+    module = small_module()
+    data = EditDataModule(scenes=SceneConfig(size=32), batch_size=2, train_size=64, val_size=2)
+    try:
+        trainer.fit(module, datamodule=data)
+    finally:
+        holder["server"].shutdown()
+        reward.close()
+    return trainer, module, cb, outage
+
+
+def test_judge_outage_mid_run_drops_the_steps_groups_and_training_resumes_after(local, tmp_path):
+    trainer, module, cb, outage = _outage_fit(local, tmp_path, "drop", restart=True)
+    assert trainer.global_step == 3  # the outage batch trained nothing and did not count as a step
+    assert cb.counts["rewards_nan"] == 8 and cb.counts["groups_dropped_nan"] == 2  # 2 groups x K = 4, never invented
+    assert module.skipped_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(outage.weights_when_down, outage.weights_after_outage))
+    failed = {k: v for k, v in cb.model.stats().items() if k.startswith("failed/")}
+    assert failed == {"failed/connection": 8.0}
+
+
+def test_judge_outage_with_on_failure_stop_stops_with_a_checkpoint(local, tmp_path):
+    with pytest.raises(RuntimeError, match="could not judge 8 of 8 edits"):
+        _outage_fit(local, tmp_path, "stop", restart=False)
+    saved = list(tmp_path.rglob("stopped-reward-step1.ckpt"))
+    assert len(saved) == 1 and torch.load(saved[0], weights_only=True)["global_step"] == 1

@@ -11,7 +11,7 @@ from concurrent.futures import Future
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -77,6 +77,10 @@ class RewardCallback(Callback):
         filter: the low-variance group filter.
         log_images_every_n_steps: write a source | edits grid to TensorBoard every n rollouts (0 = never).
         image_groups: groups shown in that grid.
+        on_failure: what a step does when the reward model could not judge some edits (after the served
+            client's own bounded retries, ``max_retries`` / ``retry_backoff``, which ride out short outages):
+            ``drop`` their groups and count them (``filter/groups_dropped_nan``, ``reward_model/failed/*``),
+            or ``stop`` the run with a checkpoint. Never an invented reward.
     """
 
     def __init__(
@@ -85,7 +89,11 @@ class RewardCallback(Callback):
         filter: FilterSettings = FilterSettings(),
         log_images_every_n_steps: int = 25,
         image_groups: int = 4,
+        on_failure: Literal["drop", "stop"] = "drop",
     ) -> None:
+        if on_failure not in ("drop", "stop"):
+            raise ValueError(f"on_failure must be 'drop' or 'stop', got {on_failure!r}")
+        self.on_failure = on_failure
         if not isinstance(model, RewardModel):
             raise TypeError(f"reward model must be a RewardModel, got {type(model).__name__}")
         self.model = model
@@ -131,6 +139,13 @@ class RewardCallback(Callback):
         rewards = self._collect(futures, ro)
         t2 = time.perf_counter()  # time/reward_s: scoring time not hidden behind the rollout
         everything, offset = gather_groups(pl_module, rewards)
+        failed = int((~torch.isfinite(everything)).sum())
+        if failed and self.on_failure == "stop":
+            path = pl_module._emergency_checkpoint("reward") if hasattr(pl_module, "_emergency_checkpoint") else None
+            raise RuntimeError(
+                f"the reward model could not judge {failed} of {everything.numel()} edits of this step "
+                f"({dict(self.model.stats())}); reward.on_failure is 'stop'" + (f"; checkpoint saved to {path}" if path else "")
+            )
         nft = pl_module.nft
         f = self.filter
         decision_all = decide(
