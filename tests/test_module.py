@@ -354,3 +354,28 @@ def test_too_many_non_finite_steps_stop_with_a_checkpoint(tmp_path, scenes_data)
     assert len(saved) == 1
     ck = torch.load(saved[0], weights_only=True)
     assert ck["editr1"]["nonfinite"] == [2, 2] and all(torch.isfinite(v).all() for v in ck["state_dict"].values())
+
+
+def test_checkpoint_size_does_not_grow_with_the_base(tmp_path, scenes_data):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from editr1.policies import FluxKontextPolicy, TinyFlux
+    from editr1.policies.tiny import TinyTextConfig
+
+    sizes = {}
+    for name, tiny in {
+        "small": TinyFlux(),
+        "big": TinyFlux(vae_channels=[32, 64], text=TinyTextConfig(t5_layers=6, clip_layers=4, t5_hidden=32)),
+    }.items():
+        policy = FluxKontextPolicy(resolution=32, max_sequence_length=16, tiny=tiny)
+        module = small_module(policy=policy)
+        ck = ModelCheckpoint(dirpath=tmp_path / name, save_last=True)
+        fit(module, scenes_data, max_steps=1, callbacks=[ck], enable_checkpointing=True)
+        base = sum(p.numel() * p.element_size() for n, p in policy.named_parameters() if "lora_" not in n)
+        lora = sum(p.numel() * p.element_size() for n, p in policy.named_parameters() if "lora_" in n)
+        sizes[name] = (base, lora, (tmp_path / name / "last.ckpt").stat().st_size)
+    (b_small, l_small, c_small), (b_big, l_big, c_big) = sizes["small"], sizes["big"]
+    assert b_big > 2 * b_small and l_big == l_small  # a much bigger base, the same adapters
+    assert abs(c_big - c_small) < 0.02 * c_small  # so the same checkpoint
+    # adapters default + old, and Adam's two moments of default: about 2 x LoRA + 2 x trainable, plus counters
+    assert c_small < 2.5 * l_small + 200_000
