@@ -38,10 +38,12 @@ class EditR1CLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         """``fit --ckpt_path last``: continue the newest run of this config's logger name, in its own run
         folder (Lightning alone would look for last.ckpt in a new, empty version folder)."""
-        if self.subcommand != "fit":
+        if self.subcommand not in SUBCOMMANDS:
             return
-        cfg = self.config["fit"]
-        if cfg.get("ckpt_path") != "last":
+        cfg = self.config[self.subcommand]
+        if cfg.get("weights_only") is None and "weights_only" in cfg:
+            cfg.weights_only = True  # checkpoints are read back with torch.load(weights_only=True)
+        if self.subcommand != "fit" or cfg.get("ckpt_path") != "last":
             return
         found = find_last_checkpoint(cfg.trainer)
         if found is None:

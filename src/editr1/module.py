@@ -558,8 +558,14 @@ class EditR1Module(L.LightningModule):
         """Keep only adapter weights: a checkpoint's size does not grow with the base model."""
         state = checkpoint["state_dict"]
         checkpoint["state_dict"] = {k: v for k, v in state.items() if "lora_" in k}
+        rng = [rng_states()]
+        if self._world > 1:  # every rank's generators (dump_checkpoint runs on all ranks; rank 0 writes)
+            import torch.distributed as dist
+
+            rng = [None] * self._world
+            dist.all_gather_object(rng, rng_states())
         checkpoint["editr1"] = {
-            "rng": rng_states(),
+            "rng": rng,
             "seed": self.seed,
             "rollouts_done": self.rollouts_done,
             "skipped_steps": self.skipped_steps,
@@ -580,5 +586,7 @@ class EditR1Module(L.LightningModule):
         self.rollouts_done = extra.get("rollouts_done", 0)
         self.skipped_steps = extra.get("skipped_steps", 0)
         self.nonfinite_in_a_row, self.nonfinite_total = extra.get("nonfinite", [0, 0])
-        if extra.get("rng") is not None:
-            set_rng_states(extra["rng"])
+        rng = extra.get("rng")
+        if rng:
+            rank = self.global_rank if self._trainer is not None else 0
+            set_rng_states(rng[rank] if rank < len(rng) else rng[0])
