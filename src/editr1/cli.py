@@ -110,6 +110,11 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> EditR1CLI | Non
     if raw[:1] == ["serve-reward"]:
         serve_reward_main(raw[1:])
         return None
+    if raw[:1] == ["export-lora"]:
+        from editr1.export import export_lora_main
+
+        export_lora_main(raw[1:])
+        return None
     if raw[:1] == ["make-shards"]:
         from editr1.data.shards import make_shards_main
 

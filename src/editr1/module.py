@@ -571,6 +571,10 @@ class EditR1Module(L.LightningModule):
             "skipped_steps": self.skipped_steps,
             "nonfinite": [self.nonfinite_in_a_row, self.nonfinite_total],
             "adapters": adapters.adapter_names(self.policy.transformer),
+            # what `editr1 export-lora` needs to write a diffusers LoRA without building the model
+            "lora": {"r": self.lora_settings.rank, "lora_alpha": float(self.lora_settings.alpha),
+                     "target_modules": list(self.lora_settings.target_modules)},
+            "pipeline": type(self.policy.pipe).__name__,
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
