@@ -59,7 +59,7 @@ def mean_std(values: list[float]) -> str:
 
 def table(results: dict[str, list[dict]], seeds: list[int]) -> str:
     lines = [
-        "| arm | held-out after | change | unseen after | change | wall time |",
+        "| arm | runs | held-out after | change | unseen after | change |",
         "|---|---|---|---|---|---|",
     ]
     for arm, runs in results.items():
@@ -67,9 +67,9 @@ def table(results: dict[str, list[dict]], seeds: list[int]) -> str:
         hd = [r["after"]["heldout"]["mean"] - r["before"]["heldout"]["mean"] for r in runs]
         ua = [r["after"]["unseen"]["mean"] for r in runs]
         ud = [r["after"]["unseen"]["mean"] - r["before"]["unseen"]["mean"] for r in runs]
-        wall = statistics.mean(r["wall_s"] for r in runs)
-        lines.append(f"| {ARMS[arm][0]} | {mean_std(ha)} | {mean_std(hd)} | {mean_std(ua)} | {mean_std(ud)} | "
-                     f"{wall / 60:.1f} min |")
+        seeds_run = ", ".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"]))
+        lines.append(f"| {ARMS[arm][0]} | seeds {seeds_run} | {mean_std(ha)} | {mean_std(hd)} | {mean_std(ua)} | "
+                     f"{mean_std(ud)} |")
     first = next(iter(results.values()))[0]
     b = first["before"]
     lines.append("")
@@ -87,7 +87,17 @@ def main() -> None:
     ap.add_argument("--out", default="runs/results", help="run folders")
     ap.add_argument("--json", default="runs/results/results.json", help="all figures, for the docs")
     ap.add_argument("--sft-steps", type=int, default=640, help="steps of the supervised arm (~ the demo's wall time)")
+    ap.add_argument("--table-only", nargs="*", default=None, metavar="JSON",
+                    help="print the table from these results files (merged) without running anything")
     args = ap.parse_args()
+    if args.table_only is not None:
+        merged: dict[str, list[dict]] = {}
+        for path in args.table_only or [args.json]:
+            for arm, runs in json.loads((ROOT / path).read_text()).items():
+                have = {r["seed"] for r in merged.get(arm, [])}
+                merged.setdefault(arm, []).extend(r for r in runs if r["seed"] not in have)
+        print(table({a: merged[a] for a in ARMS if a in merged}, args.seeds))
+        return
     out_root = (ROOT / args.out).resolve()
     results: dict[str, list[dict]] = {}
     json_path = ROOT / args.json
