@@ -9,6 +9,9 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# MKL may otherwise pick its thread count per call, which changes float summation order between runs on a
+# busy machine; the exact-equality tests need the same order every time (set before torch loads MKL).
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 torch.set_num_threads(2)
