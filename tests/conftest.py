@@ -5,14 +5,15 @@ from __future__ import annotations
 import os
 import warnings
 
-import pytest
-import torch
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # MKL may otherwise pick its thread count per call, which changes float summation order between runs on a
-# busy machine; the exact-equality tests need the same order every time (set before torch loads MKL).
+# busy machine; the exact-equality tests need the same order every time (set before torch loads MKL;
+# the multi-process tests' children inherit it).
 os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 torch.set_num_threads(2)
 
