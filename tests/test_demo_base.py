@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -15,12 +16,30 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_short_pretraining_is_deterministic_and_loadable(tmp_path):
-    digests = []
+    # The same command gives the same weights up to float summation order. Each run is its own process, as
+    # users run it. (Bitwise equality held in a quiet process but not always: see data/demo_base/README.md.)
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    states, metas = [], []
     for name in ("a", "b"):
-        demo_base.main(["--out", str(tmp_path / name), "--vae-steps", "2", "--editor-steps", "2", "--batch", "4",
-                        "--eval-every", "0", "--eval-count", "4"])
-        digests.append(hashlib.sha256((tmp_path / name / "model.safetensors").read_bytes()).hexdigest())
-    assert digests[0] == digests[1]
+        out = subprocess.run(
+            [sys.executable, "-m", "editr1.demo_base", "--out", str(tmp_path / name), "--vae-steps", "2",
+             "--editor-steps", "2", "--batch", "4", "--eval-every", "0", "--eval-count", "4"],
+            capture_output=True, text=True, timeout=300,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        states.append(load_file(str(tmp_path / name / "model.safetensors")))
+        with safe_open(str(tmp_path / name / "model.safetensors"), "pt") as f:
+            metas.append({k: float(v) for k, v in f.metadata().items()})
+    a, b = states
+    assert metas[0].keys() == metas[1].keys() == {"shift_factor", "scaling_factor"}
+    for k in metas[0]:  # the VAE's latent normalisation, measured on a batch: equal up to float rounding
+        assert abs(metas[0][k] - metas[1][k]) <= 1e-6 * max(1.0, abs(metas[0][k])), metas
+    assert a.keys() == b.keys()
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    print(f"largest weight difference between the two runs: {diff:.3g}")
+    assert diff < 1e-4
     tiny = demo_base.DEMO_TINY
     tiny = type(tiny)(**{**tiny.__dict__, "weights": str(tmp_path / "a" / "model.safetensors")})
     policy = FluxKontextPolicy(resolution=32, max_sequence_length=16, tiny=tiny)
