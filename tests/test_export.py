@@ -91,3 +91,49 @@ def test_export_lora_command_and_errors(tmp_path, scenes_data, capsys):
     with pytest.raises(KeyError):
         diffusers_lora_state({"policy.transformer.a.weight": torch.zeros(1)})
     assert adapters.EMA == "ema"
+
+
+def test_lora_weights_start_every_adapter_from_an_exported_lora(tmp_path):
+    module = small_module()
+    with torch.no_grad():
+        for p in module.policy.trainable_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    trained = _velocity(module.policy)
+    export_module(module, tmp_path / "lora")
+    loaded = small_module(lora_weights=str(tmp_path / "lora"))
+    torch.testing.assert_close(_velocity(loaded.policy), trained, atol=1e-6, rtol=1e-6)
+    with loaded.policy.adapter(adapters.OLD):  # θ_old starts equal to θ
+        torch.testing.assert_close(_velocity(loaded.policy), trained, atol=1e-6, rtol=1e-6)
+    from editr1.policies.lora import LoraSettings
+
+    with pytest.raises(ValueError, match="rank 4, alpha 8.0"):
+        small_module(lora=LoraSettings(rank=8, alpha=8.0), lora_weights=str(tmp_path / "lora"))
+    with pytest.raises(FileNotFoundError):
+        small_module(lora_weights=str(tmp_path / "nowhere"))
+
+
+def test_predict_a_folder_of_images_with_one_instruction_and_a_lora(tmp_path, monkeypatch):
+    root = Path(__file__).resolve().parents[1]
+    demo = ["-c", str(root / "configs" / "demo.yaml"), "-c", str(root / "configs" / "demo_smoke.yaml")]
+    base = cli_main(demo, run=False).model
+    with torch.no_grad():
+        for p in base.policy.trainable_parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    export_module(base, tmp_path / "lora")
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, name in enumerate(["one.png", "two.jpg"]):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(images / name)
+    written = {}
+    for run, extra in (("base", []), ("with_lora", [f"--model.lora_weights={tmp_path / 'lora'}"])):
+        (tmp_path / run).mkdir()
+        monkeypatch.chdir(tmp_path / run)
+        cli_main(["predict", *demo, f"--data.predict_path={images}", "--data.predict_instruction=make the red circle blue",
+                  "--trainer.enable_progress_bar=false", *extra])
+        out = tmp_path / run / "runs" / "demo" / "predictions"
+        lines = [json.loads(x) for x in (out / "predictions.rank0.jsonl").read_text().splitlines()]
+        assert sorted(line["key"] for line in lines) == ["one", "two"]
+        assert all(line["prompt"] == "make the red circle blue" for line in lines)
+        written[run] = {line["key"]: np.asarray(Image.open(out / line["file"])) for line in lines}
+    assert written["base"]["one"].shape == (32, 32, 3)
+    assert np.abs(written["base"]["one"].astype(int) - written["with_lora"]["one"]).max() > 0  # the LoRA was applied

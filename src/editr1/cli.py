@@ -13,7 +13,7 @@ from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
-from editr1.callbacks import RewardCallback
+from editr1.callbacks import BenchmarkEvaluation, RewardCallback
 from editr1.data.datamodule import EditDataModule
 from editr1.module import EditR1Module
 
@@ -29,11 +29,13 @@ def config_path(name: str = "demo.yaml") -> Path:
 
 
 class EditR1CLI(LightningCLI):
-    """LightningCLI plus a top-level ``reward:`` section for the :class:`RewardCallback`, so reward
-    configs compose with ``-c`` without replacing the trainer's callback list."""
+    """LightningCLI plus top-level ``reward:`` (:class:`RewardCallback`) and ``benchmark:``
+    (:class:`BenchmarkEvaluation`, used by ``test``) sections, so reward and benchmark configs compose
+    with ``-c`` without replacing the trainer's callback list."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(RewardCallback, "reward")
+        parser.add_lightning_class_args(BenchmarkEvaluation, "benchmark")
 
     def before_instantiate_classes(self) -> None:
         """``fit --ckpt_path last``: continue the newest run of this config's logger name, in its own run

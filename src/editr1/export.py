@@ -87,3 +87,53 @@ def export_lora_main(args: list[str]) -> None:
     a = ap.parse_args(args)
     path = export_checkpoint(a.checkpoint, a.out_dir, a.adapter)
     print(f"wrote {path} (load it with pipe.load_lora_weights({str(Path(a.out_dir))!r}))")
+
+
+def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """A diffusers LoRA file (``pytorch_lora_weights.safetensors``, or the folder holding it) → the
+    transformer's LoRA weights keyed ``<module>.lora_A.weight`` and its adapter metadata (``r``,
+    ``lora_alpha``, …; empty when the file carries none)."""
+    import json
+
+    from safetensors import safe_open
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / "pytorch_lora_weights.safetensors"
+    if not p.is_file():
+        raise FileNotFoundError(f"LoRA file {p} not found (expected pytorch_lora_weights.safetensors)")
+    if p.suffix != ".safetensors":
+        raise ValueError(f"{p}: only .safetensors LoRA files are loaded (no pickle)")
+    state = {}
+    with safe_open(str(p), framework="pt") as f:
+        raw_meta = (f.metadata() or {}).get("lora_adapter_metadata")
+        for key in f.keys():
+            if not key.startswith("transformer."):
+                raise ValueError(f"{p}: weight {key!r} is not for the transformer (text-encoder LoRAs are not supported)")
+            state[key[len("transformer."):]] = f.get_tensor(key)
+    meta = {}
+    if raw_meta:
+        meta = {k.split(".", 1)[1]: v for k, v in json.loads(raw_meta).items() if k.startswith("transformer.")}
+    if not state:
+        raise ValueError(f"{p} holds no LoRA weights")
+    return state, meta
+
+
+def load_lora(policy, path: str | Path, settings, adapters: list[str]) -> None:
+    """Load a diffusers LoRA file into the policy's ``adapters`` (all of them: a run that continues from
+    it starts with θ_old = θ). Rank and α must match the run's LoRA settings, so the strength is right."""
+    from editr1.policies import lora as lora_lib
+
+    state, meta = read_lora(path)
+    if meta:
+        r, alpha = int(meta.get("r", settings.rank)), float(meta.get("lora_alpha", settings.alpha))
+        if r != settings.rank or abs(alpha - settings.alpha) > 1e-6:
+            raise ValueError(f"{path}: LoRA rank {r}, alpha {alpha}; this run's lora settings are rank "
+                             f"{settings.rank}, alpha {settings.alpha} — set model.lora to match")
+    for name in adapters:
+        params = lora_lib.adapter_parameters(policy.transformer, name)
+        missing, unexpected = set(params) - set(state), set(state) - set(params)
+        if missing or unexpected:
+            raise ValueError(f"{path} does not fit this model's LoRA layout: missing {sorted(missing)[:3]}, "
+                             f"unexpected {sorted(unexpected)[:3]} (check model.lora.target_modules and the base model)")
+        lora_lib.load_adapter_state(policy.transformer, name, {k: v.to(p.dtype) for k, p in params.items() for v in [state[k]]})

@@ -11,17 +11,19 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
+from typing import Literal
 
 import lightning as L
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from editr1.data.benchmarks import GEditDataset, ImageFolderDataset, ImgEditDataset
 from editr1.data.jsonl import JsonlEditDataset
 from editr1.data.scenes import SceneConfig, SceneDataset
 from editr1.data.shards import ShardEditDataset
 
 log = logging.getLogger(__name__)
 
-FIELDS = ("image", "prompt", "requirement", "target", "task", "key")
+FIELDS = ("image", "prompt", "requirement", "target", "task", "key", "meta")
 
 
 class ResumableSampler(DistributedSampler):
@@ -46,12 +48,17 @@ class ResumableSampler(DistributedSampler):
 
 def collate_prompts(items: list[dict]) -> dict:
     """Lists per field (images stay PIL: the policy resizes them to its resolution). Items marked
-    ``{"skipped": reason}`` are dropped and counted under ``batch["skipped"]``."""
+    ``{"skipped": reason}`` are dropped and counted under ``batch["skipped"]``; those that say which
+    sample they were (``key``, ``task``, evaluation sets) are listed under ``batch["missing"]``."""
     skipped: Counter = Counter()
+    missing = []
     good = []
     for item in items:
         if "skipped" in item:
             skipped[item["skipped"]] += 1
+            if "key" in item and not (item.get("meta") or {}).get("padding"):
+                missing.append({"key": item["key"], "task": item.get("task", ""), "meta": item.get("meta") or {},
+                                "reason": item["skipped"]})
         else:
             good.append(item)
     batch: dict = {f: [item.get(f) for item in good] for f in FIELDS}
@@ -60,7 +67,40 @@ def collate_prompts(items: list[dict]) -> dict:
     elif any(t is None for t in batch["target"]):
         raise ValueError("a batch mixes rows with and without a target; give every row a target or none")
     batch["skipped"] = dict(skipped)
+    batch["missing"] = missing
     return batch
+
+
+class EvalSampler(DistributedSampler):
+    """Evaluation order split over processes without dropping anything: every rank gets the same number
+    of indices (sharded models need equal forward counts), the ones past the end of the dataset are
+    repeats that :class:`PaddedView` marks as padding, so nothing is judged twice."""
+
+    def __init__(self, dataset, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+
+    def __iter__(self):
+        n = len(self.dataset)
+        indices = list(range(self.total_size))  # i >= n: padding (PaddedView wraps it around)
+        return iter(indices[self.rank : self.total_size : self.num_replicas])
+
+
+class PaddedView(Dataset):
+    """A dataset whose indices past its end return the item ``i mod len`` marked ``meta.padding``."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        n = len(self.dataset)
+        item = self.dataset[index % n]
+        if index >= n:
+            item = dict(item)
+            item["meta"] = dict(item.get("meta") or {}, padding=True)
+        return item
 
 
 class EditDataModule(L.LightningDataModule):
@@ -81,8 +121,14 @@ class EditDataModule(L.LightningDataModule):
         val_path: a folder in the training format for validation; for scenes, ``val_size`` prompts of
             the ``heldout`` split (a separate random stream, never used in training).
         val_size: synthetic validation prompts.
-        test_path: like ``val_path`` for ``editr1 test``; defaults to the validation set.
-        predict_path: a folder in the training format for ``editr1 predict``; defaults to the validation set.
+        test_path: the evaluation set of ``editr1 test`` in ``test_format``; defaults to the validation set.
+        test_format: ``jsonl`` (a folder in the training format), ``imgedit`` (``basic_edit.json`` or its
+            folder) or ``gedit`` (GEdit-Bench parquet file(s) or their folder).
+        test_images: ImgEdit's original-image root (default: the folder of ``basic_edit.json``).
+        test_languages: GEdit-Bench instruction languages to keep (``en``, ``cn``).
+        predict_path: for ``editr1 predict``: a folder in the training format, or, with
+            ``predict_instruction``, a folder of images; defaults to the validation set.
+        predict_instruction: edit every image of ``predict_path`` with this one instruction.
         metadata_file: name of the JSONL file inside each folder.
         shuffle: shuffle training prompts each epoch.
     """
@@ -99,7 +145,11 @@ class EditDataModule(L.LightningDataModule):
         val_path: str | None = None,
         val_size: int = 16,
         test_path: str | None = None,
+        test_format: Literal["jsonl", "imgedit", "gedit"] = "jsonl",
+        test_images: str | None = None,
+        test_languages: list[str] = ["en"],
         predict_path: str | None = None,
+        predict_instruction: str | None = None,
         metadata_file: str = "train_metadata.jsonl",
         shuffle: bool = True,
     ) -> None:
@@ -110,6 +160,11 @@ class EditDataModule(L.LightningDataModule):
             raise ValueError("give the training data as path (a folder) or shards, not both")
         if path is None and shards is None and scenes is None:
             scenes = SceneConfig()
+        from editr1.policies.base import resolve_asset  # "asset:<name>": a folder shipped with editr1
+
+        path, val_path, test_path, test_images, predict_path = (
+            resolve_asset(p) if isinstance(p, str) else p for p in (path, val_path, test_path, test_images, predict_path)
+        )
         self.path = path
         self.shards = shards
         self.seed = seed
@@ -119,8 +174,18 @@ class EditDataModule(L.LightningDataModule):
         self.train_size = train_size
         self.val_path = val_path
         self.val_size = val_size
+        if test_format not in ("jsonl", "imgedit", "gedit"):
+            raise ValueError(f"test_format must be jsonl, imgedit or gedit, got {test_format!r}")
+        if test_format != "jsonl" and test_path is None:
+            raise ValueError(f"test_format {test_format!r} needs test_path (the benchmark's files)")
+        if predict_instruction is not None and predict_path is None:
+            raise ValueError("predict_instruction needs predict_path (a folder of images)")
         self.test_path = test_path
+        self.test_format = test_format
+        self.test_images = test_images
+        self.test_languages = list(test_languages)
         self.predict_path = predict_path
+        self.predict_instruction = predict_instruction
         self.metadata_file = metadata_file
         self.shuffle = shuffle
         self._datasets: dict[str, Dataset] = {}
@@ -148,6 +213,15 @@ class EditDataModule(L.LightningDataModule):
         if split == "train" and self.shards is not None:
             ds = ShardEditDataset(self.shards, shuffle=self.shuffle, seed=self._order_seed(), repeat=True)
             log.info("train data: %d shards", len(ds.urls))
+        elif split == "test" and self.test_format == "imgedit":
+            ds = ImgEditDataset(folder, self.test_images)
+            log.info("test data: %d ImgEdit samples from %s", len(ds), folder)
+        elif split == "test" and self.test_format == "gedit":
+            ds = GEditDataset(folder, self.test_languages)
+            log.info("test data: %d GEdit-Bench samples (%s) from %s", len(ds), ",".join(self.test_languages), folder)
+        elif split == "predict" and self.predict_instruction is not None:
+            ds = ImageFolderDataset(folder, self.predict_instruction)
+            log.info("predict data: %d images from %s", len(ds), folder)
         elif folder is not None:
             ds = JsonlEditDataset(folder, self.metadata_file)
             log.info("%s data: %d prompts from %s", split, len(ds), folder)
@@ -210,6 +284,11 @@ class EditDataModule(L.LightningDataModule):
                                        drop_last=True)
             if self._resume is not None:
                 sampler.resume(self._resume["epoch"], self._resume["batches"] * self.batch_size)
+            shuffle = False
+        elif self.trainer is not None and self.trainer.world_size > 1:
+            # evaluation over several processes: nothing dropped, nothing judged twice
+            ds = PaddedView(ds)
+            sampler = EvalSampler(ds, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank)
             shuffle = False
         return DataLoader(
             ds,

@@ -158,11 +158,15 @@ class JsonlEditDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def tasks(self) -> list[str]:
+        """Each row's ``task`` (its category in evaluations)."""
+        return [r.task for r in self.records]
+
     def __getitem__(self, index: int) -> dict:
         rec = self.records[index]
         image = load_image(rec.image)
         if isinstance(image, str):
-            return {"skipped": image}
+            return {"skipped": image, "key": rec.key, "task": rec.task}
         target = None
         if self.load_targets and rec.target is not None:
             target = load_image(rec.target)

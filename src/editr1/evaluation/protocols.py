@@ -43,6 +43,21 @@ def parse_rubric_scores(text: str, criteria: Sequence[str], low: int = 1, high: 
     return out
 
 
+def parse_rubric_lines(text: str, n: int = 3, low: int = 1, high: int = 5) -> list[int] | None:
+    """For rubrics whose criteria names are not known (the official ImgEdit prompts): exactly ``n``
+    lines of the form ``<name>: <integer>``, each within ``[low, high]`` → the scores in order; else ``None``."""
+    hits = re.findall(r"(?m)^\W*([A-Za-z][^:：\n]{0,80}?)\W*[:：]\s*(-?\d+(?:\.\d+)?)\s*\W*$", text)
+    if len(hits) != n:
+        return None
+    out = []
+    for _, raw in hits:
+        value = float(raw)
+        if not value.is_integer() or not low <= value <= high:
+            return None
+        out.append(int(value))
+    return out
+
+
 def parse_viescore(text: str, n: int = 2, low: float = 0.0, high: float = 10.0) -> list[float] | None:
     """VIEScore's answer: one JSON object (optionally in a ```json fence) whose ``"score"`` is a list of ``n``
     numbers in ``[low, high]`` → those numbers; anything else → ``None``."""
@@ -81,6 +96,7 @@ class CategoryMean(Metric):
         self.add_state("sums", torch.zeros(n, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("counts", torch.zeros(n, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("failed", torch.zeros(n, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("missing", torch.zeros(n, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, categories: Sequence[str], scores: torch.Tensor | Sequence[float]) -> None:
         scores = torch.as_tensor(scores, dtype=torch.float64).flatten()
@@ -96,6 +112,13 @@ class CategoryMean(Metric):
         self.counts.index_add_(0, idx[ok], torch.ones_like(scores[ok]))
         self.failed.index_add_(0, idx[~ok], torch.ones_like(scores[~ok]))
 
+    def update_missing(self, categories: Sequence[str]) -> None:
+        """Count samples that have no edit to judge (an unreadable source, an edit never produced)."""
+        for c in categories:
+            if c not in self._index:
+                raise ValueError(f"unknown category {c!r}; known: {self.categories}")
+            self.missing[self._index[c]] += 1
+
     def compute(self) -> dict[str, float]:
         per = torch.where(self.counts > 0, self.sums / self.counts.clamp(min=1), torch.full_like(self.sums, float("nan")))
         present = self.counts > 0
@@ -104,6 +127,11 @@ class CategoryMean(Metric):
         out["micro"] = float(self.sums.sum() / self.counts.sum()) if self.counts.sum() > 0 else float("nan")
         out["samples"] = float(self.counts.sum())
         out["failed"] = float(self.failed.sum())
+        out["missing"] = float(self.missing.sum())
+        for i, c in enumerate(self.categories):
+            out[f"samples/{c}"] = float(self.counts[i])
+            out[f"failed/{c}"] = float(self.failed[i])
+            out[f"missing/{c}"] = float(self.missing[i])
         return out
 
 
@@ -140,10 +168,16 @@ class GEditScore(Metric):
 
     def compute(self) -> dict[str, float]:
         sc, pq, o = self.sc.compute(), self.pq.compute(), self.o.compute()
-        out = {"G_SC": sc["macro"], "G_PQ": pq["macro"], "G_O": o["macro"], "failed": o["failed"], "samples": o["samples"]}
+        out = {"G_SC": sc["macro"], "G_PQ": pq["macro"], "G_O": o["macro"], "failed": o["failed"],
+               "samples": o["samples"], "missing": o["missing"]}
         for name, res in (("SC", sc), ("PQ", pq), ("O", o)):
             out.update({f"{name}/{k.split('/', 1)[1]}": v for k, v in res.items() if k.startswith("category/")})
+        out.update({k: v for k, v in o.items() if k.startswith(("samples/", "failed/", "missing/"))})
         return out
+
+    def update_missing(self, groups: Sequence[str]) -> None:
+        for m in (self.sc, self.pq, self.o):
+            m.update_missing(groups)
 
     def reset(self) -> None:
         super().reset()

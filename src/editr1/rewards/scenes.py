@@ -75,6 +75,8 @@ class SceneReward(RewardModel):
     mean_c |source - target| > change_threshold. Returns (N,) float32 on the CPU.
     """
 
+    needs_targets = True
+
     def __init__(self, tolerance: float = 0.25, change_threshold: float = 0.1) -> None:
         if not tolerance > 0:
             raise ValueError(f"SceneReward: tolerance must be > 0, got {tolerance}")

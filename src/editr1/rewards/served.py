@@ -39,8 +39,8 @@ class RewardServerError(RuntimeError):
 
 def data_url(img: Image.Image, fmt: str = "png") -> str:
     buf = io.BytesIO()
-    img.save(buf, format=fmt.upper())
     mime = "jpeg" if fmt.lower() in ("jpg", "jpeg") else fmt.lower()
+    img.save(buf, format=mime.upper())
     return f"data:image/{mime};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
