@@ -200,9 +200,9 @@ def test_dataset_items(folder):
 def test_dataset_skips_unreadable_images(folder):
     ds = JsonlEditDataset(folder)
     (folder / "images" / "b.png").write_bytes(b"garbage")
-    assert ds[1] == {"skipped": "unreadable_image"}
+    assert ds[1] == {"skipped": "unreadable_image", "key": ds.records[1].key, "task": ds.records[1].task}  # which row
     (folder / "images" / "a.png").unlink()
-    assert ds[0] == {"skipped": "missing_image_file"}
+    assert ds[0]["skipped"] == "missing_image_file"
     _save(folder / "images" / "a.png")
     (folder / "images" / "t.png").write_bytes(b"garbage")
     assert ds[2] == {"skipped": "target_unreadable_image"}
