@@ -62,6 +62,19 @@ def set_rng_states(state: dict) -> None:
     random.setstate((p["version"], tuple(int(x) for x in p["internal"].tolist()), p["gauss_next"]))
 
 
+def apply_efficiency(policy: EditPolicy, cfg: "EfficiencySettings") -> None:
+    """Turn on the switches of ``cfg`` on ``policy``'s transformer (nothing when all are off).
+
+    Activation checkpointing recomputes a block's forward in backward with whatever adapter is active
+    then: ``training_step`` calls backward with θ ("default") active, the adapter its forward used.
+    """
+    if cfg.activation_checkpointing:
+        policy.transformer.enable_gradient_checkpointing()
+    policy.autocast_dtype = torch.bfloat16 if cfg.autocast == "bf16" else None
+    if cfg.compile:
+        policy.transformer.compile(backend=cfg.compile_backend)
+
+
 ADAPTERS = {"default": adapters.DEFAULT, "old": adapters.OLD, "ema": adapters.EMA, "reference": None}
 
 
@@ -145,6 +158,21 @@ class EvalSettings:
     batch_size: int = 16  # samples per denoising forward pass
 
 
+@dataclass(frozen=True)
+class EfficiencySettings:
+    """Optional speed/memory switches for the transformer. All off by default; none changes the algorithm
+    (``tests/test_efficiency.py`` compares losses and weights with each switch on and off)."""
+
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1 more forward
+    compile: bool = False  # torch.compile the transformer in place (slow first steps; one graph per adapter)
+    compile_backend: str = "inductor"  # torch.compile backend ("inductor"; "aot_eager" to debug)
+    autocast: Literal["no", "bf16"] = "no"  # bf16 autocast of every transformer forward (weights stay as loaded)
+
+    def __post_init__(self) -> None:
+        if self.autocast not in ("no", "bf16"):
+            raise ValueError(f"efficiency.autocast must be 'no' or 'bf16', got {self.autocast!r}")
+
+
 class EditR1Module(L.LightningModule):
     """Edit-R1 on any :class:`~editr1.policies.base.EditPolicy`.
 
@@ -162,6 +190,10 @@ class EditR1Module(L.LightningModule):
         objective: ``nft`` (Edit-R1: rollouts, rewards, DiffusionNFT) or ``sft`` (supervised flow
             matching towards each row's ``target`` image; no rollouts, no reward).
         sft: settings of the supervised objective.
+        efficiency: activation checkpointing, ``torch.compile`` and bf16 autocast of the transformer.
+        lora_weights: start from a diffusers LoRA (``pytorch_lora_weights.safetensors`` or its folder, e.g.
+            a finished run's ``lora/``) loaded into every adapter — for ``test``/``predict`` with a trained
+            LoRA, or to continue training from one. Its rank and α must match ``lora``.
     """
 
     def __init__(
@@ -177,6 +209,8 @@ class EditR1Module(L.LightningModule):
         seed: int | None = None,
         objective: Literal["nft", "sft"] = "nft",
         sft: SFTSettings = SFTSettings(),
+        efficiency: EfficiencySettings = EfficiencySettings(),
+        lora_weights: str | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -197,7 +231,14 @@ class EditR1Module(L.LightningModule):
             raise ValueError("evaluation.adapter is 'ema' but ema is off")
         names = [adapters.DEFAULT, adapters.OLD] + ([adapters.EMA] if ema else [])
         policy.add_adapters(self.lora_settings, names)
+        self.lora_weights = lora_weights
+        if lora_weights is not None:
+            from editr1.export import load_lora
+
+            load_lora(policy, lora_weights, self.lora_settings, names)
         policy.eval()  # no dropout anywhere; LoRA weights train in eval mode
+        self.efficiency = efficiency
+        apply_efficiency(policy, efficiency)
         self.seed = seed
         self.rollouts_done = 0  # rollouts sampled so far (the index of every random stream)
         self.skipped_steps = 0  # steps with nothing left to train on after filtering
@@ -527,12 +568,19 @@ class EditR1Module(L.LightningModule):
         cfg = self.eval_cfg
         if self.seed is None:
             self.setup("validate")
+        n = len(batch["key"])
+        chunks = -(-n // cfg.batch_size)
+        min_chunks = int(self._reduce(chunks, "max")) if self._sharded else 0
+        if n == 0:  # every row of this batch was unreadable (counted by the callbacks as missing)
+            return {"sources": None, "edits": None, "targets": None, "prompts": [], "requirements": [], "keys": [],
+                    "tasks": [], "meta": []}
         sources = self.policy.preprocess(batch["image"])
         seeds = [derive_seed(int(self.seed), EVAL_NOISE, key_hash(k)) for k in batch["key"]]
         with self.policy.adapter(ADAPTERS[cfg.adapter]):
             edits = edit_images(
                 self.policy, sources, list(batch["prompt"]), seeds, steps=cfg.steps, solver=cfg.solver,
                 batch_size=cfg.batch_size, lower_order_second=self.rollout_cfg.lower_order_second,
+                min_chunks=min_chunks,
             ).images
         targets = self.policy.preprocess(batch["target"]) if batch.get("target") is not None else None
         return {
@@ -542,6 +590,8 @@ class EditR1Module(L.LightningModule):
             "prompts": list(batch["prompt"]),
             "requirements": list(batch["requirement"]),
             "keys": list(batch["key"]),
+            "tasks": list(batch.get("task") or [""] * len(batch["key"])),
+            "meta": [m or {} for m in (batch.get("meta") or [None] * len(batch["key"]))],
         }
 
     def validation_step(self, batch: dict, batch_idx: int) -> dict:

@@ -111,8 +111,8 @@ def resolve_asset(path: str) -> str:
     from importlib import resources
 
     found = Path(str(resources.files("editr1.assets").joinpath(path[len("asset:") :])))
-    if not found.is_file():
-        raise FileNotFoundError(f"{path}: no such file among editr1's bundled assets ({found})")
+    if not found.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder among editr1's bundled assets ({found})")
     return str(found)
 
 
@@ -176,6 +176,7 @@ class EditPolicy(nn.Module, ABC):
     """
 
     transformer: nn.Module
+    autocast_dtype: torch.dtype | None = None  # set: every transformer forward runs under torch.autocast
 
     def __init__(self, height: int, width: int) -> None:
         super().__init__()
@@ -220,6 +221,12 @@ class EditPolicy(nn.Module, ABC):
                 f"expected images of shape (N, 3, {self.height}, {self.width}), got {tuple(images.shape)}; "
                 "use policy.preprocess() to resize"
             )
+
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """``torch.autocast`` to ``autocast_dtype`` around a transformer forward; a no-op when it is ``None``."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.autocast_dtype)
 
     @property
     def device(self) -> torch.device:

@@ -205,16 +205,17 @@ class FluxKontextPolicy(EditPolicy):
         guidance = None
         if self.transformer.config.guidance_embeds:
             guidance = torch.full((x_t.shape[0],), self.guidance_scale, device=x_t.device, dtype=torch.float32)
-        out = self.transformer(
-            hidden_states=hidden,
-            timestep=t.to(dtype),
-            guidance=guidance,
-            pooled_projections=cond["pooled"].to(dtype),
-            encoder_hidden_states=cond["prompt_embeds"].to(dtype),
-            txt_ids=cond["text_ids"],
-            img_ids=cond["img_ids"],
-            return_dict=False,
-        )[0]
+        with self.autocast(x_t.device):
+            out = self.transformer(
+                hidden_states=hidden,
+                timestep=t.to(dtype),
+                guidance=guidance,
+                pooled_projections=cond["pooled"].to(dtype),
+                encoder_hidden_states=cond["prompt_embeds"].to(dtype),
+                txt_ids=cond["text_ids"],
+                img_ids=cond["img_ids"],
+                return_dict=False,
+            )[0]
         return out[:, : x_t.shape[1]].float()
 
     @torch.no_grad()

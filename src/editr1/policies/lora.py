@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -57,10 +58,12 @@ def add_adapters(model: nn.Module, settings: LoraSettings, names: list[str]) -> 
     if not names:
         raise ValueError("need at least one adapter name")
     config = settings.peft_config()
+    _LAYERS.pop(model, None)  # the tuner layers are about to change
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*multiple adapters.*")  # several adapters is the point
         for name in names:
             inject_adapter_in_model(config, model, adapter_name=name)
+    _LAYERS.pop(model, None)
     if not list(_tuner_layers(model)):
         raise ValueError(
             f"LoRA target_modules {settings.target_modules} matched no module of {type(model).__name__}"
@@ -74,10 +77,17 @@ def add_adapters(model: nn.Module, settings: LoraSettings, names: list[str]) -> 
     activate(model, names[0])
 
 
-def _tuner_layers(model: nn.Module) -> Iterator[BaseTunerLayer]:
-    for module in model.modules():
-        if isinstance(module, BaseTunerLayer):
-            yield module
+# model -> its LoRA layers, found once: switching adapters (three times per training forward round)
+# then touches only those layers instead of walking every module of the transformer.
+_LAYERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _tuner_layers(model: nn.Module) -> list[BaseTunerLayer]:
+    layers = _LAYERS.get(model)
+    if layers is None:
+        layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+        _LAYERS[model] = layers
+    return layers
 
 
 def adapter_parameters(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
@@ -125,10 +135,21 @@ def mix_adapter(model: nn.Module, src: str, dst: str, keep: float) -> None:
 
 
 def activate(model: nn.Module, name: str) -> None:
-    """Make ``name`` the only active adapter: trainable if it is ``default``, frozen otherwise."""
-    for layer in _tuner_layers(model):
-        layer.enable_adapters(True)
-    set_adapter(model, name, inference_mode=name != DEFAULT)
+    """Make ``name`` the only active adapter: trainable if it is ``default``, frozen otherwise.
+
+    The same end state as peft's ``enable_adapters(True)`` then ``set_adapter(model, name, ...)`` on every
+    layer (no auxiliary peft modules exist here: editr1 injects LoRA layers only), without walking the
+    whole module tree at each switch."""
+    layers = _tuner_layers(model)
+    if not layers:  # nothing injected: let peft say so
+        set_adapter(model, name, inference_mode=name != DEFAULT)
+        return
+    for layer in layers:
+        if layer.merged:
+            raise RuntimeError("editr1 never merges LoRA weights into the base; found a merged layer")
+        if layer.disable_adapters:
+            layer.enable_adapters(True)
+        layer.set_adapter(name, inference_mode=name != DEFAULT)
 
 
 @contextlib.contextmanager

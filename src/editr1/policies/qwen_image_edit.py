@@ -246,14 +246,15 @@ class QwenImageEditPolicy(EditPolicy):
         shape = (1, self.latent_h // 2, self.latent_w // 2)
         img_shapes = [[shape] * (1 + int(cond["num_images"]))] * x_t.shape[0]
         mask = cond["prompt_mask"]
-        out = self.transformer(
-            hidden_states=hidden,
-            timestep=t.to(dtype),
-            encoder_hidden_states=cond["prompt_embeds"].to(dtype),
-            encoder_hidden_states_mask=None if bool(mask.all()) else mask,
-            img_shapes=img_shapes,
-            return_dict=False,
-        )[0]
+        with self.autocast(x_t.device):
+            out = self.transformer(
+                hidden_states=hidden,
+                timestep=t.to(dtype),
+                encoder_hidden_states=cond["prompt_embeds"].to(dtype),
+                encoder_hidden_states_mask=None if bool(mask.all()) else mask,
+                img_shapes=img_shapes,
+                return_dict=False,
+            )[0]
         return out[:, : x_t.shape[1]].float()
 
     @torch.no_grad()
