@@ -373,3 +373,25 @@ def test_two_processes_judge_each_sample_once_and_report_what_one_process_report
     assert edits[1].keys() == edits[2].keys() and len(edits[1]) == 6
     for k in edits[1]:  # per-key seeds: the same edit whichever process made it
         assert np.abs(edits[1][k].astype(int) - edits[2][k]).max() <= 1
+
+
+def test_our_jsonl_format_judged_with_the_imgedit_protocol(tmp_path, monkeypatch):
+    """A UniWorld-format folder as the test set: `task` names the category; file names come from the keys."""
+    import shutil
+
+    src = ROOT / "data" / "sample_uniworld"
+    rows = [json.loads(x) for x in (src / "train_metadata.jsonl").read_text().splitlines()]
+    keep = [dict(r, task="background" if r["task"] == "background" else "add") for r in rows[:5]]
+    folder = tmp_path / "mine"
+    shutil.copytree(src / "images", folder / "images")
+    (folder / "train_metadata.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "target"}) + "\n"
+                                                         for r in keep))
+    with FakeJudge({keep[0]["prompt"]: [[5, 5, 5]]}) as fake:
+        cli = _test_cli(tmp_path, monkeypatch, "imgedit_mini.yaml", "--data.test_format=jsonl",
+                        f"--data.test_path={folder}", f"--benchmark.judge.init_args.base_url={fake.url}")
+    out = Path(cli.trainer.log_dir) / "imgedit"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["judged"] == 5 and summary["failed"] == 0
+    n_add = sum(r["task"] == "add" for r in keep)
+    assert summary["tables"]["ImgEdit Basic"]["rows"]["add"]["score"] == pytest.approx((5 + 3 * (n_add - 1)) / n_add)
+    assert len(list(out.glob("*.png"))) == 5  # keys ("images/…::prompt") become safe, distinct file names
