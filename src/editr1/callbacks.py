@@ -114,7 +114,8 @@ class RewardCallback(Callback):
         self.counts = Counter(state_dict.get("counts", {}))
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self.model.to(pl_module.device)
+        # the setup hook runs before the strategy moves the module, so pl_module.device is still the CPU here
+        self.model.to(trainer.strategy.root_device)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # rows the data source rejected when it was read (before any batch) count as skipped data too
@@ -566,14 +567,14 @@ class BenchmarkEvaluation(Callback):
                 self.protocol.category(t)
         self.languages = list(getattr(dm, "test_languages", ["en"])) if self.protocol_name == "gedit" else ["en"]
         self.skipped_rows = dict(getattr(ds, "skipped_rows", {}) or {})
-        if self.judge is not None:
-            self.judge.to(pl_module.device)
 
     def on_test_start(self, trainer, pl_module) -> None:
         if not self.active:
             return
         from editr1.evaluation.protocols import CategoryMean, GEditScore
 
+        if self.judge is not None:
+            self.judge.to(pl_module.device)  # a local judge joins the policy on its device
         root = self.output_dir or str(Path(trainer.log_dir or trainer.default_root_dir) / self.protocol_name)
         self.out = Path(root)
         self.out.mkdir(parents=True, exist_ok=True)
