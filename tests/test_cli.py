@@ -169,3 +169,18 @@ def test_real_model_configs_compose_with_reward_and_trainer(model):
     assert (cfg.model.lora.rank, cfg.model.lora.alpha, cfg.model.optim.lr) == (32, 64.0, 3e-4)
     assert cfg.reward.model.class_path.endswith("ServedMLLMReward")
     assert cfg.trainer.accelerator == "gpu"
+
+
+def test_supervised_objective_requires_targets_unless_told_otherwise():
+    class Stop(ParseOnlyCLI):
+        def _run_subcommand(self, subcommand: str) -> None:
+            pass
+
+    sft = ["fit", "--config", str(ROOT / "configs" / "sft_demo.yaml")]
+    cli = Stop(EditR1Module, EditDataModule, args=sft, auto_configure_optimizers=False)
+    assert cli.config.fit.data.targets == "require"  # rows without a target are skipped, not a crash mid-run
+    cli = Stop(EditR1Module, EditDataModule, args=sft + ["--data.targets=ignore"], auto_configure_optimizers=False)
+    assert cli.config.fit.data.targets == "ignore"
+    cli = Stop(EditR1Module, EditDataModule, args=["fit", "--config", str(ROOT / "configs" / "demo.yaml")],
+               auto_configure_optimizers=False)
+    assert cli.config.fit.data.targets == "auto"

@@ -67,8 +67,30 @@ def test_collate_drops_and_counts_unreadable_items():
     batch = collate_prompts([good, {"skipped": "unreadable_image"}, {"skipped": "unreadable_image"}])
     assert batch["prompt"] == ["p"]
     assert batch["skipped"] == {"unreadable_image": 2}
-    with pytest.raises(ValueError, match="target"):
-        collate_prompts([good, dict(good, target=Image.new("RGB", (4, 4)))])
+    mixed = collate_prompts([good, dict(good, target=Image.new("RGB", (4, 4)))])  # no crash mid-run: no targets
+    assert mixed["target"] is None and mixed["skipped"] == {"targets_dropped_mixed_batch": 1}
+
+
+def test_targets_auto_require_ignore_on_a_partly_targeted_folder(tmp_path):
+    img = tmp_path / "f" / "images"
+    img.mkdir(parents=True)
+    for name in ("a", "b", "t"):
+        Image.new("RGB", (8, 8), (40, 80, 120)).save(img / f"{name}.png")
+    rows = [{"prompt": "make it red", "image": "images/a.png", "target": "images/t.png"},
+            {"prompt": "make it blue", "image": "images/b.png"}]
+    (tmp_path / "f" / "train_metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    auto = EditDataModule(path=str(tmp_path / "f"))
+    auto.setup("fit")
+    assert len(auto._datasets["train"]) == 2 and auto._datasets["train"][0]["target"] is None  # ignored: only some
+    req = EditDataModule(path=str(tmp_path / "f"), targets="require", batch_size=1)
+    req.setup("fit")
+    ds = req._datasets["train"]
+    assert len(ds) == 1 and ds[0]["target"] is not None and ds.skipped_rows["missing_target"] == 1
+    ign = EditDataModule(path=str(tmp_path / "f"), targets="ignore")
+    ign.setup("fit")
+    assert ign._datasets["train"][0]["target"] is None
+    with pytest.raises(ValueError, match="targets"):
+        EditDataModule(targets="some")
 
 
 def test_test_and_predict_default_to_validation_set():

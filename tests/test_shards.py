@@ -177,3 +177,16 @@ def test_datamodule_streams_shards_for_training(tmp_path):
     assert dm.val_dataloader() == []
     with pytest.raises(ValueError, match="not both"):
         EditDataModule(path=str(src), shards="x.tar")
+
+
+def test_require_targets_skips_samples_without_a_target():
+    from editr1.data.shards import decode_sample
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(buf, format="PNG")
+    sample = {"json": json.dumps({"prompt": "make it red"}).encode(), "src.png": buf.getvalue(), "__key__": "k"}
+    assert decode_sample(sample)["target"] is None
+    assert decode_sample(sample, require_targets=True) == {"skipped": "missing_target"}
+    with_tgt = dict(sample, **{"tgt.png": buf.getvalue()})
+    assert decode_sample(with_tgt, load_targets=False, require_targets=False)["target"] is None
+    assert decode_sample(with_tgt, require_targets=True)["target"].size == (8, 8)

@@ -45,6 +45,8 @@ class EditR1CLI(LightningCLI):
         cfg = self.config[self.subcommand]
         if cfg.get("weights_only") is None and "weights_only" in cfg:
             cfg.weights_only = True  # checkpoints are read back with torch.load(weights_only=True)
+        if cfg.model.get("objective") == "sft" and cfg.data.get("targets") == "auto":
+            cfg.data.targets = "require"  # supervised training uses only the rows that have a target
         if self.subcommand != "fit" or cfg.get("ckpt_path") != "last":
             return
         found = find_last_checkpoint(cfg.trainer)

@@ -459,7 +459,8 @@ class EditR1Module(L.LightningModule):
         """Supervised flow matching of θ (LoRA ``default``) towards the batch's target images."""
         if batch.get("target") is None:
             raise ValueError(
-                "objective 'sft' needs target images: use the synthetic scenes or give every JSONL row a `target`"
+                "objective 'sft' needs target images: use the synthetic scenes, give JSONL rows a `target` (shards a "
+                "`tgt` image), and keep data.targets at 'require' (the CLI's choice for sft) so rows without one are skipped"
             )
         start = time.perf_counter()
         policy, cfg = self.policy, self.sft_cfg

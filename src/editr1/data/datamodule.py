@@ -62,10 +62,11 @@ def collate_prompts(items: list[dict]) -> dict:
         else:
             good.append(item)
     batch: dict = {f: [item.get(f) for item in good] for f in FIELDS}
-    if all(t is None for t in batch["target"]):
+    if any(t is None for t in batch["target"]):
+        with_target = sum(t is not None for t in batch["target"])
+        if with_target:  # a batch mixes rows with and without a target: it carries none (counted)
+            skipped["targets_dropped_mixed_batch"] += with_target
         batch["target"] = None
-    elif any(t is None for t in batch["target"]):
-        raise ValueError("a batch mixes rows with and without a target; give every row a target or none")
     batch["skipped"] = dict(skipped)
     batch["missing"] = missing
     return batch
@@ -130,6 +131,10 @@ class EditDataModule(L.LightningDataModule):
             ``predict_instruction``, a folder of images; defaults to the validation set.
         predict_instruction: edit every image of ``predict_path`` with this one instruction.
         metadata_file: name of the JSONL file inside each folder.
+        targets: target images of the training data: ``auto`` (a JSONL folder's targets are used when every
+            row has one, ignored with a warning when only some do; shards: a batch mixing samples with and
+            without one carries none, counted), ``require`` (only rows/samples with a target, the others
+            skipped and counted — for ``model.objective: sft`` on partly-targeted data) or ``ignore``.
         shuffle: shuffle training prompts each epoch.
     """
 
@@ -152,6 +157,7 @@ class EditDataModule(L.LightningDataModule):
         predict_instruction: str | None = None,
         metadata_file: str = "train_metadata.jsonl",
         shuffle: bool = True,
+        targets: Literal["auto", "require", "ignore"] = "auto",
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -174,6 +180,9 @@ class EditDataModule(L.LightningDataModule):
         self.train_size = train_size
         self.val_path = val_path
         self.val_size = val_size
+        if targets not in ("auto", "require", "ignore"):
+            raise ValueError(f"targets must be auto, require or ignore, got {targets!r}")
+        self.targets = targets
         if test_format not in ("jsonl", "imgedit", "gedit"):
             raise ValueError(f"test_format must be jsonl, imgedit or gedit, got {test_format!r}")
         if test_format != "jsonl" and test_path is None:
@@ -211,7 +220,8 @@ class EditDataModule(L.LightningDataModule):
             return self._dataset("val")
         ds: Dataset | None
         if split == "train" and self.shards is not None:
-            ds = ShardEditDataset(self.shards, shuffle=self.shuffle, seed=self._order_seed(), repeat=True)
+            ds = ShardEditDataset(self.shards, shuffle=self.shuffle, seed=self._order_seed(), repeat=True,
+                                  load_targets=self.targets != "ignore", require_targets=self.targets == "require")
             log.info("train data: %d shards", len(ds.urls))
         elif split == "test" and self.test_format == "imgedit":
             ds = ImgEditDataset(folder, self.test_images)
@@ -223,7 +233,13 @@ class EditDataModule(L.LightningDataModule):
             ds = ImageFolderDataset(folder, self.predict_instruction)
             log.info("predict data: %d images from %s", len(ds), folder)
         elif folder is not None:
-            ds = JsonlEditDataset(folder, self.metadata_file)
+            ds = JsonlEditDataset(folder, self.metadata_file, load_targets=self.targets != "ignore",
+                                  require_targets=split == "train" and self.targets == "require")
+            have, rows = ds.targets_present()
+            if self.targets == "auto" and 0 < have < rows:
+                ds.load_targets = False
+                log.warning("%s: %d of %d rows have a target; targets are not used (data.targets: require trains "
+                            "only on the rows that have one)", folder, have, rows)
             log.info("%s data: %d prompts from %s", split, len(ds), folder)
         elif self.path is not None or self.shards is not None:
             ds = None  # real training data without a validation folder: no validation

@@ -151,12 +151,25 @@ class JsonlEditDataset(Dataset):
     """Map-style dataset over a UniWorld-format folder. An unreadable image yields
     ``{"skipped": reason}``, which the collate function drops and counts."""
 
-    def __init__(self, folder: str | Path, filename: str = "train_metadata.jsonl", load_targets: bool = True) -> None:
+    def __init__(self, folder: str | Path, filename: str = "train_metadata.jsonl", load_targets: bool = True,
+                 require_targets: bool = False) -> None:
         self.records, self.skipped_rows = read_metadata(folder, filename)
-        self.load_targets = load_targets
+        if require_targets:  # only the rows with a target (supervised training); the others are counted
+            without = sum(r.target is None for r in self.records)
+            if without:
+                self.skipped_rows["missing_target"] += without
+                self.records = [r for r in self.records if r.target is not None]
+                log.warning("%s: %d rows have no target and are skipped (data.targets: require)", folder, without)
+            if not self.records:
+                raise ValueError(f"{folder}: data.targets is 'require' but no row has a usable `target`")
+        self.load_targets = load_targets or require_targets
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def targets_present(self) -> tuple[int, int]:
+        """(rows with a target, rows)."""
+        return sum(r.target is not None for r in self.records), len(self.records)
 
     def tasks(self) -> list[str]:
         """Each row's ``task`` (its category in evaluations)."""

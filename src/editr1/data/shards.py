@@ -55,8 +55,9 @@ def _field(sample: dict, role: str) -> bytes | None:
     return None
 
 
-def decode_sample(sample: dict, load_targets: bool = True) -> dict:
-    """One raw webdataset sample (bytes per extension) → a prompt item, or ``{"skipped": reason}``."""
+def decode_sample(sample: dict, load_targets: bool = True, require_targets: bool = False) -> dict:
+    """One raw webdataset sample (bytes per extension) → a prompt item, or ``{"skipped": reason}``
+    (``missing_target`` when ``require_targets`` and the sample has no ``tgt``)."""
     raw = sample.get("json")
     if raw is None:
         return {"skipped": "missing_json"}
@@ -80,6 +81,8 @@ def decode_sample(sample: dict, load_targets: bool = True) -> dict:
         return {"skipped": image}
     target = None
     tgt = _field(sample, "tgt")
+    if require_targets and tgt is None:
+        return {"skipped": "missing_target"}
     if load_targets and tgt is not None:
         target = load_image(tgt)
         if isinstance(target, str):
@@ -114,15 +117,17 @@ class ShardEditDataset(IterableDataset):
         seed: seed of the shard order.
         repeat: start the next epoch when one ends (training); ``False`` reads one epoch.
         load_targets: decode ``tgt`` images when present.
+        require_targets: skip (and count) samples without a ``tgt`` image.
     """
 
     def __init__(self, urls: str | list[str], shuffle: bool = True, seed: int = 0, repeat: bool = True,
-                 load_targets: bool = True) -> None:
+                 load_targets: bool = True, require_targets: bool = False) -> None:
         self.urls = expand_urls(urls)
         self.shuffle = shuffle
         self.seed = seed
         self.repeat = repeat
-        self.load_targets = load_targets
+        self.load_targets = load_targets or require_targets
+        self.require_targets = require_targets
         self.epoch = 0
         self.rank, self.world_size = process_rank()
         self.skip_batches, self.batch_size = 0, 1
@@ -175,7 +180,7 @@ class ShardEditDataset(IterableDataset):
             samples = wds.DataPipeline(wds.SimpleShardList(shards), wds.tarfile_to_samples(handler=handler))
             for sample in samples:
                 yield from self._drain(errors)
-                yield decode_sample(sample, self.load_targets)
+                yield decode_sample(sample, self.load_targets, self.require_targets)
             yield from self._drain(errors)
             if not self.repeat:
                 return
