@@ -75,3 +75,18 @@ def test_a_rank_with_every_group_filtered_does_not_stall_the_step(tmp_path):
     state, ck = _adapters(ckpt)
     assert ck["global_step"] == 2  # both optimiser steps ran, on both ranks (rank 0 trained, rank 1 idled)
     assert max(float(v.abs().max()) for k, v in state.items() if "lora_B.default" in k) > 0
+
+
+@pytest.mark.timeout(900)
+def test_a_rank_whose_whole_batch_is_banned_joins_the_step_instead_of_hanging(tmp_path):
+    """Two prompts, one per rank per epoch; rank 1's group is always saturated, so its prompt is banned (on
+    both ranks). Next epoch one rank draws the banned prompt and has nothing to roll out while the other
+    does: it must still take part in the step's collectives (it used to leave them, and the others waited)."""
+    ckpt = _fit(tmp_path, "banned", 2, 1, False, "--reward.model.class_path=helpers.rewards.RankOneSaturated",
+                "--reward.filter.rule=paper", "--reward.filter.std_threshold=1e-6", "--reward.filter.ban=true",
+                "--data.train_size=2", "--trainer.max_steps=10", "--trainer.max_epochs=3")
+    state, ck = _adapters(ckpt)
+    reward_state = next(v for k, v in ck["callbacks"].items() if k.startswith("RewardCallback"))
+    # epoch 1: two groups; epoch 2: one (the other rank's prompt was banned); epoch 3: one or none
+    assert reward_state["counts"]["groups"] in (3, 4)
+    assert len(reward_state["banned"]) >= 1 and ck["global_step"] >= 1

@@ -60,7 +60,7 @@ def gather_groups(module: L.LightningModule, rewards: torch.Tensor) -> tuple[tor
         return rewards, 0
     device = module.device
     counts = module.all_gather(torch.tensor([rewards.shape[0]], device=device)).flatten().tolist()
-    width = max(counts)
+    width = max(max(counts), 1)  # a rank may have no groups (its prompts were all banned or unreadable)
     padded = torch.full((width, rewards.shape[1]), float("nan"), device=device, dtype=rewards.dtype)
     padded[: rewards.shape[0]] = rewards.to(device)
     everything = module.all_gather(padded)  # (world, width, K)
@@ -131,16 +131,31 @@ class RewardCallback(Callback):
         if not getattr(pl_module, "wants_rollouts", True):
             return  # supervised objective: no rollouts, no reward
         self._drop_banned(batch)
-        if not batch["prompt"]:
+        empty = not batch["prompt"]  # every prompt of this rank's batch was banned or unreadable
+        if trainer.world_size > 1 and getattr(pl_module, "_sharded", False) and pl_module._reduce(float(empty), "max") > 0:
+            raise RuntimeError(  # raised on every rank at once: a sharded model cannot step with a rank missing
+                "a rank has no prompt left in this batch (all banned or unreadable): sharded training needs every rank "
+                "to roll out; use more prompts per rank (data.batch_size), reward.filter.ban: false, or shard: false"
+            )
+        if empty and trainer.world_size == 1:
             batch["rl"] = None
             return
         t0 = time.perf_counter()
-        futures: list[Future] = []
-        ro: Rollout = pl_module.rollout(batch, on_chunk=lambda chunk: futures.append(self.model.submit(chunk)))
+        ro: Rollout | None = None
+        if empty:  # still take part in the step's collectives (the gather below, the ban, training)
+            rewards = torch.empty(0, pl_module.rollout_cfg.group_size)
+            pl_module.rollouts_done += 1  # the random streams' index stays the same on every rank
+        else:
+            futures: list[Future] = []
+            ro = pl_module.rollout(batch, on_chunk=lambda chunk: futures.append(self.model.submit(chunk)))
         t1 = time.perf_counter()
-        rewards = self._collect(futures, ro)
+        if ro is not None:
+            rewards = self._collect(futures, ro)
         t2 = time.perf_counter()  # time/reward_s: scoring time not hidden behind the rollout
         everything, offset = gather_groups(pl_module, rewards)
+        if everything.shape[0] == 0:  # no rank had a prompt
+            batch["rl"] = None
+            return
         failed = int((~torch.isfinite(everything)).sum())
         if failed and self.on_failure == "stop":
             path = pl_module._emergency_checkpoint("reward") if hasattr(pl_module, "_emergency_checkpoint") else None
@@ -154,13 +169,16 @@ class RewardCallback(Callback):
             everything, std_mode=nft.std_mode, adv_clip=nft.adv_clip, rule=f.rule, mean_threshold=f.mean_threshold,
             std_threshold=f.std_threshold, nan_policy=f.nan_policy, step_std=global_std(everything),
         )
-        local = slice(offset, offset + ro.num_groups)
+        local = slice(offset, offset + rewards.shape[0])
         decision = type(decision_all)(**{k: v[local] for k, v in vars(decision_all).items()})
         if f.ban:
-            for g in decision.dropped_low_variance.nonzero().flatten().tolist():
-                self.banned.add(ro.keys[g])
-        batch["rl"] = StepData(ro, rewards.to(pl_module.device), decision)
+            self._ban(trainer, [] if ro is None else
+                      [ro.keys[g] for g in decision.dropped_low_variance.nonzero().flatten().tolist()])
         self._log_step(pl_module, everything, decision_all, t1 - t0, t2 - t1)
+        if ro is None:
+            batch["rl"] = None  # this rank idles through the step (training_step joins its collectives)
+            return
+        batch["rl"] = StepData(ro, rewards.to(pl_module.device), decision)
         if self.log_images_every_n_steps and (ro.index % self.log_images_every_n_steps == 0):
             self._log_rollout_images(trainer, ro, rewards, decision, pl_module.global_step)
 
@@ -169,6 +187,15 @@ class RewardCallback(Callback):
         rewards = torch.cat([f.result().float().reshape(-1).cpu() for f in futures])
         check_rewards(rewards, ro.edits.shape[0])
         return rewards.view(ro.num_groups, ro.group_size)
+
+    def _ban(self, trainer, keys: list[str]) -> None:
+        """Ban prompts the filter dropped, on every rank alike (a banned prompt may come up on any rank later,
+        and the checkpoint keeps rank 0's list)."""
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, keys)
+            keys = [k for part in gathered for k in part]
+        self.banned.update(keys)
 
     def _drop_banned(self, batch: dict) -> None:
         if not self.banned:
