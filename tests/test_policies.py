@@ -240,3 +240,28 @@ def test_qwen_tiny_weights_round_trip(tmp_path):
     q = QwenImageEditPolicy(resolution=64, tiny=TinyQwenImage(seed=2, weights=str(tmp_path / "w.safetensors")))
     assert list(q.vae.config.latents_mean) == [0.5] * p.latent_channels
     assert all(torch.equal(v, q.transformer.state_dict()[k]) for k, v in p.transformer.state_dict().items())
+
+
+@pytest.mark.parametrize("name", ["flux", "qwen"])
+def test_padded_encoding_and_idle_only_editing(name):
+    """Sharded runs encode as many prompts on every process (the extra rows are dropped) and a process with
+    nothing to edit still makes the others' calls: results of the real rows do not change."""
+    from editr1.editing import edit_images, encode_padded
+    from editr1.policies import QwenImageEditPolicy
+
+    from conftest import tiny_policy
+
+    policy = tiny_policy() if name == "flux" else QwenImageEditPolicy(resolution=32, condition_resolution=56)
+    src = torch.rand(2, 3, policy.height, policy.width)
+    prompts = ["make the red circle blue", "remove the green square"]
+    plain = policy.encode(src, prompts)
+    padded = encode_padded(policy, src, prompts, min_prompts=4)
+    assert padded["prompt_embeds"].shape[0] == 4
+    torch.testing.assert_close(padded.select([0, 1])["image_latents"], plain["image_latents"])
+    a = edit_images(policy, src, prompts, [1, 2], steps=2, solver="euler", batch_size=2).images
+    b = edit_images(policy, src, prompts, [1, 2], steps=2, solver="euler", batch_size=2, min_prompts=4).images
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    empty = edit_images(policy, src[:0], [], [], steps=2, solver="euler", batch_size=2, min_chunks=2, min_prompts=3)
+    assert empty.images.shape == (0, 3, policy.height, policy.width) and empty.x0.shape[0] == 0
+    with pytest.raises(ValueError, match="nothing to edit"):
+        edit_images(policy, src[:0], [], [], steps=2, solver="euler", batch_size=2)

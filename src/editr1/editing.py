@@ -24,6 +24,24 @@ class Edits:
     sigmas: torch.Tensor  # the schedule used, ending with 0
 
 
+def encode_padded(policy: EditPolicy, sources: torch.Tensor, prompts: list[str], min_prompts: int = 0) -> Condition:
+    """``policy.encode`` of at least ``min_prompts`` prompts: the first prompt (or, with none, a blank picture
+    and an empty instruction) repeated to fill up. Under FSDP2 the text encoders are sharded too, and a policy
+    that encodes prompt by prompt (Qwen-Image-Edit) makes one encoder call per prompt: every process must make
+    as many as the others, whatever its number of prompts. The caller keeps the first ``len(prompts)`` rows."""
+    n = len(prompts)
+    extra = max(0, min_prompts - n)
+    if extra == 0:
+        return policy.encode(sources, prompts)
+    if n:
+        pad = sources[:1].expand(extra, *sources.shape[1:])
+        fill = [prompts[0]] * extra
+    else:
+        pad = torch.zeros((extra, 3, policy.height, policy.width), device=policy.device)
+        fill = [""] * extra
+    return policy.encode(torch.cat([sources.to(pad.device), pad]) if n else pad, list(prompts) + fill)
+
+
 @torch.no_grad()
 def edit_images(
     policy: EditPolicy,
@@ -38,6 +56,7 @@ def edit_images(
     lower_order_second: bool = True,
     on_chunk: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
     min_chunks: int = 0,
+    min_prompts: int = 0,
 ) -> Edits:
     """``group_size`` edits of each prompt with whatever adapter is active on ``policy``.
 
@@ -45,15 +64,18 @@ def edit_images(
     flat indices into G·K) — the reward can start on it while the next chunk is generated.
     ``min_chunks``: run idle denoising passes (results discarded) until at least this many chunks
     have run — sharded models need every process to make the same number of forward calls.
+    ``min_prompts``: encode at least this many prompts (see :func:`encode_padded`); with no prompts at all
+    and ``min_chunks`` or ``min_prompts`` set, only the idle calls run and the result is empty.
     """
     n = len(prompts) * group_size
-    if n == 0:
+    if n == 0 and min_chunks == 0 and min_prompts == 0:
         raise ValueError("nothing to edit: no prompts")
     if len(seeds) != n:
         raise ValueError(f"need {n} seeds (one per edit), got {len(seeds)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    cond = policy.encode(sources, prompts)
+    padded = encode_padded(policy, sources, prompts, min_prompts)
+    cond = padded.select(torch.arange(len(prompts))) if min_prompts > len(prompts) else padded
     sigmas = policy.sigmas(steps)
     group_index = torch.arange(len(prompts)).repeat_interleave(group_size)
     x0_chunks, image_chunks = [], []
@@ -68,7 +90,10 @@ def edit_images(
         if on_chunk is not None:
             on_chunk(idx, images)
     for _ in range(len(x0_chunks), min_chunks):  # idle passes, one sample each
-        c = cond.select([0])
+        c = padded.select([0])
         noise = torch.zeros((1, *policy.latent_shape()), device=policy.device)
         sample(lambda x, t: policy.velocity(x, t, c), noise, sigmas, solver, lower_order_second)
+    if not x0_chunks:  # nothing of our own to edit: the idle calls above were all
+        x0 = torch.zeros((0, *policy.latent_shape()), device=policy.device)
+        return Edits(x0, torch.zeros((0, 3, policy.height, policy.width)), cond, sigmas)
     return Edits(torch.cat(x0_chunks), torch.cat(image_chunks), cond, sigmas)

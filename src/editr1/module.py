@@ -24,7 +24,7 @@ from editr1.policies import lora as adapters
 from editr1.policies.base import EditPolicy
 from editr1.rewards.base import RewardInputs
 from editr1.rollout import Rollout, StepData, group_ids, key_hash, sample_seed
-from editr1.editing import edit_images
+from editr1.editing import edit_images, encode_padded
 from editr1.sampling import Solver
 from editr1.seeding import EVAL_NOISE, ROLLOUT_NOISE, TRAIN_NOISE, TRAIN_TIMESTEPS, derive_seed, per_sample_rand, per_sample_randn
 
@@ -345,11 +345,12 @@ class EditR1Module(L.LightningModule):
 
         chunks = -(-len(seeds) // cfg.batch_size)
         min_chunks = int(self._reduce(chunks, "max")) if self._sharded else 0
+        min_prompts = int(self._reduce(len(prompts), "max")) if self._sharded else 0
         with policy.adapter(adapters.OLD):
             out = edit_images(
                 policy, sources, prompts, seeds, steps=cfg.steps, solver=cfg.solver, batch_size=cfg.batch_size,
                 group_size=k, lower_order_second=cfg.lower_order_second,
-                on_chunk=chunk_ready if on_chunk is not None else None, min_chunks=min_chunks,
+                on_chunk=chunk_ready if on_chunk is not None else None, min_chunks=min_chunks, min_prompts=min_prompts,
             )
         ro = Rollout(
             prompts=prompts, requirements=requirements, keys=keys, sources=sources, targets=targets, cond=out.cond,
@@ -470,7 +471,8 @@ class EditR1Module(L.LightningModule):
         prompts, keys = list(batch["prompt"]), list(batch["key"])
         n = len(prompts)
         with torch.no_grad():
-            cond = policy.encode(policy.preprocess(batch["image"]), prompts)
+            min_prompts = int(self._reduce(n, "max")) if self._sharded else 0  # sharded encoders: equal calls
+            cond = encode_padded(policy, policy.preprocess(batch["image"]), prompts, min_prompts).select(torch.arange(n))
             x0 = policy.encode_images(policy.preprocess(batch["target"]))
         ids = group_ids(keys)
         step = self.global_step
@@ -572,7 +574,14 @@ class EditR1Module(L.LightningModule):
         n = len(batch["key"])
         chunks = -(-n // cfg.batch_size)
         min_chunks = int(self._reduce(chunks, "max")) if self._sharded else 0
+        min_prompts = int(self._reduce(n, "max")) if self._sharded else 0
         if n == 0:  # every row of this batch was unreadable (counted by the callbacks as missing)
+            if self._sharded and min_chunks > 0:  # the others edit: make the same sharded calls, keep nothing
+                with self.policy.adapter(ADAPTERS[cfg.adapter]):
+                    edit_images(self.policy, torch.zeros(0, 3, self.policy.height, self.policy.width), [], [],
+                                steps=cfg.steps, solver=cfg.solver, batch_size=cfg.batch_size,
+                                lower_order_second=self.rollout_cfg.lower_order_second, min_chunks=min_chunks,
+                                min_prompts=min_prompts)
             return {"sources": None, "edits": None, "targets": None, "prompts": [], "requirements": [], "keys": [],
                     "tasks": [], "meta": []}
         sources = self.policy.preprocess(batch["image"])
@@ -581,7 +590,7 @@ class EditR1Module(L.LightningModule):
             edits = edit_images(
                 self.policy, sources, list(batch["prompt"]), seeds, steps=cfg.steps, solver=cfg.solver,
                 batch_size=cfg.batch_size, lower_order_second=self.rollout_cfg.lower_order_second,
-                min_chunks=min_chunks,
+                min_chunks=min_chunks, min_prompts=min_prompts,
             ).images
         targets = self.policy.preprocess(batch["target"]) if batch.get("target") is not None else None
         return {
