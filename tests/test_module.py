@@ -379,3 +379,24 @@ def test_checkpoint_size_does_not_grow_with_the_base(tmp_path, scenes_data):
     assert abs(c_big - c_small) < 0.02 * c_small  # so the same checkpoint
     # adapters default + old, and Adam's two moments of default: about 2 x LoRA + 2 x trainable, plus counters
     assert c_small < 2.5 * l_small + 200_000
+
+
+def test_sft_batch_with_nothing_readable_is_skipped_not_a_crash(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from editr1.data import EditDataModule
+
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (32, 32), (200, 0, 0)).save(tmp_path / "images" / "a.png")
+    Image.new("RGB", (32, 32), (0, 0, 200)).save(tmp_path / "images" / "t.png")
+    (tmp_path / "images" / "b.png").write_bytes(b"not an image")
+    rows = [{"prompt": "make it blue", "image": "images/a.png", "target": "images/t.png"},
+            {"prompt": "make it blue", "image": "images/b.png", "target": "images/t.png"}]
+    (tmp_path / "train_metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = EditDataModule(path=str(tmp_path), batch_size=1, shuffle=False)
+    module = small_module(objective="sft")
+    trainer = small_trainer([RewardCallback(model=SceneReward())], max_steps=5, max_epochs=2)
+    trainer.fit(module, datamodule=data)
+    assert trainer.global_step == 2 and module.skipped_steps == 2  # one good row per epoch; the bad one skipped

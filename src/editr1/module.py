@@ -470,6 +470,17 @@ class EditR1Module(L.LightningModule):
         opt = self.optimizers()
         prompts, keys = list(batch["prompt"]), list(batch["key"])
         n = len(prompts)
+        if self._sharded and self._reduce(float(n == 0), "max") > 0:  # decided on every rank at once
+            raise RuntimeError("a process has no readable row in this batch: sharded supervised training needs "
+                               "every process to train; use more rows per process (data.batch_size) or shard: false")
+        if n == 0:  # every row of this batch was unreadable (counted): take part in the step, train nothing
+            if self._reduce(0.0) == 0:
+                self.skipped_steps += 1
+                return None
+            self._sync_gradients()
+            if self._clip_and_step(opt) is not None:
+                self._update_shadow_adapters(keep_old=0.0)
+            return None
         with torch.no_grad():
             min_prompts = int(self._reduce(n, "max")) if self._sharded else 0  # sharded encoders: equal calls
             cond = encode_padded(policy, policy.preprocess(batch["image"]), prompts, min_prompts).select(torch.arange(n))
