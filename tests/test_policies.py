@@ -261,7 +261,12 @@ def test_padded_encoding_and_idle_only_editing(name):
     a = edit_images(policy, src, prompts, [1, 2], steps=2, solver="euler", batch_size=2).images
     b = edit_images(policy, src, prompts, [1, 2], steps=2, solver="euler", batch_size=2, min_prompts=4).images
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    empty = edit_images(policy, src[:0], [], [], steps=2, solver="euler", batch_size=2, min_chunks=2, min_prompts=3)
+    calls = []
+    forward = policy.velocity
+    policy.velocity = lambda *a: calls.append(1) or forward(*a)
+    empty = edit_images(policy, src[:0], [], [], steps=2, solver="euler", batch_size=2, min_prompts=3)
+    del policy.velocity
+    assert len(calls) == 2 * 2  # the chunks 3 prompts would take (2 of batch 2) × 2 steps
     assert empty.images.shape == (0, 3, policy.height, policy.width) and empty.x0.shape[0] == 0
     with pytest.raises(ValueError, match="nothing to edit"):
         edit_images(policy, src[:0], [], [], steps=2, solver="euler", batch_size=2)

@@ -55,25 +55,25 @@ def edit_images(
     group_size: int = 1,
     lower_order_second: bool = True,
     on_chunk: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
-    min_chunks: int = 0,
     min_prompts: int = 0,
 ) -> Edits:
     """``group_size`` edits of each prompt with whatever adapter is active on ``policy``.
 
     ``on_chunk(sample_index, images)`` is called as soon as each chunk is decoded (``sample_index``:
     flat indices into G·K) — the reward can start on it while the next chunk is generated.
-    ``min_chunks``: run idle denoising passes (results discarded) until at least this many chunks
-    have run — sharded models need every process to make the same number of forward calls.
-    ``min_prompts``: encode at least this many prompts (see :func:`encode_padded`); with no prompts at all
-    and ``min_chunks`` or ``min_prompts`` set, only the idle calls run and the result is empty.
+    ``min_prompts`` (sharded models: the most prompts any process has): make the calls that many prompts
+    would make — encode at least that many (see :func:`encode_padded`) and run idle denoising passes
+    (results discarded) up to that many chunks — so every process makes the same sharded forward calls.
+    With no prompts of its own, a process makes only those calls and the result is empty.
     """
     n = len(prompts) * group_size
-    if n == 0 and min_chunks == 0 and min_prompts == 0:
+    if n == 0 and min_prompts == 0:
         raise ValueError("nothing to edit: no prompts")
     if len(seeds) != n:
         raise ValueError(f"need {n} seeds (one per edit), got {len(seeds)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    min_chunks = -(-min_prompts * group_size // batch_size)
     padded = encode_padded(policy, sources, prompts, min_prompts)
     cond = padded.select(torch.arange(len(prompts))) if min_prompts > len(prompts) else padded
     sigmas = policy.sigmas(steps)

@@ -343,14 +343,12 @@ class EditR1Module(L.LightningModule):
                 targets=None if targets is None else targets[index // k], source_ids=g,
             ))
 
-        chunks = -(-len(seeds) // cfg.batch_size)
-        min_chunks = int(self._reduce(chunks, "max")) if self._sharded else 0
         min_prompts = int(self._reduce(len(prompts), "max")) if self._sharded else 0
         with policy.adapter(adapters.OLD):
             out = edit_images(
                 policy, sources, prompts, seeds, steps=cfg.steps, solver=cfg.solver, batch_size=cfg.batch_size,
                 group_size=k, lower_order_second=cfg.lower_order_second,
-                on_chunk=chunk_ready if on_chunk is not None else None, min_chunks=min_chunks, min_prompts=min_prompts,
+                on_chunk=chunk_ready if on_chunk is not None else None, min_prompts=min_prompts,
             )
         ro = Rollout(
             prompts=prompts, requirements=requirements, keys=keys, sources=sources, targets=targets, cond=out.cond,
@@ -583,16 +581,13 @@ class EditR1Module(L.LightningModule):
         if self.seed is None:
             self.setup("validate")
         n = len(batch["key"])
-        chunks = -(-n // cfg.batch_size)
-        min_chunks = int(self._reduce(chunks, "max")) if self._sharded else 0
         min_prompts = int(self._reduce(n, "max")) if self._sharded else 0
         if n == 0:  # every row of this batch was unreadable (counted by the callbacks as missing)
-            if self._sharded and min_chunks > 0:  # the others edit: make the same sharded calls, keep nothing
+            if min_prompts > 0:  # sharded, and the others edit: make the same sharded calls, keep nothing
                 with self.policy.adapter(ADAPTERS[cfg.adapter]):
                     edit_images(self.policy, torch.zeros(0, 3, self.policy.height, self.policy.width), [], [],
                                 steps=cfg.steps, solver=cfg.solver, batch_size=cfg.batch_size,
-                                lower_order_second=self.rollout_cfg.lower_order_second, min_chunks=min_chunks,
-                                min_prompts=min_prompts)
+                                lower_order_second=self.rollout_cfg.lower_order_second, min_prompts=min_prompts)
             return {"sources": None, "edits": None, "targets": None, "prompts": [], "requirements": [], "keys": [],
                     "tasks": [], "meta": []}
         sources = self.policy.preprocess(batch["image"])
@@ -601,7 +596,7 @@ class EditR1Module(L.LightningModule):
             edits = edit_images(
                 self.policy, sources, list(batch["prompt"]), seeds, steps=cfg.steps, solver=cfg.solver,
                 batch_size=cfg.batch_size, lower_order_second=self.rollout_cfg.lower_order_second,
-                min_chunks=min_chunks, min_prompts=min_prompts,
+                min_prompts=min_prompts,
             ).images
         targets = self.policy.preprocess(batch["target"]) if batch.get("target") is not None else None
         return {
