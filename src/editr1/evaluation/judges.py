@@ -166,13 +166,6 @@ class LocalJudge(TextJudge):
 
     def generate(self, requests: Sequence[JudgeRequest]) -> list[str | None]:
         m = self.model
-        if m.model is None:
-            m.load(m.device)  # outside no_grad: the tiny judge trains briefly when it is built
-        with torch.no_grad():
-            return self._generate(requests)
-
-    def _generate(self, requests: Sequence[JudgeRequest]) -> list[str | None]:
-        m = self.model
         out: list[str | None] = []
         for s in range(0, len(requests), self.batch_size):
             chunk = requests[s : s + self.batch_size]
@@ -180,20 +173,10 @@ class LocalJudge(TextJudge):
             for r in chunk:
                 parts = [{"type": "image"}] * len(r.images)
                 text = [{"type": "text", "text": r.text}]
-                content = text + parts if r.text_first else parts + text
-                texts.append(m.chat_text([{"role": "user", "content": content}]))
+                texts.append(m.chat_text([{"role": "user", "content": text + parts if r.text_first else parts + text}]))
                 images.append([limit_pixels(im, self.max_pixels) for im in r.images])
-            with m._lock:
-                batch = m.processor(text=texts, images=images, return_tensors="pt", padding=True)
-                batch = {k: v.to(m.device) for k, v in batch.items()}
-                if "pixel_values" in batch and m.quantization == "none":
-                    batch["pixel_values"] = batch["pixel_values"].to(m.dtype)
-                tok = m.processor.tokenizer
-                ids = m.model.generate(**batch, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                       pad_token_id=tok.pad_token_id)
-            answers = tok.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+            out.extend(m.generate(texts, images, self.max_new_tokens))
             self.counts["requests"] += len(chunk)
-            out.extend(answers)
         return out
 
 

@@ -126,18 +126,32 @@ class MLLMJudge:
         self.digit_ids = digit_token_ids(processor.tokenizer)
         self.model, self.processor, self.device = model, processor, device
 
+    def _batch(self, texts: Sequence[str], images: Sequence[Sequence[Image.Image]]) -> dict[str, torch.Tensor]:
+        """One left-padded processor batch on the model's device (pixels in the model's dtype)."""
+        batch = self.processor(text=list(texts), images=[list(im) for im in images], return_tensors="pt", padding=True)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        if "pixel_values" in batch and self.quantization == "none":
+            batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
+        return batch
+
     @torch.no_grad()
     def next_token_logits(self, texts: Sequence[str], images: Sequence[Sequence[Image.Image]]) -> torch.Tensor:
         """``(N, vocab)`` float32 logits of the first answer token, one left-padded forward pass."""
         if self.model is None:
             self.load(self.device)
         with self._lock:
-            batch = self.processor(text=list(texts), images=[list(im) for im in images], return_tensors="pt", padding=True)
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            if "pixel_values" in batch and self.quantization == "none":
-                batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
-            out = self.model(**batch, logits_to_keep=1)
+            out = self.model(**self._batch(texts, images), logits_to_keep=1)
             return out.logits[:, -1, :].float()
+
+    def generate(self, texts: Sequence[str], images: Sequence[Sequence[Image.Image]], max_new_tokens: int) -> list[str]:
+        """Greedy answers (temperature 0) to a batch of chat texts, decoded without special tokens."""
+        if self.model is None:
+            self.load(self.device)  # outside no_grad: the tiny judge trains briefly when it is built
+        tok = self.processor.tokenizer
+        with self._lock, torch.no_grad():
+            batch = self._batch(texts, images)
+            ids = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        return tok.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
 
     def chat_text(self, messages: list[dict]) -> str:
         if self.model is None:
