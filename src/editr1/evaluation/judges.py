@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from editr1.rewards.mllm import MLLMJudge, Quantization, limit_pixels
-from editr1.rewards.served import data_url, error_message
+from editr1.rewards.served import data_url, error_message, retryable
 from editr1.rewards.tiny_judge import TinyJudge
 
 log = logging.getLogger(__name__)
@@ -306,7 +306,7 @@ class ServedJudge(TextJudge):
                 reason = "connection"
             else:
                 status = response.status_code
-                if status in (408, 409, 429) or status >= 500:
+                if retryable(status):
                     reason = f"http_{status}"
                 elif status != 200:
                     raise JudgeConfigError(f"judge {self.base_url} refused the request (HTTP {status}): {error_message(response)}")

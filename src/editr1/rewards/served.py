@@ -56,6 +56,12 @@ def top_logprobs_of(response: Any) -> list[tuple[str, float]]:
     return list(pairs.items())
 
 
+def retryable(status: int) -> bool:
+    """HTTP statuses worth retrying (timeout, conflict, rate limit, server error); other non-200s are
+    configuration errors that retrying cannot fix."""
+    return status in (408, 409, 429) or status >= 500
+
+
 def error_message(response) -> str:
     try:
         return str(response.json()["error"]["message"])
@@ -234,7 +240,7 @@ class ServedMLLMReward(RewardModel):
                 reason = "connection"
             else:
                 status = response.status_code
-                if status in (408, 409, 429) or status >= 500:
+                if retryable(status):
                     reason = f"http_{status}"
                 elif status != 200:
                     raise RewardServerError(
