@@ -312,6 +312,9 @@ def test_editr1_test_gedit_end_to_end(tmp_path, monkeypatch):
     assert files == sorted(f"fullset/{r['task']}/en/{r['key']}.png" for r in en.rows)
     assert not any("cn" in f for f in files)
     assert "GEdit-Bench-EN fullset" in (out / "summary.md").read_text()
+    scalars = _events(Path(cli.trainer.log_dir))["scalars"]
+    assert {"test/gedit/en_fullset/overall_O", "test/gedit/en_intersection/overall_SC",
+            "test/gedit/en_fullset/color_alter_PQ"} <= set(scalars)
 
 
 def test_editr1_test_without_a_judge_writes_the_layout_only(tmp_path, monkeypatch):

@@ -709,7 +709,7 @@ class BenchmarkEvaluation(Callback):
             r = results["all"]
             rows = {c: {"score": r[f"category/{c}"], "samples": r[f"samples/{c}"], "failed": r[f"failed/{c}"],
                         "missing": r[f"missing/{c}"]} for c in cats}
-            tables["ImgEdit Basic"] = {"columns": ["score"], "rows": rows, "overall": {"score": r["macro"]},
+            tables["ImgEdit Basic"] = {"id": None, "columns": ["score"], "rows": rows, "overall": {"score": r["macro"]},
                                        "totals": {k: r[k] for k in ("samples", "failed", "missing")}}
             headline = {"overall": r["macro"], "micro": r["micro"]}
             formula = "sample = mean of its three 1-5 criteria; type = mean of its samples; overall = unweighted mean of the type means"
@@ -721,7 +721,7 @@ class BenchmarkEvaluation(Callback):
                 rows = {c: {"SC": r[f"SC/{c}"], "PQ": r[f"PQ/{c}"], "O": r[f"O/{c}"], "samples": r[f"samples/{c}"],
                             "failed": r[f"failed/{c}"], "missing": r[f"missing/{c}"]} for c in cats}
                 tables[f"GEdit-Bench-{lang.upper()} {subset}"] = {
-                    "columns": ["SC", "PQ", "O"], "rows": rows,
+                    "id": key, "columns": ["SC", "PQ", "O"], "rows": rows,
                     "overall": {"SC": r["G_SC"], "PQ": r["G_PQ"], "O": r["G_O"]},
                     "totals": {k: r[k] for k in ("samples", "failed", "missing")}}
                 headline[key] = {"G_SC": r["G_SC"], "G_PQ": r["G_PQ"], "G_O": r["G_O"]}
@@ -757,8 +757,8 @@ class BenchmarkEvaluation(Callback):
         if summary["headline"] is None:
             return
         prefix = f"test/{self.protocol_name}"
-        for title, table in summary["tables"].items():
-            tag = "" if self.protocol_name == "imgedit" else "/" + title.split(" ", 1)[0].split("-")[-1].lower() + "_" + title.split(" ")[-1]
+        for table in summary["tables"].values():
+            tag = "" if table["id"] is None else "/" + table["id"].replace("/", "_")  # e.g. /en_fullset
             for col, v in table["overall"].items():
                 pl_module.log(f"{prefix}{tag}/overall_{col}", float(v), sync_dist=False, rank_zero_only=True)
             for cat, row in table["rows"].items():

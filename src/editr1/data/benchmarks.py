@@ -111,7 +111,6 @@ class GEditDataset(Dataset):
             if missing:
                 raise ValueError(f"{f} lacks GEdit-Bench columns {missing} (has {table.column_names})")
             cols = {c: table.column(c).to_pylist() for c in self.COLUMNS if c != "input_image"}
-            images = table.column("input_image")
             for i in range(table.num_rows):
                 lang = str(cols["instruction_language"][i])
                 if lang not in self.languages:
@@ -122,7 +121,6 @@ class GEditDataset(Dataset):
                     continue
                 self.rows.append({"file": f, "row": i, "key": str(cols["key"][i]), "task": str(cols["task_type"][i]),
                                   "prompt": prompt, "language": lang, "intersection": bool(cols["Intersection_exist"][i])})
-            del images
         if self.skipped_rows:
             log.warning("%s: skipped %d rows: %s", path, sum(self.skipped_rows.values()), dict(self.skipped_rows))
         if not self.rows:
