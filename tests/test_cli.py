@@ -184,3 +184,41 @@ def test_supervised_objective_requires_targets_unless_told_otherwise():
     cli = Stop(EditR1Module, EditDataModule, args=["fit", "--config", str(ROOT / "configs" / "demo.yaml")],
                auto_configure_optimizers=False)
     assert cli.config.fit.data.targets == "auto"
+
+
+def test_a_renamed_key_names_its_new_name(tmp_path):
+    old = tmp_path / "old.yaml"
+    old.write_text("model:\n  rollout:\n    lower_order_second: true\n")
+    for extra in (["-c", str(old)], ["--model.rollout.lower_order_second=true"]):
+        with pytest.raises(SystemExit, match="first_order_second_to_last"):
+            cli_main(["fit", *DEMO, *extra], run=True)
+
+
+RECIPE = ROOT / "configs" / "recipes" / "edit_r1_reference.yaml"
+
+
+@pytest.mark.parametrize("model", ["flux_kontext_dev", "qwen_image_edit_2509"])
+def test_reference_recipe_composes_with_the_paper_configs(model):
+    cfg = parse(ROOT / "configs" / "model" / f"{model}.yaml",
+                ROOT / "configs" / "reward" / "qwen25vl_32b_vllm_reference.yaml", RECIPE,
+                ROOT / "configs" / "trainer" / "gpu.yaml")
+    f = cfg.reward.filter
+    assert (f.rule, f.ban, f.ban_rule, f.group_by) == ("strict", True, "paper", "instruction")
+    assert cfg.reward.on_failure == "zero"
+    assert cfg.model.nft.normalize == "reference" and cfg.model.rollout.first_order_second_to_last is False
+    judge = cfg.reward.model.init_args
+    assert (judge.image_format, judge.digit_tokens, judge.max_pixels) == ("jpeg", "plain", None)
+    assert cfg.model.policy.init_args.resolution == 512  # the model config's own settings stay
+
+
+def test_reference_recipe_runs_a_cpu_smoke_fit(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = cli_main(["fit", "-c", str(ROOT / "configs" / "demo.yaml"), "-c", str(RECIPE),
+                    "-c", str(ROOT / "configs" / "demo_smoke.yaml"), "--trainer.max_steps=2",
+                    "--trainer.enable_progress_bar=false"])
+    assert cli.trainer.global_step == 2
+    cb = next(c for c in cli.trainer.callbacks if isinstance(c, RewardCallback))
+    assert cb.filter.rule == "strict" and cb.filter.group_by == "instruction"
+    assert cli.model.nft.normalize == "reference" and cli.model.use_ema
+    assert all(b.startswith("instruction:") for b in cb.banned)
+    assert "val/reward" in cli.trainer.callback_metrics

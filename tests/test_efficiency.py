@@ -24,7 +24,7 @@ PROMPTS = ["make the red circle blue", "add a green square", "remove the triangl
 def module(efficiency: EfficiencySettings = EfficiencySettings(), **nft) -> EditR1Module:
     torch.manual_seed(0)  # the LoRA initialisation draws from the global generator
     m = EditR1Module(policy=tiny_policy(), lora=LoraSettings(rank=4, alpha=8.0, init="true"),
-                     nft=NFTSettings(micro_batch_size=4, **nft), seed=7, efficiency=efficiency)
+                     nft=NFTSettings(**{"micro_batch_size": 4, **nft}), seed=7, efficiency=efficiency)
     m.setup("fit")
     opt = m.configure_optimizers()
     m.optimizers = lambda: opt
@@ -145,6 +145,69 @@ def test_filtered_groups_cost_nothing_and_change_nothing():
     loss_kept, grads_kept = loss_and_grads(m2, step_data(m2, [0, 2]))
     assert loss_full == pytest.approx(loss_kept, rel=1e-6)
     assert_grads_close(grads_full, grads_kept, rtol=1e-5, atol=1e-8)
+
+
+def _scaled(grads: dict, factor: float) -> dict:
+    return {k: v * factor for k, v in grads.items()}
+
+
+def test_reference_normalisation_by_hand():
+    """nft.normalize: reference. 4 groups × K 3 = 12 samples, groups 0 and 2 kept (6 samples).
+    Micro-batch 1: every kept sample is alone in its micro-batch and there are 12 micro-batches, so each kept
+    sample weighs 1/12 instead of 1/6 — the step is the kept-mode step × 6/12, whatever the shuffle.
+    Micro-batch 12: one micro-batch, its mean over the 6 kept samples — the kept-mode step exactly."""
+    kept_grads = {}
+    for mb in (1, 12):
+        m = module(kl_weight=1e-4, micro_batch_size=mb)
+        _, kept_grads[mb] = loss_and_grads(m, step_data(m, [0, 1, 2, 3], keep=[0, 2]))
+    m = module(kl_weight=1e-4, micro_batch_size=1, normalize="reference")
+    _, ref1 = loss_and_grads(m, step_data(m, [0, 1, 2, 3], keep=[0, 2]))
+    assert_grads_close(ref1, _scaled(kept_grads[1], 6 / 12), rtol=1e-5, atol=1e-9)
+    m = module(kl_weight=1e-4, micro_batch_size=12, normalize="reference")
+    _, ref12 = loss_and_grads(m, step_data(m, [0, 1, 2, 3], keep=[0, 2]))
+    assert_grads_close(ref12, kept_grads[12], rtol=1e-5, atol=1e-9)
+    # nothing filtered, micro-batch 1: 12 micro-batches of one kept sample each → 1/12 each, as in kept mode
+    m = module(micro_batch_size=1, normalize="reference")
+    _, ref_all = loss_and_grads(m, step_data(m, [0, 1, 2, 3]))
+    m = module(micro_batch_size=1)
+    _, kept_all = loss_and_grads(m, step_data(m, [0, 1, 2, 3]))
+    assert_grads_close(ref_all, kept_all, rtol=1e-5, atol=1e-9)
+
+
+def test_reference_normalisation_filtered_samples_cost_nothing():
+    """P3 holds under nft.normalize: reference too: the masked samples are weighed, never computed."""
+    m = module(kl_weight=1e-4, normalize="reference")
+    calls = []
+    velocity = m.policy.velocity
+
+    def counting(x_t, t, cond):
+        calls.append(x_t.shape[0])
+        return velocity(x_t, t, cond)
+
+    m.policy.velocity = counting
+    loss_and_grads(m, step_data(m, [0, 1, 2, 3], keep=[0, 2]))
+    assert sum(calls) == 3 * 3 * 2 * 3  # (θ_old, reference, θ) × 3 rounds × 2 kept groups × K
+
+
+def test_reference_normalisation_steps_on_a_zero_gradient_when_all_is_filtered():
+    """The reference takes an optimiser step (zero gradient: AdamW's weight decay still moves the weights) when
+    every sample is masked; editr1's default skips the step and leaves the weights alone."""
+    for normalize, steps in (("kept", 0), ("reference", 1)):
+        m = module(normalize=normalize)
+        before = lora.adapter_state(m.policy.transformer, lora.DEFAULT)
+        taken = []
+        real = m._clip_and_step
+
+        def counting(opt, real=real):
+            taken.append(1)
+            return real(opt)
+
+        m._clip_and_step = counting
+        m.training_step({"rl": step_data(m, [0, 1], keep=[])}, 0)
+        assert len(taken) == steps and m.skipped_steps == 1
+        after = lora.adapter_state(m.policy.transformer, lora.DEFAULT)
+        changed = any(not torch.equal(before[k], after[k]) for k in before)
+        assert changed == (normalize == "reference")
 
 
 def test_one_batched_group_equals_separate_calls():

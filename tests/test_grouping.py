@@ -302,3 +302,66 @@ def test_decide_validation():
         decide(good, std_mode="local")
     with pytest.raises(ValueError):
         decide(good, nan_policy="drop")
+
+
+# ---------------------------------------------------------------------------------------------- reference parity
+
+
+def test_group_statistics_in_float64_whatever_the_reward_dtype():
+    """An all-equal float32 group: mean exactly its value, std exactly 0, r exactly 0.5 under the group std
+    (float32 statistics gave 0.5001: the mean missed 0.7 by an ulp, then /(0 + 1e-4) amplified it)."""
+    rewards = torch.tensor([[0.7] * 12, [0.1, 0.3] * 6], dtype=torch.float32)
+    mean, std = group_stats(rewards)
+    assert mean.dtype == F64 and std.dtype == F64
+    assert float(mean[0]) == float(torch.tensor(0.7, dtype=torch.float32)) and float(std[0]) == 0.0
+    d = decide(rewards, std_mode="group", rule="none")
+    assert d.r.dtype == F64
+    assert torch.equal(d.r[0], torch.full((12,), 0.5, dtype=F64))
+    # what float32 statistics give for the same group: not 0.5
+    m32 = rewards[0].sum() / 12
+    assert float(((rewards[0] - m32) / 1e-4).abs().max()) > 1e-4
+
+
+def test_strict_mask_with_paper_ban_rule():
+    """The reference masks with the strict rule and bans with the paper's (ban_rule), by hand:
+    g0 mean 0.95 std 0 → masked (strict) and banned (paper); g1 mean 0.5 std 0.03 → masked (std < τσ), not
+    banned (mean < τμ); g2 mean 0.5 std 0.3 → kept, not banned."""
+    rewards = t64([[0.95, 0.95], [0.47, 0.53], [0.2, 0.8]])
+    d = decide(rewards, rule="strict", ban_rule="paper")
+    assert d.dropped_low_variance.tolist() == [True, True, False]
+    assert d.ban.tolist() == [True, False, False]
+    assert d.train_mask.tolist() == [[False, False], [False, False], [True, True]]
+    same = decide(rewards, rule="strict")  # ban_rule defaults to the mask rule
+    assert same.ban.tolist() == [True, True, False]
+    none = decide(rewards, rule="none", ban_rule="paper")  # everything trains; bans still follow the paper rule
+    assert none.train_mask.all() and none.ban.tolist() == [True, False, False]
+
+
+def test_ban_rule_never_bans_a_group_dropped_for_nan():
+    d = decide(t64([[0.95, NAN], [0.95, 0.95]]), ban_rule="paper", rule="none")
+    assert d.dropped_nan.tolist() == [True, False] and d.ban.tolist() == [False, True]
+
+
+def test_pooled_groups_share_mean_and_std_by_hand():
+    """group_by instruction: rows 0 and 2 share an instruction → one group of 4 samples.
+    Pool {0.2, 0.4, 0.6, 0.8}: mean 0.5, population std sqrt((0.09 + 0.01 + 0.01 + 0.09)/4) = sqrt(0.05).
+    Row 1 alone: {0.9, 0.9} mean 0.9 std 0."""
+    from editr1.algorithms.grouping import pool_index
+
+    pool = pool_index(["make it red", "add a cat", "make it red"])
+    assert pool.tolist() == [0, 1, 0]
+    rewards = t64([[0.2, 0.4], [0.9, 0.9], [0.6, 0.8]])
+    mean, std = group_stats(rewards, pool)
+    assert_close(mean, [0.5, 0.9, 0.5])
+    assert_close(std, [math.sqrt(0.05), 0.0, math.sqrt(0.05)])
+    s = math.sqrt(0.05) + 1e-4
+    a = advantages(rewards, "group", pool=pool)
+    assert_close(a, [[-0.3 / s, -0.1 / s], [0.0, 0.0], [0.1 / s, 0.3 / s]])
+    # unpooled, rows 0 and 2 would each be centred on their own mean
+    assert_close(advantages(rewards, "group")[0], [-0.1 / 0.1001, 0.1 / 0.1001])
+    d = decide(rewards, pool=pool, std_threshold=0.3, mean_threshold=0.6)  # paper: pooled mean 0.5 < 0.6 → kept
+    assert d.dropped_low_variance.tolist() == [False, True, False]
+    nan_pool = group_stats(t64([[NAN, NAN], [0.4, NAN]]), torch.tensor([0, 0]))
+    assert_close(nan_pool[0], [0.4, 0.4]) and assert_close(nan_pool[1], [0.0, 0.0])
+    with pytest.raises(ValueError, match="pool"):
+        group_stats(rewards, torch.tensor([0, 1]))

@@ -79,6 +79,23 @@ def test_adapters_start_identical(model, base_transformer, inputs):
     torch.testing.assert_close(forward(model, inputs), forward(base_transformer, inputs), atol=1e-6, rtol=0)
 
 
+def test_old_init_independent_keeps_its_own_a_and_is_still_the_base(base_transformer, inputs):
+    """lora.old_init: independent (the reference's add_adapter("old")): θ_old has its own random A, B = 0 like
+    every adapter, so it is the base model too; the EMA adapter still starts as a copy of θ."""
+    m = copy.deepcopy(base_transformer)
+    torch.manual_seed(3)
+    lora.add_adapters(m, LoraSettings(rank=4, alpha=8.0, old_init="independent"), NAMES)
+    default, old = lora.adapter_state(m, "default"), lora.adapter_state(m, "old")
+    a_keys = [k for k in default if "lora_A" in k]
+    assert a_keys and all(not torch.equal(default[k], old[k]) for k in a_keys)
+    assert all(not old[k].any() for k in old if "lora_B" in k)
+    assert states_equal(lora.adapter_state(m, "ema"), default)
+    with lora.using(m, "old"):
+        torch.testing.assert_close(forward(m, inputs), forward(base_transformer, inputs), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="old_init"):
+        LoraSettings(old_init="random")
+
+
 def test_only_default_requires_grad(model):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable

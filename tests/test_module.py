@@ -400,3 +400,62 @@ def test_sft_batch_with_nothing_readable_is_skipped_not_a_crash(tmp_path):
     trainer = small_trainer([RewardCallback(model=SceneReward())], max_steps=5, max_epochs=2)
     trainer.fit(module, datamodule=data)
     assert trainer.global_step == 2 and module.skipped_steps == 2  # one good row per epoch; the bad one skipped
+
+
+def test_ban_rule_bans_with_one_rule_while_the_mask_follows_another():
+    """reward.filter.ban_rule: every group trains (rule none) yet all are banned (paper rule: mean 1 > 0.9,
+    std 0 < 0.05), so the second epoch rolls nothing out."""
+    from editr1.data import EditDataModule, SceneConfig
+
+    data = EditDataModule(scenes=SceneConfig(size=32), batch_size=2, train_size=4, val_size=2)
+    module = small_module()
+    cb = RewardCallback(model=ConstantReward(1.0), filter=FilterSettings(rule="none", ban=True, ban_rule="paper"),
+                        log_images_every_n_steps=0)
+    trainer = small_trainer([cb], max_steps=10, max_epochs=2)
+    trainer.fit(module, datamodule=data)
+    assert trainer.global_step == 2  # both first-epoch batches trained (rule none masked nothing)
+    assert module.skipped_steps == 2  # the second epoch's batches were banned whole
+    assert len(cb.banned) == 4 and cb.counts["banned_prompts_skipped"] == 4
+    assert module.rollouts_done == 2
+
+
+class SplitReward(RewardModel):
+    """0.2 for every edit of the batch's first source, 0.8 for the second's."""
+
+    def score(self, inputs):
+        return torch.tensor([0.2 if g == 0 else 0.8 for g in inputs.source_ids])
+
+
+def test_group_by_instruction_pools_rows_that_share_an_instruction(tmp_path):
+    """Two images with the same instruction: grouped by key they are two groups (means 0.2 and 0.8); grouped by
+    instruction text (the reference code's keying) one group of 2K samples, mean 0.5, and a ban names the
+    instruction, so the same instruction on any image is skipped afterwards."""
+    import json
+
+    from PIL import Image
+
+    from editr1.data import EditDataModule
+
+    (tmp_path / "images").mkdir()
+    for name, colour in (("a.png", "red"), ("b.png", "blue")):
+        Image.new("RGB", (32, 32), colour).save(tmp_path / "images" / name)
+    rows = [{"prompt": "make it green", "image": f"images/{n}"} for n in ("a.png", "b.png")]
+    (tmp_path / "train_metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    means, banned = {}, {}
+    for group_by in ("key", "instruction"):
+        data = EditDataModule(path=str(tmp_path), batch_size=2, shuffle=False)
+        module = small_module()
+        # everything trains (rule none); the strict rule with τσ 0.5 bans both key groups (std 0) and the pooled
+        # instruction group (std 0.3)
+        f = FilterSettings(rule="none", group_by=group_by, ban=True, ban_rule="strict", std_threshold=0.5)
+        cb = RewardCallback(model=SplitReward(), filter=f, log_images_every_n_steps=0)
+        rec = Recorder()
+        small_trainer([cb, rec], max_steps=1).fit(module, datamodule=data)
+        means[group_by] = rec.steps[0].decision.mean.tolist()
+        banned[group_by] = cb.banned
+    assert means["key"] == pytest.approx([0.2, 0.8])
+    assert means["instruction"] == pytest.approx([0.5, 0.5])
+    assert len(banned["key"]) == 2 and not any(b.startswith("instruction:") for b in banned["key"])
+    assert banned["instruction"] == {"instruction:make it green"}
+    with pytest.raises(ValueError, match="group_by"):
+        FilterSettings(group_by="prompt")

@@ -322,3 +322,32 @@ def test_switched_off_sample_with_nan_r_does_not_poison_the_loss():
     torch.testing.assert_close(out.loss, ref.loss)
     out.loss.backward()
     assert torch.isfinite(v_theta.grad).all() and torch.equal(v_theta.grad[1], torch.zeros(3))
+
+
+# ---------------------------------------------------------------------------------------------- loss normalisation
+
+
+def test_reference_sample_weights_by_hand():
+    """6 samples, micro-batch 2, shuffled order [4, 1, 0, 5, 3, 2] → micro-batches {4, 1}, {0, 5}, {3, 2}.
+    Kept: 0, 1, 2, 3 (4 and 5 filtered). Micro-batch 1 holds one kept sample (1), 2 holds one (0), 3 holds two.
+    Weights 1 / (kept in its micro-batch × 3 micro-batches): sample 1 → 1/3, 0 → 1/3, 2 and 3 → 1/6."""
+    from editr1.algorithms.nft import reference_sample_weights
+
+    mask = torch.tensor([True, True, True, True, False, False])
+    order = torch.tensor([4, 1, 0, 5, 3, 2])
+    w = reference_sample_weights(mask, order, micro_batch_size=2)
+    assert w.dtype == torch.float64
+    torch.testing.assert_close(w, torch.tensor([1 / 3, 1 / 3, 1 / 6, 1 / 6, 0.0, 0.0], dtype=torch.float64))
+    # two processes: DDP averages → every weight halves
+    torch.testing.assert_close(reference_sample_weights(mask, order, 2, world=2), w / 2)
+    # the more is filtered, the smaller the step: total weight = non-empty micro-batches / micro-batches
+    assert float(w.sum()) == pytest.approx(1.0)
+    only_one = torch.tensor([False, False, True, False, False, False])
+    assert float(reference_sample_weights(only_one, order, 2).sum()) == pytest.approx(1 / 3)
+    # a ragged last micro-batch (5 samples, micro-batch 2 → 3 micro-batches, the last holds sample 4 alone)
+    w5 = reference_sample_weights(torch.ones(5, dtype=torch.bool), torch.arange(5), 2)
+    torch.testing.assert_close(w5, torch.tensor([1 / 6, 1 / 6, 1 / 6, 1 / 6, 1 / 3], dtype=torch.float64))
+    # nothing kept: all zero (the reference still steps, on a zero gradient)
+    assert not reference_sample_weights(torch.zeros(6, dtype=torch.bool), order, 2).any()
+    with pytest.raises(ValueError, match="permutation"):
+        reference_sample_weights(mask, torch.tensor([0, 0, 1, 2, 3, 4]), 2)

@@ -72,3 +72,27 @@ def test_prompt_template_inline_file_and_validation(tmp_path):
         load_template("rate it")
     with pytest.raises(FileNotFoundError):
         load_template(template_file=str(tmp_path / "missing.txt"))
+
+
+def test_digit_tokens_pooled_or_plain_and_missing_digits_renormalize_or_fail():
+    from editr1.rewards.scoring import score_top_logprobs
+
+    # " 3" (0.2) beside "3" (0.3), "5" (0.1), a word (0.4): pooled digit mass 0.6, plain 0.4
+    top = [("3", math.log(0.3)), (" 3", math.log(0.2)), ("5", math.log(0.1)), ("ok", math.log(0.4))]
+    s, mass = score_top_logprobs(top)
+    assert mass == pytest.approx(0.6) and s == pytest.approx((0.5 * 3 + 0.1 * 5) / 0.6 / 5)
+    s, mass = score_top_logprobs(top, digit_tokens="plain")  # the reference reads only the six plain ids
+    assert mass == pytest.approx(0.4) and s == pytest.approx((0.3 * 3 + 0.1 * 5) / 0.4 / 5)
+    # fail: four of the six digits are missing → NaN, the mass is still reported
+    s, mass = score_top_logprobs(top, missing_digits="fail")
+    assert math.isnan(s) and mass == pytest.approx(0.6)
+    full = [(str(d), math.log(p)) for d, p in enumerate([0.05, 0.05, 0.1, 0.2, 0.3, 0.2])]
+    s_fail, m_fail = score_top_logprobs(full, missing_digits="fail")
+    s_ren, m_ren = score_top_logprobs(full)
+    expected = (0.05 + 0.2 + 0.6 + 1.2 + 1.0) / 0.9 / 5
+    assert s_fail == pytest.approx(expected) and s_ren == pytest.approx(expected) and m_fail == pytest.approx(0.9)
+    assert score_top_logprobs([("yes", -0.1)]) == (pytest.approx(float("nan"), nan_ok=True), 0.0)
+    with pytest.raises(ValueError, match="digit_tokens"):
+        score_top_logprobs(top, digit_tokens="spaces")
+    with pytest.raises(ValueError, match="missing_digits"):
+        score_top_logprobs(top, missing_digits="zero")

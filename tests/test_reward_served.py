@@ -149,6 +149,40 @@ def test_digits_missing_from_top_logprobs_is_nan_without_retrying():
     assert c.stats() == {"requests": 2.0, "failed/no_digits": 2.0}
 
 
+def test_missing_digits_renormalize_or_fail_and_the_digit_mass_is_reported():
+    """Only "4" (0.6) and "1" (0.2) come back: renormalised 0.65 (the default) or NaN under missing_digits: fail,
+    counted as failed/missing_digits and never retried; the digit mass 0.8 is reported either way."""
+    top = [("4", math.log(0.6)), ("1", math.log(0.2)), ("yes", math.log(0.1))]
+    with FakeOpenAI([("ok", top), ("ok", [("2", math.log(0.3)), ("yes", math.log(0.6))])]) as fake:
+        c = client(fake.url, max_concurrency=1)
+        s = c.score(inputs(2))
+        stats = c.step_stats()
+        c.close()
+    assert s.tolist() == pytest.approx([0.65, 0.4])
+    assert stats == pytest.approx({"digit_mass_mean": 0.55, "digit_mass_min": 0.3})
+    assert c.step_stats() == {}  # read once per step
+    with FakeOpenAI([("ok", top)]) as fake:
+        c = client(fake.url, missing_digits="fail")
+        s = c.score(inputs(2))
+        c.close()
+    assert torch.isnan(s).all()
+    assert c.stats() == {"requests": 2.0, "failed/missing_digits": 2.0}
+    assert c.step_stats() == pytest.approx({"digit_mass_mean": 0.8, "digit_mass_min": 0.8})
+    with pytest.raises(ValueError, match="missing_digits"):
+        client("http://127.0.0.1:1/v1", missing_digits="zero")
+
+
+def test_plain_digit_tokens_ignore_space_variants():
+    top = [(" 5", math.log(0.5)), ("1", math.log(0.25)), ("3", math.log(0.25))]
+    with FakeOpenAI([("ok", top)]) as fake:
+        pooled, plain = client(fake.url), client(fake.url, digit_tokens="plain")
+        a, b = pooled.score(inputs(1)), plain.score(inputs(1))
+        pooled.close()
+        plain.close()
+    assert float(a) == pytest.approx((0.5 * 5 + 0.25 + 0.75) / 5)
+    assert float(b) == pytest.approx((0.5 * 1 + 0.5 * 3) / 5)
+
+
 def test_wrong_chosen_token_still_scores_from_the_digits_present():
     top = [("Sure", -0.2), ("5", math.log(0.3)), ("3", math.log(0.1))]
     with FakeOpenAI([("ok_chosen", top, "Sure")]) as fake:
@@ -216,6 +250,7 @@ def test_fit_step_with_the_served_reward(server, tmp_path, monkeypatch):
     metrics = cli.trainer.callback_metrics
     assert float(metrics["reward_model/requests"]) == 8
     assert 0.0 <= float(metrics["reward/mean"]) <= 1.0
+    assert 0.0 < float(metrics["reward_model/digit_mass_min"]) <= float(metrics["reward_model/digit_mass_mean"]) <= 1.0
 
 
 class Outage(L.Callback):
@@ -278,6 +313,16 @@ def test_judge_outage_mid_run_drops_the_steps_groups_and_training_resumes_after(
     assert all(torch.equal(a, b) for a, b in zip(outage.weights_when_down, outage.weights_after_outage))
     failed = {k: v for k, v in cb.model.stats().items() if k.startswith("failed/")}
     assert failed == {"failed/connection": 8.0}
+
+
+def test_judge_outage_with_on_failure_zero_trains_on_zeros_and_counts_them(local, tmp_path):
+    """on_failure: zero (the reference code's behaviour): the outage step's 8 failed judgements score 0.0, are
+    counted, and the step trains (no group is dropped for NaN)."""
+    trainer, module, cb, outage = _outage_fit(local, tmp_path, "zero", restart=True)
+    assert trainer.global_step == 3 and module.skipped_steps == 0
+    assert cb.counts["rewards_failed_as_zero"] == 8 and cb.counts["rewards_nan"] == 0
+    assert cb.counts["groups_dropped_nan"] == 0
+    assert not all(torch.equal(a, b) for a, b in zip(outage.weights_when_down, outage.weights_after_outage))
 
 
 def test_judge_outage_with_on_failure_stop_stops_with_a_checkpoint(local, tmp_path):

@@ -85,7 +85,7 @@ def test_dpmpp_matches_diffusers_multistep_scheduler(linear_velocity, num_steps,
     assert float(sigmas[0]) < 1.0 and float(sigmas[-1]) == 0.0 and len(sigmas) == num_steps + 1
     noise = _noise()
     expected = _run_diffusers(scheduler, linear_velocity, noise)
-    ours = sample(linear_velocity, noise, sigmas, solver="dpmpp_2m", lower_order_second=False)
+    ours = sample(linear_velocity, noise, sigmas, solver="dpmpp_2m")  # the default orders
     torch.testing.assert_close(ours, expected, atol=2e-6, rtol=1e-6)
     # the comparison is meaningful: the second-order correction changes the answer
     if num_steps >= 3:
@@ -102,22 +102,26 @@ def test_dpmpp_matches_diffusers_from_sigma_one(linear_velocity, num_steps):
     noise = _noise(seed=2)
     expected = _run_diffusers(scheduler, linear_velocity, noise)
     assert torch.isfinite(expected).all()
-    ours = sample(linear_velocity, noise, sigmas, solver="dpmpp_2m", lower_order_second=False)
+    ours = sample(linear_velocity, noise, sigmas, solver="dpmpp_2m")  # the default orders
     assert torch.isfinite(ours).all()
     torch.testing.assert_close(ours, expected, atol=2e-6, rtol=1e-6)
 
 
 # ------------------------------------------------------------------------------- order table
 def test_dpmpp_order_table():
-    assert [dpmpp_order(i, 6) for i in range(6)] == [1, 2, 2, 2, 1, 1]
-    assert [dpmpp_order(i, 6, lower_order_second=False) for i in range(6)] == [1, 2, 2, 2, 2, 1]
-    assert [dpmpp_order(i, 14) for i in range(14)] == [1] + [2] * 11 + [1, 1]
-    # 15 steps or more: only the first and the last step are first order
-    assert [dpmpp_order(i, 15) for i in range(15)] == [1] + [2] * 13 + [1]
+    # the default: first order on the first and the last step only (the reference code's solver, whose
+    # `lower_order_second` branch selects the second-order update, and diffusers' multistep scheduler)
+    assert [dpmpp_order(i, 6) for i in range(6)] == [1, 2, 2, 2, 2, 1]
+    assert [dpmpp_order(i, 14) for i in range(14)] == [1] + [2] * 12 + [1]
+    assert [dpmpp_order(i, 3) for i in range(3)] == [1, 2, 1]
     assert [dpmpp_order(i, 1) for i in range(1)] == [1]
     assert [dpmpp_order(i, 2) for i in range(2)] == [1, 1]
-    assert [dpmpp_order(i, 3) for i in range(3)] == [1, 1, 1]
-    assert [dpmpp_order(i, 3, lower_order_second=False) for i in range(3)] == [1, 2, 1]
+    # the earlier editr1 rule, kept as an option: also first order on the second-to-last step below 15 steps
+    old = {"first_order_second_to_last": True}
+    assert [dpmpp_order(i, 6, **old) for i in range(6)] == [1, 2, 2, 2, 1, 1]
+    assert [dpmpp_order(i, 14, **old) for i in range(14)] == [1] + [2] * 11 + [1, 1]
+    assert [dpmpp_order(i, 15, **old) for i in range(15)] == [1] + [2] * 13 + [1]
+    assert [dpmpp_order(i, 3, **old) for i in range(3)] == [1, 1, 1]
 
 
 def _record(velocity):
@@ -132,20 +136,20 @@ def _record(velocity):
     return wrapped, calls
 
 
-@pytest.mark.parametrize("lower_order_second", [True, False])
-def test_second_to_last_step_order(linear_velocity, lower_order_second):
-    """With < 15 steps and the DESIGN.md rule, the second-to-last update is a first-order one."""
+@pytest.mark.parametrize("first_order_second_to_last", [False, True])
+def test_second_to_last_step_order(linear_velocity, first_order_second_to_last):
+    """By default the second-to-last update is second order; with the earlier rule (< 15 steps) first order."""
     sigmas = torch.tensor([1.0, 0.85, 0.7, 0.5, 0.3, 0.12, 0.0])
     n = len(sigmas) - 1
     wrapped, calls = _record(linear_velocity)
-    final = sample(wrapped, _noise(), sigmas, solver="dpmpp_2m", lower_order_second=lower_order_second)
+    final = sample(wrapped, _noise(), sigmas, solver="dpmpp_2m", first_order_second_to_last=first_order_second_to_last)
     assert len(calls) == n
     (x_a, s_a, x0_a), (x_b, s_b, x0_b), (x_c, s_c, x0_c) = calls[n - 3], calls[n - 2], calls[n - 1]
     assert (s_a, s_b, s_c) == (float(sigmas[n - 3]), float(sigmas[n - 2]), float(sigmas[n - 1]))
     first = dpmpp_first_order(x_b, x0_b, s_b, s_c)
     second = dpmpp_second_order(x_b, x0_b, x0_a, s_a, s_b, s_c)
     assert not torch.allclose(first, second, atol=1e-4)  # the two orders are distinguishable here
-    torch.testing.assert_close(x_c, first if lower_order_second else second, atol=1e-6, rtol=0)
+    torch.testing.assert_close(x_c, first if first_order_second_to_last else second, atol=1e-6, rtol=0)
     # the last step is first order to σ = 0, i.e. the final x0 prediction
     torch.testing.assert_close(final, x0_c, atol=1e-6, rtol=0)
     # a middle step is second order either way
@@ -158,13 +162,13 @@ def test_second_to_last_step_order(linear_velocity, lower_order_second):
 def test_fifteen_steps_keep_second_order_before_last(linear_velocity):
     sigmas = torch.linspace(1.0, 0.0, 16)
     noise = _noise()
-    a = sample(linear_velocity, noise, sigmas, lower_order_second=True)
-    b = sample(linear_velocity, noise, sigmas, lower_order_second=False)
+    a = sample(linear_velocity, noise, sigmas, first_order_second_to_last=True)
+    b = sample(linear_velocity, noise, sigmas, first_order_second_to_last=False)
     assert torch.equal(a, b)
     short = torch.linspace(1.0, 0.0, 8)
     assert not torch.allclose(
-        sample(linear_velocity, noise, short, lower_order_second=True),
-        sample(linear_velocity, noise, short, lower_order_second=False),
+        sample(linear_velocity, noise, short, first_order_second_to_last=True),
+        sample(linear_velocity, noise, short, first_order_second_to_last=False),
         atol=1e-5,
     )
 
@@ -280,7 +284,7 @@ def test_dpmpp_six_steps_beats_euler_six_steps():
     sigmas = torch.linspace(1.0, 0.0, 7)
     err_euler = (sample(mixture_velocity, noise, sigmas, "euler") - reference).abs().mean()
     err_dpm = (sample(mixture_velocity, noise, sigmas, "dpmpp_2m") - reference).abs().mean()
-    full = sample(mixture_velocity, noise, sigmas, "dpmpp_2m", lower_order_second=False)
+    full = sample(mixture_velocity, noise, sigmas, "dpmpp_2m")
     err_dpm_full = (full - reference).abs().mean()
     assert err_dpm < 0.7 * err_euler, (err_dpm, err_euler)  # measured: 0.098 vs 0.189
     assert err_dpm_full < 0.7 * err_euler, (err_dpm_full, err_euler)  # measured: 0.071

@@ -32,13 +32,12 @@ EXPECTED_ROLLOUT = torch.tensor(
 @pytest.mark.parametrize(
     "steps, expected",
     [
-        (6, 5),  # ⌊5.94⌋
-        (1, 1),  # ⌊0.99⌋ = 0 → at least 1
-        (2, 1),  # ⌊1.98⌋
-        (10, 9),  # ⌊9.9⌋
-        (28, 27),  # ⌊27.72⌋
-        (100, 99),  # ⌊99⌋ exactly (no float round-down to 98)
-        (200, 198),  # ⌊198⌋
+        (6, 5),  # int(5.94)
+        (2, 1),  # int(1.98)
+        (10, 9),  # int(9.9)
+        (28, 27),  # int(27.72)
+        (100, 99),  # 100 × 0.99 is exactly 99.0 in floating point
+        (200, 198),  # int(198.0)
     ],
 )
 def test_num_train_timesteps(steps, expected):
@@ -48,8 +47,19 @@ def test_num_train_timesteps(steps, expected):
 def test_num_train_timesteps_fraction():
     assert num_train_timesteps(6, 1.0) == 6
     assert num_train_timesteps(6, 0.5) == 3
-    assert num_train_timesteps(10, 0.3) == 3  # ⌊3.0⌋
-    assert num_train_timesteps(6, 0.01) == 1
+    assert num_train_timesteps(10, 0.3) == 3  # 10 × 0.3 = 3.0000000000000004 → 3
+    # the reference code's rule, int(steps × fraction) on the float product: 100 × 0.29 = 28.999999999999996
+    assert num_train_timesteps(100, 0.29) == 28
+    assert num_train_timesteps(100, 0.57) == 56  # 56.99999999999999
+    assert num_train_timesteps(6, 0.17) == 1  # 1.02
+
+
+def test_num_train_timesteps_zero_is_an_error():
+    """int(1 × 0.99) = 0 would train nothing (the reference divides by it): a clear error names the fix."""
+    with pytest.raises(ValueError, match="timestep_fraction"):
+        num_train_timesteps(1)
+    with pytest.raises(ValueError, match="at least 0.1667"):
+        num_train_timesteps(6, 0.01)
 
 
 @pytest.mark.parametrize("steps, fraction", [(0, 0.99), (-3, 0.99), (6, 0.0), (6, -0.5), (6, 1.01)])

@@ -20,7 +20,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torchmetrics import MeanMetric, SumMetric
 from torchvision.transforms.functional import to_pil_image
 
-from editr1.algorithms.grouping import FilterRule, NanPolicy, decide, global_std
+from editr1.algorithms.grouping import FilterRule, NanPolicy, decide, global_std, pool_index
 from editr1.data.scenes import SceneConfig
 from editr1.evaluation.judges import TextJudge
 from editr1.evaluation.scenes import evaluate_scenes
@@ -38,8 +38,19 @@ class FilterSettings:
     rule: FilterRule = "paper"  # "paper": drop mean > τμ and std < τσ; "strict": keep only std > τσ and mean < τμ; "none"
     mean_threshold: float = 0.9  # τμ
     std_threshold: float = 0.05  # τσ
-    ban: bool = False  # never roll out a prompt again once the filter dropped it
+    ban: bool = False  # never roll out a prompt again once the ban rule marks it
+    ban_rule: FilterRule | None = None  # which groups are banned (with ban: true); null = the same as `rule`
     nan_policy: NanPolicy = "group"  # a reward that failed drops its whole "group" or only the "sample"
+    # what a group is: "key" = one (source image, instruction) row; "instruction" = every row of the step with
+    # the same instruction text shares one mean/std, and bans ban the instruction (the reference code's keying)
+    group_by: Literal["key", "instruction"] = "key"
+
+    def __post_init__(self) -> None:
+        rules = ("paper", "strict", "none")
+        if self.rule not in rules or (self.ban_rule is not None and self.ban_rule not in rules):
+            raise ValueError(f"reward.filter.rule and ban_rule must be one of {rules}, got {self.rule!r}, {self.ban_rule!r}")
+        if self.group_by not in ("key", "instruction"):
+            raise ValueError(f"reward.filter.group_by must be 'key' or 'instruction', got {self.group_by!r}")
 
 
 def check_rewards(rewards: torch.Tensor, n: int) -> None:
@@ -81,7 +92,10 @@ class RewardCallback(Callback):
         on_failure: what a step does when the reward model could not judge some edits (after the served
             client's own bounded retries, ``max_retries`` / ``retry_backoff``, which ride out short outages):
             ``drop`` their groups and count them (``filter/groups_dropped_nan``, ``reward_model/failed/*``),
-            or ``stop`` the run with a checkpoint. Never an invented reward.
+            or ``stop`` the run with a checkpoint. ``zero`` is the released reference code's behaviour, for
+            reproducing it only: a failed judgement scores 0.0 and trains (counted as ``reward/failed_as_zero``,
+            with a warning at the start of the run); it teaches the policy that whatever the judge failed
+            on is the worst edit.
     """
 
     def __init__(
@@ -90,10 +104,10 @@ class RewardCallback(Callback):
         filter: FilterSettings = FilterSettings(),
         log_images_every_n_steps: int = 25,
         image_groups: int = 4,
-        on_failure: Literal["drop", "stop"] = "drop",
+        on_failure: Literal["drop", "stop", "zero"] = "drop",
     ) -> None:
-        if on_failure not in ("drop", "stop"):
-            raise ValueError(f"on_failure must be 'drop' or 'stop', got {on_failure!r}")
+        if on_failure not in ("drop", "stop", "zero"):
+            raise ValueError(f"on_failure must be 'drop', 'stop' or 'zero', got {on_failure!r}")
         self.on_failure = on_failure
         if not isinstance(model, RewardModel):
             raise TypeError(f"reward model must be a RewardModel, got {type(model).__name__}")
@@ -110,6 +124,10 @@ class RewardCallback(Callback):
         return {"banned": sorted(self.banned), "counts": dict(self.counts), "filter": asdict(self.filter)}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        saved = (state_dict.get("filter") or {}).get("group_by", "key")
+        if state_dict.get("banned") and saved != self.filter.group_by:
+            raise ValueError(f"the checkpoint's bans name groups by {saved!r}, this run groups by {self.filter.group_by!r} "
+                             "(reward.filter.group_by): resume with the same setting")
         self.banned = set(state_dict.get("banned", []))
         self.counts = Counter(state_dict.get("counts", {}))
 
@@ -118,6 +136,9 @@ class RewardCallback(Callback):
         self.model.to(trainer.strategy.root_device)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.on_failure == "zero" and trainer.is_global_zero:
+            log.warning("reward.on_failure is 'zero' (the reference code's behaviour): edits the reward model could "
+                        "not judge score 0.0 and are trained on; counted as reward/failed_as_zero")
         # rows the data source rejected when it was read (before any batch) count as skipped data too
         datasets = getattr(getattr(trainer, "datamodule", None), "_datasets", {}) or {}
         rows = getattr(datasets.get("train"), "skipped_rows", None)
@@ -152,6 +173,10 @@ class RewardCallback(Callback):
         if ro is not None:
             rewards = self._collect(futures, ro)
         t2 = time.perf_counter()  # time/reward_s: scoring time not hidden behind the rollout
+        if self.on_failure == "zero":  # the reference code's 0.0 for a failed judgement, counted
+            failed_here = ~torch.isfinite(rewards)
+            self.counts["rewards_failed_as_zero"] += int(failed_here.sum())
+            rewards = torch.where(failed_here, torch.zeros_like(rewards), rewards)
         everything, offset = gather_groups(pl_module, rewards)
         if everything.shape[0] == 0:  # no rank had a prompt
             batch["rl"] = None
@@ -165,15 +190,19 @@ class RewardCallback(Callback):
             )
         nft = pl_module.nft
         f = self.filter
+        pool = None
+        if f.group_by == "instruction":  # rows of the step that share an instruction share their statistics
+            pool = pool_index(self._gather_list(trainer, [] if ro is None else ro.prompts)).to(everything.device)
         decision_all = decide(
             everything, std_mode=nft.std_mode, adv_clip=nft.adv_clip, rule=f.rule, mean_threshold=f.mean_threshold,
             std_threshold=f.std_threshold, nan_policy=f.nan_policy, step_std=global_std(everything),
+            ban_rule=f.ban_rule, pool=pool,
         )
         local = slice(offset, offset + rewards.shape[0])
         decision = type(decision_all)(**{k: v[local] for k, v in vars(decision_all).items()})
         if f.ban:
             self._ban(trainer, [] if ro is None else
-                      [ro.keys[g] for g in decision.dropped_low_variance.nonzero().flatten().tolist()])
+                      [self._ban_id(ro.keys[g], ro.prompts[g]) for g in decision.ban.nonzero().flatten().tolist()])
         self._log_step(pl_module, everything, decision_all, t1 - t0, t2 - t1)
         if ro is None:
             batch["rl"] = None  # this rank idles through the step (training_step joins its collectives)
@@ -188,19 +217,28 @@ class RewardCallback(Callback):
         check_rewards(rewards, ro.edits.shape[0])
         return rewards.view(ro.num_groups, ro.group_size)
 
-    def _ban(self, trainer, keys: list[str]) -> None:
-        """Ban prompts the filter dropped, on every rank alike (a banned prompt may come up on any rank later,
-        and the checkpoint keeps rank 0's list)."""
+    @staticmethod
+    def _gather_list(trainer, items: list) -> list:
+        """Every rank's ``items``, concatenated rank by rank (the order of :func:`gather_groups`)."""
         if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             gathered: list = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, keys)
-            keys = [k for part in gathered for k in part]
-        self.banned.update(keys)
+            torch.distributed.all_gather_object(gathered, list(items))
+            return [x for part in gathered for x in part]
+        return list(items)
+
+    def _ban_id(self, key: str, prompt: str) -> str:
+        """What a ban names: the row's key, or its instruction text under ``group_by: instruction``."""
+        return key if self.filter.group_by == "key" else "instruction:" + prompt
+
+    def _ban(self, trainer, keys: list[str]) -> None:
+        """Ban the prompts the ban rule marked, on every rank alike (a banned prompt may come up on any rank
+        later, and the checkpoint keeps rank 0's list)."""
+        self.banned.update(self._gather_list(trainer, keys))
 
     def _drop_banned(self, batch: dict) -> None:
         if not self.banned:
             return
-        keep = [i for i, k in enumerate(batch["key"]) if k not in self.banned]
+        keep = [i for i, (k, p) in enumerate(zip(batch["key"], batch["prompt"])) if self._ban_id(k, p) not in self.banned]
         self.counts["banned_prompts_skipped"] += len(batch["key"]) - len(keep)
         for f in ("image", "prompt", "requirement", "task", "key"):
             batch[f] = [batch[f][i] for i in keep]
@@ -230,10 +268,14 @@ class RewardCallback(Callback):
             "filter/groups_dropped_low_variance": float(decision.dropped_low_variance.sum()),
             "filter/groups_dropped_nan": float(decision.dropped_nan.sum()),
             "filter/banned_prompts": float(len(self.banned)),
+            "filter/groups_banned": float(decision.ban.sum()) if self.filter.ban else 0.0,
             "time/rollout_s": rollout_s,
             "time/reward_s": reward_s,
         }
+        if self.on_failure == "zero":
+            metrics["reward/failed_as_zero"] = float(self.counts["rewards_failed_as_zero"])
         metrics.update({f"reward_model/{k}": v for k, v in self.model.stats().items()})
+        metrics.update({f"reward_model/{k}": v for k, v in self.model.step_stats().items()})
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=decision.num_groups)
         mean = float(finite.mean()) if finite.numel() else float("nan")
         pl_module.log("reward/mean", mean, on_step=True, on_epoch=False, prog_bar=True, batch_size=decision.num_groups)
@@ -258,6 +300,7 @@ class RewardCallback(Callback):
         self._reset_eval(pl_module)
 
     def _reset_eval(self, pl_module) -> None:
+        self.model.step_stats()  # judgements before this evaluation are not its own
         self._eval = {
             "reward": MeanMetric(nan_strategy="ignore").to(pl_module.device),
             "failed": SumMetric().to(pl_module.device),
@@ -313,6 +356,8 @@ class RewardCallback(Callback):
             return  # nothing scored (the reward needs targets this data does not have)
         pl_module.log(f"{prefix}/reward", self._eval["reward"].compute(), prog_bar=prefix == "val")
         pl_module.log(f"{prefix}/failed", self._eval["failed"].compute())
+        for k, v in self.model.step_stats().items():  # this evaluation's judgements (e.g. digit mass)
+            pl_module.log(f"{prefix}/reward_model/{k}", v)
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         self.model.close()

@@ -84,6 +84,47 @@ def find_last_checkpoint(trainer_cfg) -> tuple[Path, int] | None:
     return best
 
 
+# Config keys that moved: an old key stops the run with the new name instead of jsonargparse's generic error.
+RENAMED_KEYS = {
+    "model.rollout.lower_order_second": (
+        "model.rollout.first_order_second_to_last (inverted: the old default `lower_order_second: true` is "
+        "`first_order_second_to_last: true`; the new default, false, gives the reference code's solver orders)"
+    ),
+}
+
+
+def _flat_keys(tree, prefix: str = "") -> list[str]:
+    if not isinstance(tree, dict):
+        return []
+    out = []
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        out.append(key)
+        out += _flat_keys(v, key + ".")
+    return out
+
+
+def check_renamed_keys(args: list[str]) -> None:
+    """Raise ``SystemExit`` with the new name when a config file or an option uses a renamed key."""
+    import yaml
+
+    keys: list[str] = []
+    for i, a in enumerate(args):
+        path = args[i + 1] if a in ("-c", "--config") and i + 1 < len(args) else (
+            a.split("=", 1)[1] if a.startswith("--config=") else None)
+        if path is not None and Path(path).is_file():
+            try:
+                keys += _flat_keys(yaml.safe_load(Path(path).read_text()) or {})
+            except yaml.YAMLError:
+                pass  # jsonargparse reports the file's syntax error itself
+        elif a.startswith("--"):
+            keys.append(a[2:].split("=", 1)[0])
+    for key in keys:
+        for old, new in RENAMED_KEYS.items():
+            if key == old or key.endswith("." + old):
+                raise SystemExit(f"editr1: the config key `{old}` was renamed: use {new}")
+
+
 def _has_config(args: list[str]) -> bool:
     return any(a in ("-c", "--config") or a.startswith("--config=") for a in args)
 
@@ -124,6 +165,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> EditR1CLI | Non
 
         make_shards_main(raw[1:])
         return None
+    check_renamed_keys(raw[1:] if raw[:1] and raw[0] in SUBCOMMANDS else raw)
     if not run:
         argv = list(args or [])
         argv = argv if _has_config(argv) else ["--config", str(config_path())] + argv

@@ -18,7 +18,7 @@ import lightning as L
 import torch
 
 from editr1.algorithms.flow_matching import flow_matching_loss
-from editr1.algorithms.nft import add_noise, ema_decay, nft_loss, old_policy_eta
+from editr1.algorithms.nft import add_noise, ema_decay, nft_loss, old_policy_eta, reference_sample_weights
 from editr1.algorithms.timesteps import TimestepMode, continuous_timesteps, train_timesteps
 from editr1.policies import lora as adapters
 from editr1.policies.base import EditPolicy
@@ -26,7 +26,9 @@ from editr1.rewards.base import RewardInputs
 from editr1.rollout import Rollout, StepData, group_ids, key_hash, sample_seed
 from editr1.editing import edit_images, encode_padded
 from editr1.sampling import Solver
-from editr1.seeding import EVAL_NOISE, ROLLOUT_NOISE, TRAIN_NOISE, TRAIN_TIMESTEPS, derive_seed, per_sample_rand, per_sample_randn
+from editr1.seeding import (
+    EVAL_NOISE, ROLLOUT_NOISE, TRAIN_NOISE, TRAIN_SHUFFLE, TRAIN_TIMESTEPS, derive_seed, per_sample_rand, per_sample_randn,
+)
 
 # The policy runs in eval mode on purpose (frozen base, deterministic forward passes).
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
@@ -86,7 +88,9 @@ class RolloutSettings:
     steps: int = 6  # solver steps
     solver: Solver = "dpmpp_2m"  # "dpmpp_2m" (DPM-Solver++ 2M in x0 space) or "euler"
     batch_size: int = 12  # samples per denoising forward pass
-    lower_order_second: bool = True  # DPM-Solver++: first order on the second-to-last step when < 15 steps
+    # DPM-Solver++ orders: false = first order on the first and last step only (the reference code and diffusers);
+    # true = also on the second-to-last step below 15 steps (editr1's earlier default)
+    first_order_second_to_last: bool = False
 
     def __post_init__(self) -> None:
         if self.group_size < 1 or self.steps < 1 or self.batch_size < 1:
@@ -102,14 +106,21 @@ class NFTSettings:
     std_mode: Literal["global", "group"] = "global"  # reward std for advantages: whole step or per group
     kl_weight: float = 1e-4  # λ_KL on mean((v_θ − v_ref)²); 0 skips the reference forward
     timesteps: TimestepMode = "rollout"  # "rollout" (the rollout's σ's, permuted), "uniform", "logit_normal"
-    timestep_fraction: float = 0.99  # train on ⌊fraction · steps⌋ timesteps per sample
+    timestep_fraction: float = 0.99  # train on int(steps × fraction) timesteps per sample (the reference rule)
     t_min: float = 0.0  # continuous modes: lower end of t
     t_max: float = 1.0  # continuous modes: upper end of t
     micro_batch_size: int = 4  # samples per forward/backward during training
+    # loss normalisation: "kept" = mean over the kept samples of the step (each weighs 1/kept); "reference" = the
+    # released code's: shuffled micro-batches of kept and filtered samples, each micro-batch's mean over its kept
+    # ones, divided by the number of micro-batches (more filtering, smaller steps; an all-filtered step still
+    # takes an optimiser step with zero gradient). Filtered samples are never computed in either mode.
+    normalize: Literal["kept", "reference"] = "kept"
 
     def __post_init__(self) -> None:
         if self.beta <= 0 or self.adv_clip <= 0 or self.kl_weight < 0 or self.micro_batch_size < 1:
             raise ValueError("nft: beta and adv_clip must be > 0, kl_weight >= 0, micro_batch_size >= 1")
+        if self.normalize not in ("kept", "reference"):
+            raise ValueError(f"nft.normalize must be 'kept' or 'reference', got {self.normalize!r}")
 
 
 @dataclass(frozen=True)
@@ -347,7 +358,7 @@ class EditR1Module(L.LightningModule):
         with policy.adapter(adapters.OLD):
             out = edit_images(
                 policy, sources, prompts, seeds, steps=cfg.steps, solver=cfg.solver, batch_size=cfg.batch_size,
-                group_size=k, lower_order_second=cfg.lower_order_second,
+                group_size=k, first_order_second_to_last=cfg.first_order_second_to_last,
                 on_chunk=chunk_ready if on_chunk is not None else None, min_prompts=min_prompts,
             )
         ro = Rollout(
@@ -370,9 +381,11 @@ class EditR1Module(L.LightningModule):
             )
         n_local = int(data.decision.train_mask.sum()) if data is not None else 0
         n_global = int(self._reduce(n_local))
-        if n_global == 0:  # one decision for all ranks: nobody steps
+        if n_global == 0:  # one decision for all ranks: nobody trains
             self.skipped_steps += 1
             self.log("filter/steps_skipped", float(self.skipped_steps), on_step=True)
+            if self.nft.normalize == "reference":  # the reference still steps, on a zero gradient
+                self._zero_gradient_step()
             return None
         if data is None:
             if self._sharded:
@@ -401,6 +414,12 @@ class EditR1Module(L.LightningModule):
         if self._sharded:  # every rank makes the same forward/backward calls: idle chunks where it has fewer
             chunks = int(self._reduce(chunks, "max"))
         scale = self._loss_world_scale / (n_global * rounds)
+        weights = None  # nft.normalize "kept": every kept sample weighs 1 / n_global
+        if nft.normalize == "reference":
+            n_local = ro.x0.shape[0]
+            order = per_sample_rand(1, [ro.sample_seed(TRAIN_SHUFFLE, i) for i in range(n_local)])[:, 0].argsort()
+            weights = reference_sample_weights(data.decision.train_mask.flatten().cpu(), order, mb, self._world)
+            weights = weights[torch.tensor(idx, dtype=torch.long)].to(self.device)
         sums = {"policy": 0.0, "kl": 0.0, "old_deviation": 0.0}
         for c in range(chunks):
             s = c * mb
@@ -425,11 +444,16 @@ class EditR1Module(L.LightningModule):
                         with policy.adapter(None):
                             v_ref = policy.velocity(x_t, t, cond)
                 v_theta = policy.velocity(x_t, t, cond)
+                w = None if weights is None or idle else weights[s : s + b]
                 out = nft_loss(
                     v_theta, v_old, x_t, x0, t, r, beta=nft.beta, adv_clip=nft.adv_clip, v_ref=v_ref,
-                    kl_weight=nft.kl_weight,
+                    kl_weight=nft.kl_weight, weights=w,
                 )
-                self.manual_backward(out.loss * (0.0 if idle else b * scale))
+                if w is None:
+                    factor = 0.0 if idle else b * scale
+                else:  # out.loss is the w-weighted mean: times Σw gives Σ w·(policy + λ·kl)
+                    factor = float(w.sum()) * self._loss_world_scale / rounds
+                self.manual_backward(out.loss * factor)
                 if idle:
                     continue
                 sums["policy"] += float(out.policy.detach().sum())
@@ -522,6 +546,14 @@ class EditR1Module(L.LightningModule):
         self.log("loss/sft_bar", total / n, prog_bar=True, on_step=True, on_epoch=False, batch_size=n, logger=False)
         return torch.tensor(total / n)
 
+    def _zero_gradient_step(self) -> None:
+        """An optimiser step on a zero gradient (AdamW's moments and weight decay still move the weights),
+        then the θ_old / EMA updates: what the reference code does when every sample of a step is masked."""
+        for p in self.policy.trainable_parameters():
+            p.grad = torch.zeros_like(p)
+        if self._clip_and_step(self.optimizers()) is not None:
+            self._update_shadow_adapters()
+
     def _clip_and_step(self, opt) -> torch.Tensor | None:
         """Clip and take the optimiser step; ``None`` when the gradient is not finite on some rank: the
         step is skipped on every rank (one collective decision) and counted; after
@@ -587,7 +619,7 @@ class EditR1Module(L.LightningModule):
                 with self.policy.adapter(ADAPTERS[cfg.adapter]):
                     edit_images(self.policy, torch.zeros(0, 3, self.policy.height, self.policy.width), [], [],
                                 steps=cfg.steps, solver=cfg.solver, batch_size=cfg.batch_size,
-                                lower_order_second=self.rollout_cfg.lower_order_second, min_prompts=min_prompts)
+                                first_order_second_to_last=self.rollout_cfg.first_order_second_to_last, min_prompts=min_prompts)
             return {"sources": None, "edits": None, "targets": None, "prompts": [], "requirements": [], "keys": [],
                     "tasks": [], "meta": []}
         sources = self.policy.preprocess(batch["image"])
@@ -595,7 +627,7 @@ class EditR1Module(L.LightningModule):
         with self.policy.adapter(ADAPTERS[cfg.adapter]):
             edits = edit_images(
                 self.policy, sources, list(batch["prompt"]), seeds, steps=cfg.steps, solver=cfg.solver,
-                batch_size=cfg.batch_size, lower_order_second=self.rollout_cfg.lower_order_second,
+                batch_size=cfg.batch_size, first_order_second_to_last=self.rollout_cfg.first_order_second_to_last,
                 min_prompts=min_prompts,
             ).images
         targets = self.policy.preprocess(batch["target"]) if batch.get("target") is not None else None

@@ -52,16 +52,19 @@ def dpmpp_second_order(
     return c_x * x + c_0 * x0 + 0.5 * c_0 * d1
 
 
-def dpmpp_order(step: int, num_steps: int, lower_order_second: bool = True) -> int:
+def dpmpp_order(step: int, num_steps: int, first_order_second_to_last: bool = False) -> int:
     """Order of DPM-Solver++(2M) at ``step`` (0-based) of ``num_steps``.
 
-    First order on the first and the last step; with ``lower_order_second`` also on the
-    second-to-last step when there are fewer than 15 steps (the rule in DESIGN.md). With
-    ``lower_order_second=False`` this is diffusers' ``DPMSolverMultistepScheduler`` (solver_order 2).
+    First order on the first and the last step only, second order on every step between (the
+    second-to-last included): the released Edit-R1/DiffusionNFT solver and diffusers'
+    ``DPMSolverMultistepScheduler`` (solver_order 2) — 6 steps give [1, 2, 2, 2, 2, 1].
+    ``first_order_second_to_last`` also makes the second-to-last step first order when there are
+    fewer than 15 steps ([1, 2, 2, 2, 1, 1]): editr1's earlier default, kept so that results measured
+    with it (docs/results.md) can be reproduced.
     """
     if step == 0 or step == num_steps - 1:
         return 1
-    if lower_order_second and step == num_steps - 2 and num_steps < 15:
+    if first_order_second_to_last and step == num_steps - 2 and num_steps < 15:
         return 1
     return 2
 
@@ -72,7 +75,7 @@ def sample(
     noise: torch.Tensor,
     sigmas: torch.Tensor,
     solver: Solver = "dpmpp_2m",
-    lower_order_second: bool = True,
+    first_order_second_to_last: bool = False,
 ) -> torch.Tensor:
     """Integrate the flow ODE from ``noise`` at ``sigmas[0]`` to ``sigmas[-1]`` (normally 0).
 
@@ -94,7 +97,7 @@ def sample(
             x = euler_step(x, v, sig[i], sig[i + 1])
             continue
         x0 = x - sig[i] * v
-        if x0_prev is None or dpmpp_order(i, num_steps, lower_order_second) == 1:
+        if x0_prev is None or dpmpp_order(i, num_steps, first_order_second_to_last) == 1:
             x = dpmpp_first_order(x, x0, sig[i], sig[i + 1])
         else:
             x = dpmpp_second_order(x, x0, x0_prev, sig[i - 1], sig[i], sig[i + 1])

@@ -19,6 +19,7 @@ ROLLOUT_NOISE = 1
 TRAIN_NOISE = 2
 TRAIN_TIMESTEPS = 3
 EVAL_NOISE = 4
+TRAIN_SHUFFLE = 5  # the order of samples in micro-batches (nft.normalize: reference)
 
 
 def _splitmix64(x: int) -> int:

@@ -18,47 +18,72 @@ FilterRule = Literal["paper", "strict", "none"]
 NanPolicy = Literal["group", "sample"]
 
 
-def group_stats(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group mean and population std (ddof = 0) of ``(G, K)`` rewards, ignoring NaN.
+def pool_index(labels: list) -> torch.Tensor:
+    """``(G,)`` integer ids of ``labels`` (any hashable, e.g. instruction texts): rows with equal labels
+    share an id, numbered by first appearance. Used to pool groups that share an instruction."""
+    ids: dict = {}
+    return torch.tensor([ids.setdefault(x, len(ids)) for x in labels], dtype=torch.long)
 
-    A group with no finite reward gets NaN for both.
+
+def group_stats(rewards: torch.Tensor, pool: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group mean and population std (ddof = 0) of ``(G, K)`` rewards, ignoring NaN, in float64
+    whatever the rewards' dtype (an all-equal group has std exactly 0 and mean exactly its value).
+
+    ``pool`` (``(G,)`` ids, see :func:`pool_index`): groups with the same id share one mean and std over
+    all their samples (the reference code keys its statistics by instruction text, so two rows with the
+    same instruction pool). A group with no finite reward gets NaN for both.
     """
     _check_rewards(rewards)
-    finite = torch.isfinite(rewards)
-    count = finite.sum(dim=1)
-    filled = torch.where(finite, rewards, torch.zeros_like(rewards))
-    mean = filled.sum(dim=1) / count.clamp(min=1)
-    sq = torch.where(finite, (rewards - mean[:, None]) ** 2, torch.zeros_like(rewards))
-    std = (sq.sum(dim=1) / count.clamp(min=1)).sqrt()
+    x = rewards.double()
+    finite = torch.isfinite(x)
+    filled = torch.where(finite, x, torch.zeros_like(x))
+    if pool is None:
+        count, total = finite.sum(dim=1), filled.sum(dim=1)
+        mean = total / count.clamp(min=1)
+        sq = torch.where(finite, (x - mean[:, None]) ** 2, torch.zeros_like(x)).sum(dim=1)
+    else:
+        pool = _check_pool(pool, x)
+        n = int(pool.max()) + 1 if pool.numel() else 0
+        count = torch.zeros(n, dtype=torch.long, device=x.device).index_add_(0, pool, finite.sum(dim=1))
+        total = torch.zeros(n, dtype=x.dtype, device=x.device).index_add_(0, pool, filled.sum(dim=1))
+        mean = (total / count.clamp(min=1))[pool]
+        dev = torch.where(finite, (x - mean[:, None]) ** 2, torch.zeros_like(x)).sum(dim=1)
+        sq = torch.zeros(n, dtype=x.dtype, device=x.device).index_add_(0, pool, dev)[pool]
+        count = count[pool]
+    std = (sq / count.clamp(min=1)).sqrt()
     empty = count == 0
     nan = torch.full_like(mean, float("nan"))
     return torch.where(empty, nan, mean), torch.where(empty, nan, std)
 
 
 def global_std(rewards: torch.Tensor) -> torch.Tensor:
-    """Population std over every finite reward (NaN when there is none)."""
-    finite = rewards[torch.isfinite(rewards)]
-    return finite.std(unbiased=False) if finite.numel() > 0 else rewards.new_tensor(float("nan"))
+    """Population std over every finite reward, in float64 (NaN when there is none)."""
+    finite = rewards[torch.isfinite(rewards)].double()
+    return finite.std(unbiased=False) if finite.numel() > 0 else rewards.new_tensor(float("nan"), dtype=torch.float64)
 
 
 def advantages(
-    rewards: torch.Tensor, std_mode: StdMode = "global", step_std: torch.Tensor | None = None
+    rewards: torch.Tensor,
+    std_mode: StdMode = "global",
+    step_std: torch.Tensor | None = None,
+    pool: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``A = (R − mean of its group) / (std + 1e-4)`` for ``(G, K)`` rewards.
+    """``A = (R − mean of its group) / (std + 1e-4)`` for ``(G, K)`` rewards, in float64.
 
     ``std_mode="global"``: std over all finite rewards of the step (population std) — the default;
     pass ``step_std`` when the step's rewards span several processes (gathered first).
-    ``std_mode="group"``: each group's own std. NaN rewards give NaN advantages.
+    ``std_mode="group"``: each group's own std. NaN rewards give NaN advantages. ``pool``: see
+    :func:`group_stats`.
     """
-    mean, group_std = group_stats(rewards)
+    mean, group_std = group_stats(rewards, pool)
     if std_mode == "global":
-        std = global_std(rewards) if step_std is None else step_std.to(rewards)
+        std = global_std(rewards) if step_std is None else step_std.to(device=rewards.device, dtype=torch.float64)
         denom = std + STD_EPS
     elif std_mode == "group":
         denom = group_std[:, None] + STD_EPS
     else:
         raise ValueError(f"std_mode must be 'global' or 'group', got {std_mode!r}")
-    return (rewards - mean[:, None]) / denom
+    return (rewards.double() - mean[:, None]) / denom
 
 
 def optimality_probability(adv: torch.Tensor, clip: float = 5.0) -> torch.Tensor:
@@ -98,9 +123,11 @@ def low_variance_drop(
 class GroupDecision:
     """What one step trains on. All tensors are on the rewards' device.
 
-    ``r``: ``(G, K)`` optimality probability (NaN where the reward is NaN).
+    ``r``: ``(G, K)`` optimality probability (float64; NaN where the reward is NaN).
     ``train_mask``: ``(G, K)`` samples that get a loss.
     ``dropped_low_variance`` / ``dropped_nan``: ``(G,)`` groups removed and why.
+    ``ban``: ``(G,)`` groups whose prompt the ban rule says to ban (used only when bans are on).
+    ``mean`` / ``std``: ``(G,)`` float64 group statistics the filter saw.
     """
 
     r: torch.Tensor
@@ -109,6 +136,11 @@ class GroupDecision:
     dropped_nan: torch.Tensor
     mean: torch.Tensor
     std: torch.Tensor
+    ban: torch.Tensor | None = None  # None: the groups the filter dropped for low variance
+
+    def __post_init__(self) -> None:
+        if self.ban is None:
+            self.ban = self.dropped_low_variance
 
     @property
     def num_groups(self) -> int:
@@ -130,18 +162,22 @@ def decide(
     std_threshold: float = 0.05,
     nan_policy: NanPolicy = "group",
     step_std: torch.Tensor | None = None,
+    ban_rule: FilterRule | None = None,
+    pool: torch.Tensor | None = None,
 ) -> GroupDecision:
     """Advantages, r and the filter for one step's ``(G, K)`` rewards (all ranks gathered).
 
     ``nan_policy="group"`` drops every group that holds a NaN reward; ``"sample"`` drops only the
     NaN samples and keeps the rest of their group. Either way a NaN sample gets no loss.
-    Statistics (group means, the global std) are computed over finite rewards only; ``step_std``
-    overrides the global std (all ranks' rewards).
+    Statistics (group means, the global std) are computed over finite rewards only, in float64;
+    ``step_std`` overrides the global std (all ranks' rewards). ``ban_rule`` (default: ``rule``) marks
+    the groups whose prompt is to be banned — the reference code masks with ``strict`` and bans with
+    ``paper``. ``pool``: groups with equal ids share their statistics (see :func:`group_stats`).
     """
     if nan_policy not in ("group", "sample"):
         raise ValueError(f"nan_policy must be 'group' or 'sample', got {nan_policy!r}")
-    mean, std = group_stats(rewards)
-    r = optimality_probability(advantages(rewards, std_mode, step_std), adv_clip)
+    mean, std = group_stats(rewards, pool)
+    r = optimality_probability(advantages(rewards, std_mode, step_std, pool), adv_clip)
     finite = torch.isfinite(rewards)
     if nan_policy == "group":
         dropped_nan = ~finite.all(dim=1)
@@ -150,7 +186,18 @@ def decide(
     dropped_lv = low_variance_drop(mean, std, rule, mean_threshold, std_threshold) & ~dropped_nan
     keep_group = ~(dropped_lv | dropped_nan)
     train_mask = keep_group[:, None] & finite
-    return GroupDecision(r, train_mask, dropped_lv, dropped_nan, mean, std)
+    if ban_rule is None or ban_rule == rule:
+        ban = dropped_lv
+    else:
+        ban = low_variance_drop(mean, std, ban_rule, mean_threshold, std_threshold) & ~dropped_nan
+    return GroupDecision(r, train_mask, dropped_lv, dropped_nan, mean, std, ban)
+
+
+def _check_pool(pool: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
+    pool = torch.as_tensor(pool, device=rewards.device)
+    if pool.shape != rewards.shape[:1] or pool.dtype not in (torch.int32, torch.int64) or (pool < 0).any():
+        raise ValueError(f"pool must be ({rewards.shape[0]},) non-negative integer ids, got {tuple(pool.shape)} {pool.dtype}")
+    return pool.long()
 
 
 def _check_rewards(rewards: torch.Tensor) -> None:

@@ -90,6 +90,36 @@ def nft_loss(
     return NFTLoss(loss=loss, policy=policy, kl=kl, old_deviation=old_dev)
 
 
+def reference_sample_weights(
+    train_mask: torch.Tensor, order: torch.Tensor, micro_batch_size: int, world: int = 1
+) -> torch.Tensor:
+    """Per-sample loss weights (float64, ``(N,)``) that reproduce the reference code's normalisation.
+
+    The reference shuffles all N samples of a process, kept and masked alike (``order[j]`` is the
+    sample at shuffled position j), cuts them into ``ceil(N / micro_batch_size)`` micro-batches, takes
+    each micro-batch's mean over its kept samples (an all-masked micro-batch adds 0) and divides by the
+    number of micro-batches (its gradient-accumulation steps); DDP then averages over ``world``
+    processes. So a kept sample weighs ``1 / (kept in its micro-batch × micro-batches × world)``, and
+    the more is filtered, the smaller the step. Masked samples weigh 0 and are never computed.
+    (editr1's default weighs every kept sample ``1 / kept over all processes``.)
+    """
+    mask = train_mask.reshape(-1).bool()
+    n = mask.numel()
+    if order.shape != (n,) or not torch.equal(order.sort().values.cpu(), torch.arange(n)):
+        raise ValueError(f"order must be a permutation of {n} sample indices")
+    if micro_batch_size < 1 or world < 1:
+        raise ValueError("micro_batch_size and world must be >= 1")
+    if n == 0:
+        return torch.zeros(0, dtype=torch.float64)
+    position = torch.empty(n, dtype=torch.long)
+    position[order.cpu()] = torch.arange(n)
+    micro = position // micro_batch_size  # the micro-batch each sample falls into
+    n_micro = -(-n // micro_batch_size)
+    kept = torch.zeros(n_micro, dtype=torch.float64).index_add_(0, micro, mask.cpu().double())
+    weights = 1.0 / (kept[micro].clamp(min=1.0) * n_micro * world)
+    return torch.where(mask.cpu(), weights, torch.zeros_like(weights))
+
+
 def _adaptive_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-sample ``mean((pred − target)² / w)`` with ``w = mean|pred − target|`` (float64, no grad)."""
     with torch.no_grad():

@@ -11,12 +11,20 @@ TimestepMode = Literal["rollout", "uniform", "logit_normal"]
 
 
 def num_train_timesteps(num_steps: int, fraction: float = 0.99) -> int:
-    """``⌊fraction · steps⌋`` (at least 1): how many of a rollout's σ's are trained on."""
+    """How many of a rollout's σ's are trained on: ``int(steps · fraction)``, the reference code's rule
+    (the float product, truncated: 100 steps × 0.29 = 28.999… → 28). A setting that gives 0 is an error
+    (the reference would divide by zero)."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    return max(1, math.floor(fraction * num_steps + 1e-9))
+    count = int(num_steps * fraction)
+    if count < 1:
+        raise ValueError(
+            f"timestep_fraction {fraction} of {num_steps} rollout steps trains on int({num_steps} × {fraction}) = 0 "
+            f"timesteps; raise nft.timestep_fraction to at least {1 / num_steps:.4g}"
+        )
+    return count
 
 
 def rollout_timesteps(sigmas: torch.Tensor, keys: torch.Tensor, count: int) -> torch.Tensor:
@@ -71,7 +79,7 @@ def train_timesteps(
     """``(count, batch)`` training timesteps for samples of a rollout with schedule ``sigmas``.
 
     ``keys``: ``(batch, len(sigmas))`` uniform numbers per sample (their only randomness). In every
-    mode the number of rounds is ``⌊fraction · steps⌋`` of the rollout's solver steps.
+    mode the number of rounds is ``int(steps · fraction)`` of the rollout's solver steps.
     """
     count = num_train_timesteps(sigmas.numel(), fraction)
     if mode == "rollout":

@@ -33,8 +33,13 @@ class LoraSettings:
     alpha: float = 64.0  # LoRA α; the update is scaled by α / r
     init: str = "gaussian"  # peft init_lora_weights: "gaussian" (A ~ N, B = 0), "true" (Kaiming A), ...
     target_modules: list[str] = field(default_factory=lambda: list(PAPER_TARGET_MODULES))  # module-name suffixes
+    # how θ_old starts: "copy" = an exact copy of θ; "independent" = its own random A (B = 0, so it is the base
+    # model too), as the reference code's `add_adapter("old", ...)`. The EMA adapter always starts as a copy.
+    old_init: str = "copy"
 
     def __post_init__(self) -> None:
+        if self.old_init not in ("copy", "independent"):
+            raise ValueError(f"lora.old_init must be 'copy' or 'independent', got {self.old_init!r}")
         if self.rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
         if self.alpha <= 0:
@@ -50,7 +55,8 @@ class LoraSettings:
 
 
 def add_adapters(model: nn.Module, settings: LoraSettings, names: list[str]) -> None:
-    """Inject one LoRA adapter per name; every adapter starts as an exact copy of the first one.
+    """Inject one LoRA adapter per name; every adapter starts as an exact copy of the first one (``old``
+    keeps its own initialisation when ``settings.old_init`` is ``independent``).
 
     Only the first adapter (normally ``default``) is trainable and active afterwards. Adapter weights
     are float32 whatever the base's dtype (a bf16 base trains float32 LoRA; peft casts the inputs).
@@ -73,6 +79,8 @@ def add_adapters(model: nn.Module, settings: LoraSettings, names: list[str]) -> 
             if "lora_" in pname and p.dtype != torch.float32:
                 p.data = p.data.float()
     for name in names[1:]:
+        if name == OLD and settings.old_init == "independent":
+            continue
         copy_adapter(model, src=names[0], dst=name)
     activate(model, names[0])
 

@@ -77,6 +77,11 @@ class RewardModel(ABC):
         """Counters worth logging (failures by reason, retries, …); empty by default."""
         return {}
 
+    def step_stats(self) -> dict[str, float]:
+        """Figures about the judgements made since the last call, then reset (e.g. the served judge's digit
+        probability mass); logged once per step as ``reward_model/<name>``. Empty by default."""
+        return {}
+
     def close(self) -> None:
         """Release connections or threads (called when training ends)."""
 

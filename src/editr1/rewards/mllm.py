@@ -199,6 +199,14 @@ class LocalMLLMReward(RewardModel):
         self.judge = MLLMJudge(
             pretrained_model_name_or_path, revision, torch_dtype, quantization, trust_remote_code, tiny, local_files_only
         )
+        self.digit_masses: list[float] = []  # since the last step_stats()
+
+    def step_stats(self) -> dict[str, float]:
+        """The six digit tokens' share of the first-token probability (mean and min since the last call)."""
+        masses, self.digit_masses = self.digit_masses, []
+        if not masses:
+            return {}
+        return {"digit_mass_mean": sum(masses) / len(masses), "digit_mass_min": min(masses)}
 
     def to(self, device: torch.device | str) -> LocalMLLMReward:
         self.judge.load(device)
@@ -217,4 +225,6 @@ class LocalMLLMReward(RewardModel):
         for s in range(0, len(texts), self.batch_size):
             logits = self.judge.next_token_logits(texts[s : s + self.batch_size], images[s : s + self.batch_size])
             out.append(expected_score_from_logits(logits, self.judge.digit_ids).cpu())
+            mass = torch.softmax(logits.float(), dim=-1)[:, self.judge.digit_ids].sum(dim=-1)
+            self.digit_masses.extend(m for m in mass.tolist() if m == m)
         return torch.cat(out)

@@ -2,7 +2,9 @@
 
 ``score = Σ_d p(d)·d / 5`` over d = 0…5, with p the softmax of the first answer token's logits
 restricted to the six digit tokens (their ids come from the tokenizer, never hard-coded). A server
-that returns top-k log-probabilities gives the same value after renormalising over the digits present.
+that returns top-k log-probabilities gives the same value after renormalising over the digits present
+(``missing_digits="renormalize"``), or none when a digit is missing (``"fail"``). The digits' share of
+the returned probability (the *digit mass*) says how much the judge's answer was a digit at all.
 Pure functions; no model here.
 """
 
@@ -10,10 +12,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Literal
 
 import torch
 
 DIGITS = tuple(str(d) for d in range(6))
+DigitTokens = Literal["pooled", "plain"]
+MissingDigits = Literal["renormalize", "fail"]
 
 
 def digit_token_ids(tokenizer) -> list[int]:
@@ -44,20 +49,51 @@ def expected_score_from_logits(logits: torch.Tensor, digit_ids: list[int]) -> to
     return torch.where(torch.isfinite(sub).all(dim=-1), score, torch.full_like(score, float("nan")))
 
 
-def expected_score_from_top_logprobs(top: Iterable[tuple[str, float]]) -> float:
-    """Expected digit / 5 from ``(token, logprob)`` pairs of the first answer token.
+def digit_probabilities(top: Iterable[tuple[str, float]], digit_tokens: DigitTokens = "pooled") -> list[float | None]:
+    """Probability of each digit 0–5 among ``(token, logprob)`` pairs of the first answer token; ``None``
+    where the digit is not among them.
 
-    Tokens are matched after stripping whitespace ("3" and " 3" both count as 3; their
-    probabilities add up). Returns NaN when no digit 0–5 is among them.
+    ``pooled``: tokens are matched after stripping whitespace ("3" and " 3" both count as 3; their
+    probabilities add up). ``plain``: only the six tokens "0"…"5" themselves (the reference code reads
+    just those six ids).
     """
-    mass = [0.0] * len(DIGITS)
-    found = False
+    if digit_tokens not in ("pooled", "plain"):
+        raise ValueError(f"digit_tokens must be 'pooled' or 'plain', got {digit_tokens!r}")
+    mass: list[float | None] = [None] * len(DIGITS)
     for token, logprob in top:
-        t = token.strip()
+        t = token.strip() if digit_tokens == "pooled" else token
         if t in DIGITS and logprob is not None and math.isfinite(logprob):
-            mass[int(t)] += math.exp(logprob)
-            found = True
-    total = sum(mass)
-    if not found or total <= 0:
-        return float("nan")
-    return sum(d * m for d, m in enumerate(mass)) / total / (len(DIGITS) - 1)
+            d = int(t)
+            mass[d] = (mass[d] or 0.0) + math.exp(logprob)
+    return mass
+
+
+def score_top_logprobs(
+    top: Iterable[tuple[str, float]],
+    digit_tokens: DigitTokens = "pooled",
+    missing_digits: MissingDigits = "renormalize",
+) -> tuple[float, float]:
+    """``(score, digit mass)`` from the first answer token's ``(token, logprob)`` pairs.
+
+    score = expected digit / 5 over the digits present, renormalised by their mass (``renormalize``);
+    with ``fail``, NaN unless all six digits are present. NaN when no digit is present. The digit mass
+    is the summed probability of the digits present (0 when none).
+    """
+    if missing_digits not in ("renormalize", "fail"):
+        raise ValueError(f"missing_digits must be 'renormalize' or 'fail', got {missing_digits!r}")
+    probs = digit_probabilities(top, digit_tokens)
+    present = [(d, p) for d, p in enumerate(probs) if p is not None]
+    total = sum(p for _, p in present)
+    if not present or total <= 0 or (missing_digits == "fail" and len(present) < len(DIGITS)):
+        return float("nan"), total
+    return sum(d * p for d, p in present) / total / (len(DIGITS) - 1), total
+
+
+def expected_score_from_top_logprobs(
+    top: Iterable[tuple[str, float]],
+    digit_tokens: DigitTokens = "pooled",
+    missing_digits: MissingDigits = "renormalize",
+) -> float:
+    """Expected digit / 5 from ``(token, logprob)`` pairs (see :func:`score_top_logprobs`); NaN when
+    no digit 0–5 is among them."""
+    return score_top_logprobs(top, digit_tokens, missing_digits)[0]

@@ -28,7 +28,7 @@ from PIL import Image
 from editr1.rewards.base import RewardInputs, RewardModel
 from editr1.rewards.mllm import judge_images
 from editr1.rewards.prompts import load_template, render
-from editr1.rewards.scoring import expected_score_from_top_logprobs
+from editr1.rewards.scoring import DigitTokens, MissingDigits, score_top_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,13 @@ class ServedMLLMReward(RewardModel):
         retry_backoff: first retry delay in seconds; doubles each retry.
         top_logprobs: log-probabilities asked for the first token (vLLM allows up to 20).
         max_pixels: downscale images to at most this many pixels before sending.
-        image_format: ``png`` (lossless, default) or ``jpeg``.
+        image_format: ``png`` (lossless, default) or ``jpeg`` (PIL's default quality 75, as the reference
+            code sends them).
+        digit_tokens: ``pooled`` counts " 3" with "3" (tokenizers that give a digit a leading-space
+            variant); ``plain`` reads only the six tokens "0"…"5", as the reference code does.
+        missing_digits: a digit absent from the returned top-k: ``renormalize`` over the digits present,
+            or ``fail`` (the judgement is NaN, counted as ``failed/missing_digits``). Either way the
+            digits' total probability is logged per step (``reward_model/digit_mass_mean`` and ``_min``).
     """
 
     def __init__(
@@ -102,6 +108,8 @@ class ServedMLLMReward(RewardModel):
         top_logprobs: int = 20,
         max_pixels: int | None = None,
         image_format: str = "png",
+        digit_tokens: DigitTokens = "pooled",
+        missing_digits: MissingDigits = "renormalize",
     ) -> None:
         if max_concurrency < 1 or max_retries < 0 or timeout <= 0 or not 1 <= top_logprobs <= 20:
             raise ValueError("served reward: need max_concurrency >= 1, max_retries >= 0, timeout > 0, 1 <= top_logprobs <= 20")
@@ -118,6 +126,12 @@ class ServedMLLMReward(RewardModel):
         self.top_logprobs = top_logprobs
         self.max_pixels = max_pixels
         self.image_format = image_format
+        if digit_tokens not in ("pooled", "plain") or missing_digits not in ("renormalize", "fail"):
+            raise ValueError(f"digit_tokens must be pooled|plain and missing_digits renormalize|fail, got "
+                             f"{digit_tokens!r}, {missing_digits!r}")
+        self.digit_tokens = digit_tokens
+        self.missing_digits = missing_digits
+        self.digit_masses: list[float] = []  # since the last step_stats()
         self.counts: Counter = Counter()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -183,6 +197,14 @@ class ServedMLLMReward(RewardModel):
     def stats(self) -> dict[str, float]:
         with self._count_lock:
             return {k: float(v) for k, v in self.counts.items()}
+
+    def step_stats(self) -> dict[str, float]:
+        """Digit probability mass of the judgements answered since the last call (mean and min)."""
+        with self._count_lock:
+            masses, self.digit_masses = self.digit_masses, []
+        if not masses:
+            return {}
+        return {"digit_mass_mean": sum(masses) / len(masses), "digit_mass_min": min(masses)}
 
     def _count(self, key: str) -> None:
         with self._count_lock:
@@ -252,9 +274,11 @@ class ServedMLLMReward(RewardModel):
                     except ValueError:  # includes a body that is not JSON
                         reason = "malformed_response"
                     else:
-                        value = expected_score_from_top_logprobs(top)
-                        if value != value:  # NaN: a well-formed answer without any digit; retrying will not help
-                            self._count("failed/no_digits")
+                        value, mass = score_top_logprobs(top, self.digit_tokens, self.missing_digits)
+                        with self._count_lock:
+                            self.digit_masses.append(mass)
+                        if value != value:  # NaN: a well-formed answer; retrying will not help
+                            self._count("failed/no_digits" if mass == 0 else "failed/missing_digits")
                         return value
             self._count(f"errors/{reason}")
         self._count(f"failed/{reason}")
