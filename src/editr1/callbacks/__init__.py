@@ -1,0 +1,19 @@
+"""Lightning callbacks, one a file: the reward stage (:class:`RewardCallback`) and observers that only
+read the module — prediction writing, scene evaluation, LoRA export, benchmark evaluation."""
+
+from editr1.callbacks.benchmark import BenchmarkEvaluation
+from editr1.callbacks.export_lora import ExportLora
+from editr1.callbacks.image_writer import ImageWriter
+from editr1.callbacks.reward import FilterSettings, RewardCallback, check_rewards, gather_groups
+from editr1.callbacks.scene_evaluation import SceneEvaluation
+
+__all__ = [
+    "BenchmarkEvaluation",
+    "ExportLora",
+    "FilterSettings",
+    "ImageWriter",
+    "RewardCallback",
+    "SceneEvaluation",
+    "check_rewards",
+    "gather_groups",
+]
