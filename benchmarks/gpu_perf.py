@@ -113,7 +113,8 @@ def random_condition(name: str, policy, groups: int, text_tokens: int, device: s
 
 def step_data(module, cond, groups: int, k: int, steps: int):
     from editr1.algorithms.grouping import GroupDecision
-    from editr1.rollout import Rollout, StepData
+    from editr1.training.experience import Experience
+    from editr1.training.rollout import Rollout
 
     policy = module.policy
     device = policy.device
@@ -127,7 +128,7 @@ def step_data(module, cond, groups: int, k: int, steps: int):
     mask = torch.ones(groups, k, dtype=torch.bool)
     decision = GroupDecision(r=torch.rand(groups, k), train_mask=mask, dropped_low_variance=~mask[:, 0],
                              dropped_nan=~mask[:, 0], mean=rewards.mean(1), std=rewards.std(1))
-    return StepData(ro, rewards, decision)
+    return Experience(ro, rewards, decision)
 
 
 def count_flops(fn) -> int:

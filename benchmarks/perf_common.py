@@ -24,7 +24,8 @@ from editr1.algorithms.grouping import GroupDecision  # noqa: E402
 from editr1.algorithms.nft import add_noise  # noqa: E402
 from editr1.algorithms.timesteps import train_timesteps  # noqa: E402
 from editr1.module import EditR1Module  # noqa: E402
-from editr1.rollout import Rollout, StepData  # noqa: E402
+from editr1.training.experience import Experience  # noqa: E402
+from editr1.training.rollout import Rollout  # noqa: E402
 from editr1.seeding import TRAIN_NOISE, TRAIN_TIMESTEPS, per_sample_rand, per_sample_randn  # noqa: E402
 
 # Transformer sizes. "small" is the issue's "hidden 256": 4 heads x 64, with a VAE that downsamples 8x
@@ -66,7 +67,7 @@ def detach_from_trainer(module: EditR1Module) -> torch.optim.Optimizer:
 
 
 def step_data(module: EditR1Module, groups: int, k: int, steps: int, keep_groups: int | None = None,
-              seed: int = 0) -> StepData:
+              seed: int = 0) -> Experience:
     """A rollout of ``groups`` prompts × ``k`` samples on ``steps`` σ's, with random rewards; the first
     ``keep_groups`` groups train (all by default), the others are dropped as low-variance."""
     policy = module.policy
@@ -86,15 +87,15 @@ def step_data(module: EditR1Module, groups: int, k: int, steps: int, keep_groups
     r = torch.rand(groups, k, generator=g)
     decision = GroupDecision(r=r, train_mask=mask, dropped_low_variance=dropped,
                              dropped_nan=torch.zeros(groups, dtype=torch.bool), mean=rewards.mean(1), std=rewards.std(1))
-    return StepData(ro, rewards, decision)
+    return Experience(ro, rewards, decision)
 
 
-def nft_step(module: EditR1Module, data: StepData) -> float:
-    out = module.training_step({"rl": data}, 0)
+def nft_step(module: EditR1Module, data: Experience) -> float:
+    out = module.training_step({"experience": data}, 0)
     return float(out)
 
 
-def fm_step(module: EditR1Module, data: StepData) -> float:
+def fm_step(module: EditR1Module, data: Experience) -> float:
     """A plain flow-matching (SFT) step on exactly what ``nft_step`` trains on: the same samples,
     micro-batches, timesteps, noise and condition rows; one forward with gradient per sample and
     timestep, towards ε − x0. Followed by the same clip + optimiser step."""

@@ -131,14 +131,14 @@ def main() -> None:
         batch = collate_prompts([ds[i] for i in range(args.groups)])
         reward = ServedMLLMReward(base_url=f"http://127.0.0.1:{port}/v1", model="editr1-tiny-judge", prompt=SHORT,
                                   max_concurrency=args.concurrency, max_pixels=56 * 56)
-        ro = module.rollout(batch)  # warm-up, and the edits scored alone
+        ro = module.sample_groups(batch)  # warm-up, and the edits scored alone
         chunks = [c for c in _chunks(module, batch)]
         for f in [reward.submit(c) for c in chunks]:
             f.result()
         times: dict[str, list[float]] = {"rollout": [], "scoring": [], "overlapped": []}
         for _ in range(args.repeats):
             t0 = time.perf_counter()
-            module.rollout(batch)
+            module.sample_groups(batch)
             times["rollout"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             for f in [reward.submit(c) for c in chunks]:
@@ -146,7 +146,7 @@ def main() -> None:
             times["scoring"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             futures = []
-            module.rollout(batch, on_chunk=lambda c: futures.append(reward.submit(c)))
+            module.sample_groups(batch, on_chunk=lambda c: futures.append(reward.submit(c)))
             rewards = torch.cat([f.result() for f in futures])
             times["overlapped"].append(time.perf_counter() - t0)
         assert torch.isfinite(rewards).all(), reward.stats()
@@ -169,7 +169,7 @@ def main() -> None:
 
 def _chunks(module: EditR1Module, batch: dict) -> list:
     out: list = []
-    module.rollout(batch, on_chunk=out.append)
+    module.sample_groups(batch, on_chunk=out.append)
     return out
 
 

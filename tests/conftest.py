@@ -26,7 +26,8 @@ def tiny_policy(resolution: int = 32, seed: int = 0):
 
 def small_module(policy=None, **overrides):
     """An EditR1Module at test size: K = 4, 4 rollout steps, rank-4 LoRA."""
-    from editr1.module import EditR1Module, EvalSettings, NFTSettings, OldPolicySettings, RolloutSettings
+    from editr1.module import EditR1Module
+    from editr1.settings import EvalSettings, NFTSettings, OldPolicySettings, RolloutSettings
     from editr1.policies.lora import LoraSettings
 
     kwargs = dict(

@@ -13,10 +13,12 @@ from conftest import tiny_policy
 
 from editr1.algorithms.grouping import GroupDecision
 from editr1.editing import edit_images
-from editr1.module import EditR1Module, EfficiencySettings, NFTSettings
+from editr1.module import EditR1Module
+from editr1.settings import EfficiencySettings, NFTSettings
 from editr1.policies import lora
 from editr1.policies.lora import LoraSettings
-from editr1.rollout import Rollout, StepData
+from editr1.training.experience import Experience
+from editr1.training.rollout import Rollout
 
 PROMPTS = ["make the red circle blue", "add a green square", "remove the triangle", "move the circle left"]
 
@@ -34,7 +36,7 @@ def module(efficiency: EfficiencySettings = EfficiencySettings(), **nft) -> Edit
     return m
 
 
-def step_data(m: EditR1Module, groups: list[int], k: int = 3, steps: int = 4, keep: list[int] | None = None) -> StepData:
+def step_data(m: EditR1Module, groups: list[int], k: int = 3, steps: int = 4, keep: list[int] | None = None) -> Experience:
     """A rollout of the given prompts (indices into PROMPTS) with fixed latents and r; ``keep`` lists the
     groups that train (all by default). Samples depend only on their key, never on the batch position."""
     policy = m.policy
@@ -54,10 +56,10 @@ def step_data(m: EditR1Module, groups: list[int], k: int = 3, steps: int = 4, ke
     decision = GroupDecision(r=r_all[groups], train_mask=mask, dropped_low_variance=~kept,
                              dropped_nan=torch.zeros(len(groups), dtype=torch.bool), mean=rewards.mean(1),
                              std=rewards.std(1))
-    return StepData(ro, rewards, decision)
+    return Experience(ro, rewards, decision)
 
 
-def loss_and_grads(m: EditR1Module, data: StepData) -> tuple[float, dict[str, torch.Tensor]]:
+def loss_and_grads(m: EditR1Module, data: Experience) -> tuple[float, dict[str, torch.Tensor]]:
     grads = {}
 
     def capture(opt):
@@ -67,7 +69,7 @@ def loss_and_grads(m: EditR1Module, data: StepData) -> tuple[float, dict[str, to
         return torch.tensor(1.0)
 
     m._clip_and_step = capture
-    loss = float(m.training_step({"rl": data}, 0))
+    loss = float(m.training_step({"experience": data}, 0))
     return loss, grads
 
 
@@ -203,7 +205,7 @@ def test_reference_normalisation_steps_on_a_zero_gradient_when_all_is_filtered()
             return real(opt)
 
         m._clip_and_step = counting
-        m.training_step({"rl": step_data(m, [0, 1], keep=[])}, 0)
+        m.training_step({"experience": step_data(m, [0, 1], keep=[])}, 0)
         assert len(taken) == steps and m.skipped_steps == 1
         after = lora.adapter_state(m.policy.transformer, lora.DEFAULT)
         changed = any(not torch.equal(before[k], after[k]) for k in before)

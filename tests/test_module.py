@@ -49,7 +49,7 @@ class Recorder(L.Callback):
         self._snap(module, 0)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        self.steps.append(batch["rl"])
+        self.steps.append(batch["experience"])
         self._snap(module, trainer.global_step)
 
 
@@ -229,7 +229,7 @@ def test_eval_edits_are_fixed_per_prompt(scenes_data):
 
 
 def test_eval_adapter_ema_requires_ema():
-    from editr1.module import EvalSettings
+    from editr1.settings import EvalSettings
 
     with pytest.raises(ValueError, match="ema"):
         small_module(evaluation=EvalSettings(adapter="ema"))
@@ -246,7 +246,7 @@ def test_ema_adapter_tracks_default(scenes_data):
 
 
 def test_adamw8bit_is_selectable():
-    from editr1.module import OptimSettings
+    from editr1.settings import OptimSettings
 
     module = small_module(optim=OptimSettings(name="adamw8bit"))
     opt = module.configure_optimizers()
@@ -255,7 +255,7 @@ def test_adamw8bit_is_selectable():
 
 def test_sft_objective_trains_default_towards_targets_without_rollouts(scenes_data):
     module = small_module(objective="sft")
-    assert not module.wants_rollouts
+    assert module.objective.needs == "targets"  # no rollouts, no reward
     cb = RewardCallback(model=SceneReward(), log_images_every_n_steps=0)
     rec = Recorder()
     rec.on_train_batch_end = lambda trainer, m, outputs, batch, batch_idx: rec._snap(m, trainer.global_step)
@@ -331,7 +331,7 @@ class BatchCounter(L.Callback):
 
 
 def test_a_non_finite_step_is_skipped_and_counted(scenes_data):
-    from editr1.module import OptimSettings
+    from editr1.settings import OptimSettings
 
     module = small_module(optim=OptimSettings(lr=1e-3, max_nonfinite_steps=3))
     nan = NaNVelocityOn(module, {1})
@@ -344,7 +344,7 @@ def test_a_non_finite_step_is_skipped_and_counted(scenes_data):
 
 
 def test_too_many_non_finite_steps_stop_with_a_checkpoint(tmp_path, scenes_data):
-    from editr1.module import OptimSettings
+    from editr1.settings import OptimSettings
 
     module = small_module(optim=OptimSettings(max_nonfinite_steps=2))
     nan = NaNVelocityOn(module, set(range(100)))

@@ -4,8 +4,9 @@ read the module — prediction writing, scene evaluation, LoRA export, benchmark
 from editr1.callbacks.benchmark import BenchmarkEvaluation
 from editr1.callbacks.export_lora import ExportLora
 from editr1.callbacks.image_writer import ImageWriter
-from editr1.callbacks.reward import FilterSettings, RewardCallback, check_rewards, gather_groups
+from editr1.callbacks.reward import RewardCallback, check_rewards
 from editr1.callbacks.scene_evaluation import SceneEvaluation
+from editr1.settings import FilterSettings
 
 __all__ = [
     "BenchmarkEvaluation",
@@ -15,5 +16,4 @@ __all__ = [
     "RewardCallback",
     "SceneEvaluation",
     "check_rewards",
-    "gather_groups",
 ]

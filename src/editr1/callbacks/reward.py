@@ -7,7 +7,7 @@ import logging
 import time
 from collections import Counter
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any, Literal
 
 import lightning as L
@@ -15,35 +15,17 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torchmetrics import MeanMetric, SumMetric
 
-from editr1.algorithms.grouping import FilterRule, NanPolicy, decide, global_std, pool_index
+from editr1.algorithms.grouping import decide, global_std, pool_index
 from editr1.callbacks.tensorboard import add_image, add_text
 from editr1.rewards.base import RewardInputs, RewardModel
-from editr1.rollout import Rollout, StepData
+from editr1.settings import FilterSettings
+from editr1.training import distributed
+from editr1.training.experience import Experience
+from editr1.training.rollout import Rollout
+from editr1.training.state import emergency_checkpoint
 from editr1.visualize import captioned_grid
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class FilterSettings:
-    """Low-variance group filter (DESIGN.md section 2)."""
-
-    rule: FilterRule = "paper"  # "paper": drop mean > τμ and std < τσ; "strict": keep only std > τσ and mean < τμ; "none"
-    mean_threshold: float = 0.9  # τμ
-    std_threshold: float = 0.05  # τσ
-    ban: bool = False  # never roll out a prompt again once the ban rule marks it
-    ban_rule: FilterRule | None = None  # which groups are banned (with ban: true); null = the same as `rule`
-    nan_policy: NanPolicy = "group"  # a reward that failed drops its whole "group" or only the "sample"
-    # what a group is: "key" = one (source image, instruction) row; "instruction" = every row of the step with
-    # the same instruction text shares one mean/std, and bans ban the instruction (the reference code's keying)
-    group_by: Literal["key", "instruction"] = "key"
-
-    def __post_init__(self) -> None:
-        rules = ("paper", "strict", "none")
-        if self.rule not in rules or (self.ban_rule is not None and self.ban_rule not in rules):
-            raise ValueError(f"reward.filter.rule and ban_rule must be one of {rules}, got {self.rule!r}, {self.ban_rule!r}")
-        if self.group_by not in ("key", "instruction"):
-            raise ValueError(f"reward.filter.group_by must be 'key' or 'instruction', got {self.group_by!r}")
 
 
 def check_rewards(rewards: torch.Tensor, n: int) -> None:
@@ -54,28 +36,12 @@ def check_rewards(rewards: torch.Tensor, n: int) -> None:
         raise ValueError(f"reward model returned values outside [0, 1]: {rewards[bad][:4].tolist()}")
 
 
-def gather_groups(module: L.LightningModule, rewards: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """All ranks' ``(G_r, K)`` rewards stacked rank by rank, and this rank's first row in them.
-
-    Ranks may hold different numbers of groups (banned prompts); short ones are padded and trimmed.
-    """
-    world = module.trainer.world_size if module._trainer is not None else 1
-    if world == 1:
-        return rewards, 0
-    device = module.device
-    counts = module.all_gather(torch.tensor([rewards.shape[0]], device=device)).flatten().tolist()
-    width = max(max(counts), 1)  # a rank may have no groups (its prompts were all banned or unreadable)
-    padded = torch.full((width, rewards.shape[1]), float("nan"), device=device, dtype=rewards.dtype)
-    padded[: rewards.shape[0]] = rewards.to(device)
-    everything = module.all_gather(padded)  # (world, width, K)
-    rows = torch.cat([everything[w, : counts[w]] for w in range(world)])
-    return rows, sum(counts[: module.global_rank])
-
-
 class RewardCallback(Callback):
-    """Asks the module for the group rollouts, scores them with the reward model, applies the
-    low-variance group filter, computes the optimality probability r and hands the result to
-    ``training_step`` (as ``batch["rl"]``). Also scores validation/test edits (``val/reward``).
+    """The reward stage of a training step, one way: asks the module for the group rollouts
+    (:meth:`~editr1.module.EditR1Module.sample_groups`), scores them with the reward model, gathers every
+    process's rewards, applies the low-variance group filter and bans, computes the optimality probability
+    r and puts one :class:`~editr1.training.experience.Experience` in the batch (``batch["experience"]``)
+    for ``training_step``. Also scores validation/test edits (``val/reward``).
 
     Args:
         model: the reward model (the verifiable scene reward, an MLLM judge, …).
@@ -133,8 +99,8 @@ class RewardCallback(Callback):
             log.warning("reward.on_failure is 'zero' (the reference code's behaviour): edits the reward model could "
                         "not judge score 0.0 and are trained on; counted as reward/failed_as_zero")
         # rows the data source rejected when it was read (before any batch) count as skipped data too
-        datasets = getattr(getattr(trainer, "datamodule", None), "_datasets", {}) or {}
-        rows = getattr(datasets.get("train"), "skipped_rows", None)
+        dm = getattr(trainer, "datamodule", None)
+        rows = dm.skipped_rows("train") if hasattr(dm, "skipped_rows") else {}
         if rows and not any(k.startswith("data_skipped/") for k in self.counts):  # not again after a resume
             for reason, n in rows.items():
                 self.counts[f"data_skipped/{reason}"] += n
@@ -142,65 +108,63 @@ class RewardCallback(Callback):
     # --------------------------------------------------------------------------- training
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, batch_idx: int) -> None:
         self._count_skipped_rows(pl_module, batch)
-        if not getattr(pl_module, "wants_rollouts", True):
-            return  # supervised objective: no rollouts, no reward
+        if pl_module.objective.needs != "rollouts":
+            return  # e.g. the supervised objective: no rollouts, no reward
         self._drop_banned(batch)
-        empty = not batch["prompt"]  # every prompt of this rank's batch was banned or unreadable
-        if trainer.world_size > 1 and getattr(pl_module, "_sharded", False) and pl_module._reduce(float(empty), "max") > 0:
+        world, device = trainer.world_size, pl_module.device
+        group_size = pl_module.rollout_settings.group_size
+        empty = not batch["prompt"]  # every prompt of this process's batch was banned or unreadable
+        if world > 1 and pl_module.sharded and distributed.any_process(empty, world=world, device=device):
             raise RuntimeError(  # raised on every rank at once: a sharded model cannot step with a rank missing
                 "a rank has no prompt left in this batch (all banned or unreadable): sharded training needs every rank "
                 "to roll out; use more prompts per rank (data.batch_size), reward.filter.ban: false, or shard: false"
             )
-        if empty and trainer.world_size == 1:
-            batch["rl"] = None
+        if empty and world == 1:
+            batch["experience"] = Experience.nothing(group_size)
             return
         t0 = time.perf_counter()
-        ro: Rollout | None = None
-        if empty:  # still take part in the step's collectives (the gather below, the ban, training)
-            rewards = torch.empty(0, pl_module.rollout_cfg.group_size)
-            pl_module.rollouts_done += 1  # the random streams' index stays the same on every rank
-        else:
-            futures: list[Future] = []
-            ro = pl_module.rollout(batch, on_chunk=lambda chunk: futures.append(self.model.submit(chunk)))
+        futures: list[Future] = []
+        # a process without prompts still takes part in the step's collectives (the gather below, the ban, training)
+        ro = pl_module.sample_groups(batch, on_chunk=lambda chunk: futures.append(self.model.submit(chunk)))
         t1 = time.perf_counter()
-        if ro is not None:
-            rewards = self._collect(futures, ro)
+        rewards = self._collect(futures, ro) if ro is not None else torch.empty(0, group_size)
         t2 = time.perf_counter()  # time/reward_s: scoring time not hidden behind the rollout
         if self.on_failure == "zero":  # the reference code's 0.0 for a failed judgement, counted
             failed_here = ~torch.isfinite(rewards)
             self.counts["rewards_failed_as_zero"] += int(failed_here.sum())
             rewards = torch.where(failed_here, torch.zeros_like(rewards), rewards)
-        everything, offset = gather_groups(pl_module, rewards)
-        if everything.shape[0] == 0:  # no rank had a prompt
-            batch["rl"] = None
+        everything, offset = distributed.gather_rows(rewards, world=world, rank=trainer.global_rank, device=device)
+        if everything.shape[0] == 0:  # no process had a prompt
+            batch["experience"] = Experience.nothing(group_size)
             return
         failed = int((~torch.isfinite(everything)).sum())
         if failed and self.on_failure == "stop":
-            path = pl_module._emergency_checkpoint("reward") if hasattr(pl_module, "_emergency_checkpoint") else None
+            path = emergency_checkpoint(trainer, "reward")
             raise RuntimeError(
                 f"the reward model could not judge {failed} of {everything.numel()} edits of this step "
-                f"({dict(self.model.stats())}); reward.on_failure is 'stop'" + (f"; checkpoint saved to {path}" if path else "")
+                f"({dict(self.model.stats())}); reward.on_failure is 'stop'; checkpoint saved to {path}"
             )
-        nft = pl_module.nft
+        std_mode, adv_clip = pl_module.objective.group_settings()
         f = self.filter
         pool = None
         if f.group_by == "instruction":  # rows of the step that share an instruction share their statistics
-            pool = pool_index(self._gather_list(trainer, [] if ro is None else ro.prompts)).to(everything.device)
+            prompts = distributed.gather_lists([] if ro is None else ro.prompts, world=world)
+            pool = pool_index(prompts).to(everything.device)
         decision_all = decide(
-            everything, std_mode=nft.std_mode, adv_clip=nft.adv_clip, rule=f.rule, mean_threshold=f.mean_threshold,
+            everything, std_mode=std_mode, adv_clip=adv_clip, rule=f.rule, mean_threshold=f.mean_threshold,
             std_threshold=f.std_threshold, nan_policy=f.nan_policy, step_std=global_std(everything),
             ban_rule=f.ban_rule, pool=pool,
         )
         local = slice(offset, offset + rewards.shape[0])
         decision = type(decision_all)(**{k: v[local] for k, v in vars(decision_all).items()})
         if f.ban:
-            self._ban(trainer, [] if ro is None else
-                      [self._ban_id(ro.keys[g], ro.prompts[g]) for g in decision.ban.nonzero().flatten().tolist()])
+            marked = [] if ro is None else decision.ban.nonzero().flatten().tolist()
+            self._ban(world, [self._ban_id(ro.keys[g], ro.prompts[g]) for g in marked])
         self._log_step(pl_module, everything, decision_all, t1 - t0, t2 - t1)
-        if ro is None:
-            batch["rl"] = None  # this rank idles through the step (training_step joins its collectives)
+        if ro is None:  # this process idles through the step (training_step joins its collectives)
+            batch["experience"] = Experience(None, rewards, decision)
             return
-        batch["rl"] = StepData(ro, rewards.to(pl_module.device), decision)
+        batch["experience"] = Experience(ro, rewards.to(device), decision)
         if self.log_images_every_n_steps and (ro.index % self.log_images_every_n_steps == 0):
             self._log_rollout_images(trainer, ro, rewards, decision, pl_module.global_step)
 
@@ -210,23 +174,14 @@ class RewardCallback(Callback):
         check_rewards(rewards, ro.edits.shape[0])
         return rewards.view(ro.num_groups, ro.group_size)
 
-    @staticmethod
-    def _gather_list(trainer, items: list) -> list:
-        """Every rank's ``items``, concatenated rank by rank (the order of :func:`gather_groups`)."""
-        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered: list = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, list(items))
-            return [x for part in gathered for x in part]
-        return list(items)
-
     def _ban_id(self, key: str, prompt: str) -> str:
         """What a ban names: the row's key, or its instruction text under ``group_by: instruction``."""
         return key if self.filter.group_by == "key" else "instruction:" + prompt
 
-    def _ban(self, trainer, keys: list[str]) -> None:
-        """Ban the prompts the ban rule marked, on every rank alike (a banned prompt may come up on any rank
-        later, and the checkpoint keeps rank 0's list)."""
-        self.banned.update(self._gather_list(trainer, keys))
+    def _ban(self, world: int, keys: list[str]) -> None:
+        """Ban the prompts the ban rule marked, on every process alike (a banned prompt may come up on any
+        process later, and the checkpoint keeps rank 0's list)."""
+        self.banned.update(distributed.gather_lists(keys, world=world))
 
     def _drop_banned(self, batch: dict) -> None:
         if not self.banned:

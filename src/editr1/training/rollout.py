@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import torch
 
-from editr1.algorithms.grouping import GroupDecision
 from editr1.policies.base import Condition
 from editr1.seeding import derive_seed
 
@@ -76,12 +75,3 @@ class Rollout:
         if isinstance(per_group, torch.Tensor):
             return per_group.repeat_interleave(self.group_size, dim=0)
         return [v for v in per_group for _ in range(self.group_size)]
-
-
-@dataclass
-class StepData:
-    """A rollout with its rewards and the filter's decision: everything ``training_step`` needs."""
-
-    rollout: Rollout
-    rewards: torch.Tensor  # (G, K), NaN = could not be judged
-    decision: GroupDecision

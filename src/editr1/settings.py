@@ -1,0 +1,217 @@
+"""Every settings dataclass of a run, each field documented (``editr1 fit --help`` shows these texts).
+
+They are the typed sections of the config: ``model.rollout`` (:class:`RolloutSettings`), ``model.nft``
+(:class:`NFTSettings`), ``model.sft``, ``model.old_policy``, ``model.optim``, ``model.evaluation``,
+``model.efficiency`` and ``reward.filter`` (:class:`FilterSettings`); ``model.lora`` is
+:class:`editr1.policies.lora.LoraSettings`. All are frozen and validated when built, so a bad value stops
+the run before any model is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from editr1.algorithms.grouping import FilterRule, NanPolicy, StdMode
+from editr1.algorithms.timesteps import TimestepMode
+from editr1.sampling import Solver
+
+FILTER_RULES = ("paper", "strict", "none")
+
+
+@dataclass(frozen=True)
+class RolloutSettings:
+    """How the rollout policy θ_old samples a group of edits per prompt (CFG-free, deterministic ODE).
+
+    Attributes:
+        group_size: K, edits per prompt (the paper: 12).
+        steps: solver steps (the paper: 6).
+        solver: ``dpmpp_2m`` (DPM-Solver++(2M) in x0 space) or ``euler``.
+        batch_size: samples per denoising forward pass.
+        first_order_second_to_last: DPM-Solver++ orders. ``false``: first order on the first and the last
+            step only, [1, 2, 2, 2, 2, 1] at 6 steps (the released code and diffusers); ``true``: also on the
+            second-to-last step below 15 steps (editr1's earlier default).
+    """
+
+    group_size: int = 12
+    steps: int = 6
+    solver: Solver = "dpmpp_2m"
+    batch_size: int = 12
+    first_order_second_to_last: bool = False
+
+    def __post_init__(self) -> None:
+        if self.group_size < 1 or self.steps < 1 or self.batch_size < 1:
+            raise ValueError("rollout group_size, steps and batch_size must all be >= 1")
+
+
+@dataclass(frozen=True)
+class NFTSettings:
+    """The DiffusionNFT objective (DESIGN.md section 2).
+
+    Attributes:
+        beta: β, how far the implicit positive and negative policies move from θ_old.
+        adv_clip: c, advantages are clipped to ±c; also the loss scale.
+        std_mode: the advantages' normaliser: the std of the whole step (``global``) or each group's own.
+        kl_weight: λ_KL on mean((v_θ − v_ref)²) towards the frozen base; 0 skips the reference forward.
+        timesteps: ``rollout`` (the rollout's own σ's, permuted per sample), ``uniform`` or ``logit_normal``.
+        timestep_fraction: train each sample on int(steps × fraction) timesteps (the released code's rule).
+        t_min: lower end of t in the continuous timestep modes.
+        t_max: upper end of t in the continuous timestep modes.
+        micro_batch_size: samples per forward/backward (a memory knob; results do not depend on it with
+            ``normalize: kept``).
+        normalize: ``kept``: every kept sample of the step weighs 1/kept. ``reference``: the released code's
+            per-micro-batch means over the kept samples of shuffled micro-batches (filtered ones included),
+            divided by the number of micro-batches (more filtering, smaller steps; an all-filtered step still
+            takes an optimiser step on a zero gradient). Filtered samples are never computed in either mode.
+    """
+
+    beta: float = 1.0
+    adv_clip: float = 5.0
+    std_mode: StdMode = "global"
+    kl_weight: float = 1e-4
+    timesteps: TimestepMode = "rollout"
+    timestep_fraction: float = 0.99
+    t_min: float = 0.0
+    t_max: float = 1.0
+    micro_batch_size: int = 4
+    normalize: Literal["kept", "reference"] = "kept"
+
+    def __post_init__(self) -> None:
+        if self.beta <= 0 or self.adv_clip <= 0 or self.kl_weight < 0 or self.micro_batch_size < 1:
+            raise ValueError("nft: beta and adv_clip must be > 0, kl_weight >= 0, micro_batch_size >= 1")
+        if self.normalize not in ("kept", "reference"):
+            raise ValueError(f"nft.normalize must be 'kept' or 'reference', got {self.normalize!r}")
+
+
+@dataclass(frozen=True)
+class SFTSettings:
+    """Supervised flow matching on (source, instruction, target) rows (``objective: sft``).
+
+    Attributes:
+        timesteps: the distribution of t, ``uniform`` or ``logit_normal``.
+        micro_batch_size: samples per forward/backward.
+    """
+
+    timesteps: Literal["uniform", "logit_normal"] = "logit_normal"
+    micro_batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.micro_batch_size < 1:
+            raise ValueError("sft.micro_batch_size must be >= 1")
+
+
+@dataclass(frozen=True)
+class OldPolicySettings:
+    """θ_old ← η·θ_old + (1 − η)·θ after each optimiser step, η = 0 before ``delay``, then
+    min(rate·(step − delay), cap). The paper: rate 0.001, cap 0.5, delay 0.
+
+    Attributes:
+        rate: growth of η per optimiser step.
+        cap: the largest η.
+        delay: steps with η = 0 (θ_old copies θ exactly).
+    """
+
+    rate: float = 0.001
+    cap: float = 0.5
+    delay: int = 0
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    """The optimiser of the LoRA weights.
+
+    Attributes:
+        name: ``adamw`` (torch) or ``adamw8bit`` (bitsandbytes).
+        lr: learning rate.
+        betas: Adam betas.
+        weight_decay: decoupled weight decay.
+        eps: Adam epsilon.
+        grad_clip: largest global gradient norm (0: no clipping).
+        warmup_steps: linear learning-rate warm-up steps.
+        max_nonfinite_steps: steps in a row with a non-finite loss or gradient that are skipped before the
+            run stops with a checkpoint.
+    """
+
+    name: Literal["adamw", "adamw8bit"] = "adamw"
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 1e-4
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+    max_nonfinite_steps: int = 3
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How validate, test and predict edit: one edit per prompt with fixed per-prompt seeds.
+
+    Attributes:
+        steps: solver steps.
+        solver: ``euler`` or ``dpmpp_2m``.
+        adapter: which policy edits: ``default`` (θ), ``old``, ``ema`` or ``reference`` (the base).
+        batch_size: samples per denoising forward pass.
+    """
+
+    steps: int = 15
+    solver: Solver = "euler"
+    adapter: Literal["default", "old", "ema", "reference"] = "default"
+    batch_size: int = 16
+
+
+@dataclass(frozen=True)
+class EfficiencySettings:
+    """Speed and memory switches for the transformer, all off by default; none changes the algorithm
+    (``tests/test_efficiency.py`` compares losses and gradients with each on and off).
+
+    Attributes:
+        activation_checkpointing: recompute each block's activations in backward (less memory, about one
+            more forward).
+        compile: ``torch.compile`` the transformer in place (slow first steps; one graph per adapter).
+        compile_backend: the ``torch.compile`` backend (``inductor``; ``aot_eager`` to debug).
+        autocast: ``bf16`` autocasts every transformer forward (the weights stay as loaded), or ``no``.
+    """
+
+    activation_checkpointing: bool = False
+    compile: bool = False
+    compile_backend: str = "inductor"
+    autocast: Literal["no", "bf16"] = "no"
+
+    def __post_init__(self) -> None:
+        if self.autocast not in ("no", "bf16"):
+            raise ValueError(f"efficiency.autocast must be 'no' or 'bf16', got {self.autocast!r}")
+
+
+@dataclass(frozen=True)
+class FilterSettings:
+    """The low-variance group filter and prompt bans (DESIGN.md section 2).
+
+    Attributes:
+        rule: ``paper``: drop a group when mean > τμ and std < τσ; ``strict`` (the released code's mask):
+            keep it only when std > τσ and mean < τμ; ``none``: drop nothing.
+        mean_threshold: τμ.
+        std_threshold: τσ.
+        ban: never roll a prompt out again once the ban rule marks its group.
+        ban_rule: which groups are banned (with ``ban: true``); ``null``: the same rule as ``rule``. The
+            released code masks with ``strict`` and bans with ``paper``.
+        nan_policy: a reward that could not be judged drops its whole ``group`` or only the ``sample``.
+        group_by: ``key``: one (source image, instruction) row is one group; ``instruction``: every row of
+            the step with the same instruction text shares one mean and std, and bans ban the instruction
+            (the released code's keying).
+    """
+
+    rule: FilterRule = "paper"
+    mean_threshold: float = 0.9
+    std_threshold: float = 0.05
+    ban: bool = False
+    ban_rule: FilterRule | None = None
+    nan_policy: NanPolicy = "group"
+    group_by: Literal["key", "instruction"] = "key"
+
+    def __post_init__(self) -> None:
+        if self.rule not in FILTER_RULES or (self.ban_rule is not None and self.ban_rule not in FILTER_RULES):
+            raise ValueError(
+                f"reward.filter.rule and ban_rule must be one of {FILTER_RULES}, got {self.rule!r}, {self.ban_rule!r}"
+            )
+        if self.group_by not in ("key", "instruction"):
+            raise ValueError(f"reward.filter.group_by must be 'key' or 'instruction', got {self.group_by!r}")
