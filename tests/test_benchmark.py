@@ -16,11 +16,15 @@ from editr1.data.benchmarks import GEditDataset, ImageFolderDataset, ImgEditData
 from editr1.data.datamodule import EvalSampler, PaddedView, collate_prompts
 from editr1.data.mini_benchmarks import write_gedit_mini, write_imgedit_mini
 from editr1.evaluation.benchmark import (
+    PROTOCOLS,
     GEditProtocol,
     ImgEditProtocol,
     Sample,
+    SampleResult,
+    SummaryParts,
     imgedit_type,
     load_imgedit_rubrics,
+    make_protocol,
     read_prompt_file,
 )
 from editr1.evaluation.judges import JudgeConfigError, JudgeRequest, LocalJudge, ServedJudge, TextJudge, ask_parsed
@@ -132,6 +136,49 @@ def test_gedit_protocol_min_pairs_and_geometric_mean():
     assert r.failure == "sc:parse"
 
 
+@pytest.mark.filterwarnings("ignore:The ``compute`` method of metric")  # cn/intersection: no sample
+def test_protocols_own_their_metrics_updates_and_summary_pieces():
+    assert PROTOCOLS == {"imgedit": ImgEditProtocol, "gedit": GEditProtocol}
+    img = make_protocol("imgedit", 2, sc_prompt_file="ignored by imgedit")
+    assert isinstance(img, ImgEditProtocol) and img.max_attempts == 2
+    with pytest.raises(ValueError, match="unknown benchmark protocol"):
+        make_protocol("teleport")
+    metrics = img.metrics("cpu", ["en", "cn"])  # one table whatever the languages
+    assert list(metrics) == ["all"] and img.metric_keys({"language": "cn", "intersection": True}) == ["all"]
+    img.update(metrics, SampleResult("a", "add", {"score": 4.0}), {})
+    img.update(metrics, SampleResult("b", "add", {"score": math.nan}), {})
+    img.update_missing(metrics, "remove", {})
+    parts = img.summary({k: m.compute() for k, m in metrics.items()})
+    table = parts.tables["ImgEdit Basic"]
+    assert table["id"] is None and table["columns"] == ["score"] and list(table["rows"]) == img.categories
+    assert table["rows"]["add"] == {"score": 4.0, "samples": 1.0, "failed": 1.0, "missing": 0.0}
+    assert table["totals"] == {"samples": 1.0, "failed": 1.0, "missing": 1.0} and table["overall"] == {"score": 4.0}
+    assert parts.headline == {"overall": 4.0, "micro": 4.0} and parts.formula == img.formula
+    assert (parts.totals["samples"], parts.totals["failed"]) == (1.0, 1.0)
+
+    ged = GEditProtocol()
+    metrics = ged.metrics("cpu", ["cn", "en"])
+    assert list(metrics) == ["cn/fullset", "cn/intersection", "en/fullset", "en/intersection"]
+    assert ged.metric_keys({"language": "en", "intersection": True}) == ["en/fullset", "en/intersection"]
+    assert ged.metric_keys({}) == ["en/fullset"]
+    ged.update(metrics, SampleResult("a", "color_alter", {"SC": 4.0, "PQ": 9.0, "O": 6.0}),
+               {"language": "en", "intersection": True})
+    ged.update_missing(metrics, "subject-add", {"language": "cn"})
+    parts = ged.summary({k: m.compute() for k, m in metrics.items()})
+    assert list(parts.tables) == ["GEdit-Bench-CN fullset", "GEdit-Bench-CN intersection",
+                                  "GEdit-Bench-EN fullset", "GEdit-Bench-EN intersection"]
+    en = parts.tables["GEdit-Bench-EN intersection"]
+    assert en["id"] == "en/intersection" and en["columns"] == ["SC", "PQ", "O"]
+    assert en["overall"] == {"SC": 4.0, "PQ": 9.0, "O": 6.0}
+    assert en["rows"]["color_alter"] == {"SC": 4.0, "PQ": 9.0, "O": 6.0, "samples": 1.0, "failed": 0.0,
+                                         "missing": 0.0}
+    assert parts.headline["en/fullset"] == {"G_SC": 4.0, "G_PQ": 9.0, "G_O": 6.0}
+    assert math.isnan(parts.headline["cn/fullset"]["G_O"])
+    assert (parts.totals["samples"], parts.totals["missing"]) == (0.0, 1.0)  # the first language's full set
+    empty = SummaryParts()  # what an unjudged run reports
+    assert (empty.tables, empty.headline, empty.formula, empty.totals) == ({}, None, "", {"samples": 0, "failed": 0})
+
+
 # ------------------------------------------------------------------------------------------ judges
 def test_served_judge_payload_retries_and_version_record():
     with FakeJudge({"go": [[2, 3]]}) as fake:
@@ -140,7 +187,8 @@ def test_served_judge_payload_retries_and_version_record():
         pq = JudgeRequest([_img(50)], "quality", text_first=True)
         assert judge.generate([sc, pq]) == ['{"score": [2, 3], "reasoning": "scripted"}',
                                            '{"score": [8, 6], "reasoning": "scripted"}']
-        body = fake.requests[0] if fake.requests[0]["messages"][0]["content"][0]["type"] == "image_url" else fake.requests[1]
+        first = fake.requests[0]["messages"][0]["content"][0]
+        body = fake.requests[0] if first["type"] == "image_url" else fake.requests[1]
         assert body["temperature"] == 0.0 and body["model"] == "judge-x" and body["seed"] == 0
         assert [p["type"] for p in body["messages"][0]["content"]] == ["image_url", "image_url", "text"]
         assert body["messages"][0]["content"][0]["image_url"]["url"].startswith("data:image/png;base64,")
@@ -269,7 +317,8 @@ def test_editr1_test_imgedit_end_to_end(tmp_path, monkeypatch):
     assert (summary["samples"], summary["judged"], summary["failed"], summary["missing"]) == (7, 5, 1, 1)
     assert summary["judge"]["model"] == "judge" and summary["judge"]["served_as"][0]["model"] == "fake-judge-1"
     assert summary["judge_calls"]["requests"] == 6 + 1 + 2  # six edits, one retry, two more for the failure
-    assert sorted(p.name for p in out.glob("*.png")) == [f"{k}.png" for k in ("100", "101", "102", "103", "104", "105")]
+    written = sorted(p.name for p in out.glob("*.png"))
+    assert written == [f"{k}.png" for k in ("100", "101", "102", "103", "104", "105")]
     samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 7 and {s["failure"] for s in samples} == {None, "parse", "missing:missing_image_file"}
     assert "overall (mean of categories)" in (out / "summary.md").read_text()
@@ -356,7 +405,8 @@ def test_two_processes_judge_each_sample_once_and_report_what_one_process_report
             cfg = tmp_path / f"{name}.yaml"
             cfg.write_text(yaml.safe_dump({"trainer": {"accelerator": "cpu", "devices": devices,
                                                        "strategy": "ddp" if devices > 1 else "auto"}}))
-            args = [sys.executable, "-m", "editr1", "test", *DEMO, "-c", str(ROOT / "configs" / "benchmark" / "imgedit_mini.yaml"),
+            bench = str(ROOT / "configs" / "benchmark" / "imgedit_mini.yaml")
+            args = [sys.executable, "-m", "editr1", "test", *DEMO, "-c", bench,
                     "-c", str(cfg), f"--data.test_path={tmp_path / 'bench'}", "--data.batch_size=2",
                     f"--benchmark.judge.init_args.base_url={fake.url}", "--trainer.enable_progress_bar=false",
                     f"--trainer.logger.init_args.save_dir={tmp_path}", f"--trainer.logger.init_args.name={name}"]
@@ -388,8 +438,8 @@ def test_our_jsonl_format_judged_with_the_imgedit_protocol(tmp_path, monkeypatch
     keep = [dict(r, task="background" if r["task"] == "background" else "add") for r in rows[:5]]
     folder = tmp_path / "mine"
     shutil.copytree(src / "images", folder / "images")
-    (folder / "train_metadata.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "target"}) + "\n"
-                                                         for r in keep))
+    untargeted = [{k: v for k, v in r.items() if k != "target"} for r in keep]
+    (folder / "train_metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in untargeted))
     with FakeJudge({keep[0]["prompt"]: [[5, 5, 5]]}) as fake:
         cli = _test_cli(tmp_path, monkeypatch, "imgedit_mini.yaml", "--data.test_format=jsonl",
                         f"--data.test_path={folder}", f"--benchmark.judge.init_args.base_url={fake.url}")

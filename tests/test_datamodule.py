@@ -63,7 +63,8 @@ def test_unusable_folder_fails_before_training(tmp_path):
 
 
 def test_collate_drops_and_counts_unreadable_items():
-    good = {"image": Image.new("RGB", (4, 4)), "prompt": "p", "requirement": "", "target": None, "task": "", "key": "k"}
+    good = {"image": Image.new("RGB", (4, 4)), "prompt": "p", "requirement": "", "target": None, "task": "",
+            "key": "k"}
     batch = collate_prompts([good, {"skipped": "unreadable_image"}, {"skipped": "unreadable_image"}])
     assert batch["prompt"] == ["p"]
     assert batch["skipped"] == {"unreadable_image": 2}
@@ -99,6 +100,45 @@ def test_test_and_predict_default_to_validation_set():
     assert len(dm.test_dataloader().dataset) == 3
     dm.setup("predict")
     assert dm.predict_dataloader().dataset is dm.test_dataloader().dataset
+
+
+def test_dataset_accessor_builds_each_split_once(tmp_path):
+    dm = EditDataModule(scenes=SceneConfig(), train_size=4, val_size=3)
+    train = dm.dataset("train")
+    assert len(train) == 4 and dm.dataset("train") is train  # built on first use, then the same object
+    assert dm.dataset("test") is dm.dataset("val") and dm.dataset("predict") is dm.dataset("val")  # no paths: val
+    assert dm.train_dataloader().dataset is train
+    with pytest.raises(ValueError, match="split"):
+        dm.dataset("holdout")
+    root = make_folder(tmp_path / "d", [{"prompt": "make it red", "image": "images/a.png"}])
+    real = EditDataModule(path=str(root))
+    assert real.dataset("val") is None and real.skipped_rows("val") == {}  # real data, no val_path: no validation
+    with pytest.raises(FileNotFoundError):  # a bad folder fails when its split is first asked for
+        EditDataModule(path=str(tmp_path / "nope")).dataset("train")
+
+
+def test_skipped_rows_accessor_reports_rows_rejected_when_read(tmp_path):
+    rows = [{"prompt": "make it red", "image": "images/a.png"}, "{not json", {"prompt": "", "image": "images/a.png"},
+            {"prompt": "x", "image": "images/missing.png"}, {"prompt": "y", "image": "images/gone.png"}]
+    root = make_folder(tmp_path / "d", rows)
+    dm = EditDataModule(path=str(root), test_path=str(root))
+    dm.setup("fit")
+    skipped = dm.skipped_rows("train")
+    assert skipped == {"malformed_json": 1, "empty_prompt": 1, "missing_image_file": 2} and type(skipped) is dict
+    assert skipped == dict(dm._datasets["train"].skipped_rows)  # what RewardCallback.on_train_start counts
+    assert dm.skipped_rows("test") == skipped  # built on demand (not set up for test): the same folder, read again
+    skipped["malformed_json"] = 99  # a copy: the dataset's own count is untouched
+    assert dm.skipped_rows("train")["malformed_json"] == 1
+    img = tmp_path / "t" / "images"
+    img.mkdir(parents=True)
+    for name in ("a", "b", "t"):
+        Image.new("RGB", (8, 8)).save(img / f"{name}.png")
+    (tmp_path / "t" / "train_metadata.jsonl").write_text(
+        json.dumps({"prompt": "p", "image": "images/a.png", "target": "images/t.png"}) + "\n"
+        + json.dumps({"prompt": "q", "image": "images/b.png"}) + "\n")
+    assert EditDataModule(path=str(tmp_path / "t"), targets="require").skipped_rows("train") == {"missing_target": 1}
+    assert EditDataModule(path=str(tmp_path / "t")).skipped_rows("train") == {}  # none rejected: empty
+    assert EditDataModule(scenes=SceneConfig(), train_size=2).skipped_rows("train") == {}  # scenes read nothing
 
 
 def test_bad_batch_size():

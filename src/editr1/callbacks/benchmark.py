@@ -74,7 +74,8 @@ class BenchmarkEvaluation(Callback):
         if protocol not in ("none", "imgedit", "gedit"):
             raise ValueError(f"benchmark.protocol must be none, imgedit or gedit, got {protocol!r}")
         if judge is not None and not isinstance(judge, TextJudge):
-            raise TypeError(f"benchmark.judge must be a TextJudge (LocalJudge, ServedJudge), got {type(judge).__name__}")
+            raise TypeError(
+                f"benchmark.judge must be a TextJudge (LocalJudge, ServedJudge), got {type(judge).__name__}")
         if max_attempts < 1:
             raise ValueError(f"benchmark.max_attempts must be >= 1, got {max_attempts}")
         self.protocol_name = protocol
@@ -94,37 +95,32 @@ class BenchmarkEvaluation(Callback):
         self.active = stage == "test" and self.protocol_name != "none"
         if not self.active:
             return
-        from editr1.evaluation.benchmark import GEditProtocol, ImgEditProtocol
+        from editr1.data.datamodule import EditDataModule
+        from editr1.evaluation.benchmark import make_protocol
 
-        if self.protocol_name == "imgedit":
-            self.protocol = ImgEditProtocol(self.rubric_dir, self.prompts_json, self.max_attempts)
-        else:
-            self.protocol = GEditProtocol(self.sc_prompt_file, self.pq_prompt_file, self.max_attempts)
+        self.protocol = make_protocol(self.protocol_name, self.max_attempts, rubric_dir=self.rubric_dir,
+                                      prompts_json=self.prompts_json, sc_prompt_file=self.sc_prompt_file,
+                                      pq_prompt_file=self.pq_prompt_file)
         dm = getattr(trainer, "datamodule", None)
-        ds = dm._dataset("test") if dm is not None and hasattr(dm, "_dataset") else None
+        if isinstance(dm, EditDataModule):
+            ds = dm.dataset("test")
+            self.languages, self.skipped_rows = list(dm.test_languages), dm.skipped_rows("test")
+        else:  # some other datamodule: nothing known about its test set before the edits
+            ds, self.languages, self.skipped_rows = None, ["en"], {}
         tasks = ds.tasks() if hasattr(ds, "tasks") else None
         if tasks is not None:  # every category must be known before any edit is made
             for t in sorted(set(tasks)):
                 self.protocol.category(t)
-        self.languages = list(getattr(dm, "test_languages", ["en"])) if self.protocol_name == "gedit" else ["en"]
-        self.skipped_rows = dict(getattr(ds, "skipped_rows", {}) or {})
 
     def on_test_start(self, trainer, pl_module) -> None:
         if not self.active:
             return
-        from editr1.evaluation.protocols import CategoryMean, GEditScore
-
         if self.judge is not None:
             self.judge.to(pl_module.device)  # a local judge joins the policy on its device
         root = self.output_dir or str(Path(trainer.log_dir or trainer.default_root_dir) / self.protocol_name)
         self.out = Path(root)
         self.out.mkdir(parents=True, exist_ok=True)
-        cats = self.protocol.categories
-        if self.protocol_name == "imgedit":
-            self.metrics = {"all": CategoryMean(cats).to(pl_module.device)}
-        else:
-            self.metrics = {f"{lang}/{subset}": GEditScore(cats).to(pl_module.device)
-                            for lang in self.languages for subset in ("fullset", "intersection")}
+        self.metrics = self.protocol.metrics(pl_module.device, self.languages)
         self.samples_file = self.out / f"samples.rank{trainer.global_rank}.jsonl"
         self.samples_file.unlink(missing_ok=True)
         self.extremes: list[tuple] = []
@@ -133,12 +129,6 @@ class BenchmarkEvaluation(Callback):
         self.started = time.perf_counter()
 
     # ------------------------------------------------------------------------------ per batch
-    def _metric_keys(self, meta: dict) -> list[str]:
-        if self.protocol_name == "imgedit":
-            return ["all"]
-        lang = meta.get("language", "en")
-        return [f"{lang}/fullset"] + ([f"{lang}/intersection"] if meta.get("intersection") else [])
-
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if not self.active:
             return
@@ -147,8 +137,7 @@ class BenchmarkEvaluation(Callback):
         lines = []
         for m in batch.get("missing") or []:
             cat = self.protocol.category(m["task"])
-            for k in self._metric_keys(m["meta"]):
-                self.metrics[k].update_missing([cat])
+            self.protocol.update_missing(self.metrics, cat, m["meta"])
             lines.append({"key": m["key"], "category": cat, "failure": f"missing:{m['reason']}", "scores": None})
             self.missing += 1
         samples, files = [], []
@@ -174,13 +163,8 @@ class BenchmarkEvaluation(Callback):
         else:
             results = [SampleResult(s.key, s.category, {}, "not_judged") for s in samples]
         for s, r, rel in zip(samples, results, files):
-            meta = {"language": s.language, "intersection": s.intersection}
             if self.judge is not None:
-                for k in self._metric_keys(meta):
-                    if self.protocol_name == "imgedit":
-                        self.metrics[k].update([r.category], [r.scores["score"]])
-                    else:
-                        self.metrics[k].update([r.category], [r.scores["SC"]], [r.scores["PQ"]])
+                self.protocol.update(self.metrics, r, {"language": s.language, "intersection": s.intersection})
             lines.append(dict(r.to_json(), file=rel))
             if r.headline == r.headline:  # finite: a candidate for the best / worst lists
                 self.extremes.append((r.headline, s.key, s.category, s.prompt, _thumb(s.source), _thumb(s.edit)))
@@ -212,36 +196,10 @@ class BenchmarkEvaluation(Callback):
             self._write(summary)
 
     def _summary(self, results: dict, counts: dict, written: int, missing: int, pl_module) -> dict:
-        cats = self.protocol.categories
-        tables: dict[str, dict] = {}
-        headline: dict | None = None
-        formula = ""
-        totals = {"samples": 0, "failed": 0}
-        if not results:
-            pass
-        elif self.protocol_name == "imgedit":
-            r = results["all"]
-            rows = {c: {"score": r[f"category/{c}"], "samples": r[f"samples/{c}"], "failed": r[f"failed/{c}"],
-                        "missing": r[f"missing/{c}"]} for c in cats}
-            tables["ImgEdit Basic"] = {"id": None, "columns": ["score"], "rows": rows, "overall": {"score": r["macro"]},
-                                       "totals": {k: r[k] for k in ("samples", "failed", "missing")}}
-            headline = {"overall": r["macro"], "micro": r["micro"]}
-            formula = "sample = mean of its three 1-5 criteria; type = mean of its samples; overall = unweighted mean of the type means"
-            totals = r
-        else:
-            headline = {}
-            for key, r in results.items():
-                lang, subset = key.split("/")
-                rows = {c: {"SC": r[f"SC/{c}"], "PQ": r[f"PQ/{c}"], "O": r[f"O/{c}"], "samples": r[f"samples/{c}"],
-                            "failed": r[f"failed/{c}"], "missing": r[f"missing/{c}"]} for c in cats}
-                tables[f"GEdit-Bench-{lang.upper()} {subset}"] = {
-                    "id": key, "columns": ["SC", "PQ", "O"], "rows": rows,
-                    "overall": {"SC": r["G_SC"], "PQ": r["G_PQ"], "O": r["G_O"]},
-                    "totals": {k: r[k] for k in ("samples", "failed", "missing")}}
-                headline[key] = {"G_SC": r["G_SC"], "G_PQ": r["G_PQ"], "G_O": r["G_O"]}
-            formula = ("SC = min of the two 0-10 scores of the call with both images; PQ = min of the two of the call "
-                       "with the edit; O = sqrt(SC*PQ) per sample; G_SC, G_PQ, G_O = unweighted means over the groups")
-            totals = results[f"{self.languages[0]}/fullset"]
+        from editr1.evaluation.benchmark import SummaryParts
+
+        parts = self.protocol.summary(results) if results else SummaryParts()
+        tables, headline, totals = parts.tables, parts.headline, parts.totals
         judged = self.judge is not None
         return {
             "protocol": self.protocol_name,
@@ -256,7 +214,7 @@ class BenchmarkEvaluation(Callback):
             "failed": int(totals["failed"]),
             "missing": missing,
             "skipped_rows": self.skipped_rows,
-            "formula": formula,
+            "formula": parts.formula,
             "headline": headline if judged else None,
             # categories that had samples but not one judged: the overall above is over the others only
             "categories_without_scores": sorted({c for t in tables.values() for c, row in t["rows"].items()
@@ -278,7 +236,8 @@ class BenchmarkEvaluation(Callback):
             for cat, row in table["rows"].items():
                 for col in table["columns"]:
                     if row[col] == row[col]:
-                        pl_module.log(f"{prefix}{tag}/{cat}_{col}", float(row[col]), sync_dist=False, rank_zero_only=True)
+                        pl_module.log(f"{prefix}{tag}/{cat}_{col}", float(row[col]), sync_dist=False,
+                                      rank_zero_only=True)
         from editr1.evaluation.benchmark import summary_markdown
 
         add_text(trainer, f"{prefix}/table", summary_markdown(summary), pl_module.global_step)
@@ -289,8 +248,8 @@ class BenchmarkEvaluation(Callback):
             rows = [[p[4], p[5]] for p in picks]
             caps = [[f"{p[2]} #{p[1]}", f"{p[0]:.2f}"] for p in picks]
             add_image(trainer, f"{prefix}/{name}_edits", captioned_grid(rows, caps), pl_module.global_step)
-            add_text(trainer, f"{prefix}/{name}_edits", "\n".join(f"- {p[0]:.3f} · {p[2]} · `{p[1]}` · {p[3]}" for p in picks),
-                      pl_module.global_step)
+            listing = "\n".join(f"- {p[0]:.3f} · {p[2]} · `{p[1]}` · {p[3]}" for p in picks)
+            add_text(trainer, f"{prefix}/{name}_edits", listing, pl_module.global_step)
 
     def _write(self, summary: dict) -> None:
         from editr1.evaluation.benchmark import summary_markdown
@@ -303,7 +262,8 @@ class BenchmarkEvaluation(Callback):
         with (self.out / "samples.jsonl").open("w", encoding="utf-8") as f:
             for line in lines:
                 f.write(json.dumps(line, ensure_ascii=False) + "\n")
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        text = json.dumps(summary, indent=1, ensure_ascii=False) + "\n"
+        (self.out / "summary.json").write_text(text, encoding="utf-8")
         if summary["headline"] is not None:
             (self.out / "summary.md").write_text(summary_markdown(summary) + "\n", encoding="utf-8")
         log.info("%s: wrote %s", self.protocol_name, self.out / "summary.json")

@@ -107,6 +107,10 @@ class PaddedView(Dataset):
 class EditDataModule(L.LightningDataModule):
     """Prompts for Edit-R1.
 
+    Callbacks and scripts read the data through :meth:`dataset` (a split's dataset, built on first use) and
+    :meth:`skipped_rows` (the rows a split's source rejected when it was read, by reason), never through the
+    module's private state.
+
     Args:
         path: a UniWorld-format training folder (``images/`` + ``train_metadata.jsonl``). When set,
             the synthetic scenes are not used.
@@ -169,7 +173,8 @@ class EditDataModule(L.LightningDataModule):
         from editr1.policies.base import resolve_asset  # "asset:<name>": a folder shipped with editr1
 
         path, val_path, test_path, test_images, predict_path = (
-            resolve_asset(p) if isinstance(p, str) else p for p in (path, val_path, test_path, test_images, predict_path)
+            resolve_asset(p) if isinstance(p, str) else p
+            for p in (path, val_path, test_path, test_images, predict_path)
         )
         self.path = path
         self.shards = shards
@@ -203,21 +208,27 @@ class EditDataModule(L.LightningDataModule):
     # Build datasets eagerly on first use so a bad folder fails before any training step.
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit"):
-            self._dataset("train")
-            self._dataset("val")
+            self.dataset("train")
+            self.dataset("val")
         elif stage == "validate":
-            self._dataset("val")
+            self.dataset("val")
         elif stage == "test":
-            self._dataset("test")
+            self.dataset("test")
         elif stage == "predict":
-            self._dataset("predict")
+            self.dataset("predict")
 
-    def _dataset(self, split: str) -> Dataset | None:
+    def dataset(self, split: Literal["train", "val", "test", "predict"]) -> Dataset | None:
+        """The dataset of ``split``, built on the first call (a bad folder raises then) and the same object
+        afterwards. ``test`` and ``predict`` without a path of their own are the validation set; ``None`` when
+        the split has no data (``val`` for real training data without ``val_path``)."""
         if split in self._datasets:
             return self._datasets[split]
-        folder = {"train": self.path, "val": self.val_path, "test": self.test_path, "predict": self.predict_path}[split]
+        folders = {"train": self.path, "val": self.val_path, "test": self.test_path, "predict": self.predict_path}
+        if split not in folders:
+            raise ValueError(f"split must be train, val, test or predict, got {split!r}")
+        folder = folders[split]
         if split in ("test", "predict") and folder is None:
-            return self._dataset("val")
+            return self.dataset("val")
         ds: Dataset | None
         if split == "train" and self.shards is not None:
             ds = ShardEditDataset(self.shards, shuffle=self.shuffle, seed=self._order_seed(), repeat=True,
@@ -250,6 +261,16 @@ class EditDataModule(L.LightningDataModule):
         self._datasets[split] = ds
         return ds
 
+    _dataset = dataset  # the earlier private name (tests/test_bad_data_fuzz.py reads it)
+
+    def skipped_rows(self, split: Literal["train", "val", "test", "predict"]) -> dict[str, int]:
+        """The rows the data source of ``split`` rejected when it was read, by reason (``malformed_json``,
+        ``missing_image_file``, ``missing_target``, …), as :meth:`dataset` builds it; ``{}`` when none were,
+        when the split has no data, or for sources that read nothing up front (shards, scenes: their bad
+        samples are counted per batch, under ``batch["skipped"]``)."""
+        rows = getattr(self.dataset(split), "skipped_rows", None)
+        return {str(reason): int(n) for reason, n in rows.items()} if rows else {}
+
     # ------------------------------------------------------------------ data position in checkpoints
     def state_dict(self) -> dict:
         """Where the training stream is: the epoch and the batches this process consumed in it (saved
@@ -279,7 +300,7 @@ class EditDataModule(L.LightningDataModule):
         return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader | list:
-        ds = self._dataset(split)
+        ds = self.dataset(split)
         if ds is None:
             return []
         if isinstance(ds, ShardEditDataset):  # ranks and workers split the shards themselves

@@ -9,6 +9,10 @@ output layouts and the summary (JSON and Markdown).
   are the minima, O = √(SC·PQ); **G_SC, G_PQ, G_O = unweighted means over the task groups**, for the
   full set and for the Intersection subset. Outputs ``fullset/<task>/<lang>/<key>.png``.
 
+Each protocol is a :class:`BenchmarkProtocol` (``PROTOCOLS`` maps ``imgedit`` / ``gedit`` to the classes): it owns
+its categories, layout, judge calls, metrics and its part of the summary, so that the ``editr1 test`` callback
+(:class:`editr1.callbacks.BenchmarkEvaluation`) never needs to know which benchmark it runs.
+
 Our own prompt texts ship in ``editr1/evaluation/prompts`` (same structure as the benchmarks': criteria,
 scales, answer format). Point ``rubric_dir`` / ``prompts_json`` / ``sc_prompt_file`` / ``pq_prompt_file``
 at the official files to reproduce published numbers.
@@ -22,14 +26,17 @@ import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from PIL import Image
+from torchmetrics import Metric
 
 from editr1.evaluation.judges import JudgeRequest, TextJudge, ask_parsed
 from editr1.evaluation.protocols import (
     GEDIT_GROUPS,
     IMGEDIT_TYPES,
+    CategoryMean,
+    GEditScore,
     imgedit_sample_score,
     parse_rubric_lines,
     parse_rubric_scores,
@@ -103,7 +110,8 @@ def load_imgedit_rubrics(rubric_dir: str | None = None, prompts_json: str | None
             text, fields = read_prompt_file(f)
             criteria = [c.strip() for c in fields["criteria"].split("|")] if "criteria" in fields else None
             if criteria is not None and (len(criteria) != 3 or not all(criteria)):
-                raise ValueError(f"{f}: '# criteria:' must name three criteria separated by |, got {fields['criteria']!r}")
+                raise ValueError(
+                    f"{f}: '# criteria:' must name three criteria separated by |, got {fields['criteria']!r}")
             rubrics[imgedit_type(f.stem)] = Rubric(text, criteria)
     for name, r in rubrics.items():
         if "<edit_prompt>" not in r.text:
@@ -145,16 +153,94 @@ class SampleResult:
                 "attempts": self.attempts, "answers": self.answers}
 
 
-class ImgEditProtocol:
+@dataclass
+class SummaryParts:
+    """A protocol's share of ``summary.json``: its score tables (display title → ``{"id", "columns", "rows",
+    "overall", "totals"}``), its headline numbers, the formula behind them and the totals (``samples``,
+    ``failed``) the summary's ``judged`` and ``failed`` come from. The defaults are those of an unjudged run."""
+
+    tables: dict[str, dict] = field(default_factory=dict)
+    headline: dict | None = None
+    formula: str = ""
+    totals: dict = field(default_factory=lambda: {"samples": 0, "failed": 0})
+
+
+class BenchmarkProtocol:
+    """What a benchmark protocol knows, so that :class:`editr1.callbacks.BenchmarkEvaluation` needs to know
+    none of it: its categories (:meth:`category`), its output layout (:meth:`output_path`), its judge calls
+    (:meth:`judge`), its metrics (:meth:`metrics`, keyed by :meth:`metric_keys`, fed by :meth:`update` and
+    :meth:`update_missing`) and its summary (:meth:`summary`)."""
+
+    name: ClassVar[str]
+    formula: ClassVar[str]
+    categories: list[str]
+
+    @classmethod
+    def from_options(cls, max_attempts: int = 3, **options: Any) -> BenchmarkProtocol:
+        """The protocol from the callback's options (``rubric_dir``, ``prompts_json``, ``sc_prompt_file``,
+        ``pq_prompt_file``); those of other protocols are ignored."""
+        raise NotImplementedError
+
+    def category(self, task: str) -> str:
+        """The category a sample's ``task`` counts under; raises ``ValueError`` for an unknown one."""
+        raise NotImplementedError
+
+    @staticmethod
+    def output_path(key: str, task: str, language: str) -> str:
+        """Where an edit goes under the output folder, in the benchmark's own layout."""
+        raise NotImplementedError
+
+    def judge(self, judge: TextJudge, samples: list[Sample]) -> list[SampleResult]:
+        """Judge ``samples`` with ``judge`` under the protocol: one result each, in order."""
+        raise NotImplementedError
+
+    def metrics(self, device: Any, languages: list[str]) -> dict[str, Metric]:
+        """Fresh metrics on ``device``, by metric key (the test set's instruction ``languages`` may matter)."""
+        raise NotImplementedError
+
+    def metric_keys(self, meta: dict) -> list[str]:
+        """The metrics a sample counts in, from its ``meta`` (``language``, ``intersection``)."""
+        raise NotImplementedError
+
+    def update(self, metrics: dict[str, Metric], result: SampleResult, meta: dict) -> None:
+        """Count one judged sample (a failed judgement's NaN scores count as failed)."""
+        raise NotImplementedError
+
+    def update_missing(self, metrics: dict[str, Metric], category: str, meta: dict) -> None:
+        """Count one sample that has no edit to judge."""
+        for k in self.metric_keys(meta):
+            metrics[k].update_missing([category])
+
+    def summary(self, results: dict[str, dict]) -> SummaryParts:
+        """Tables, headline, formula and totals from the computed metrics (``{key: metric.compute()}``)."""
+        raise NotImplementedError
+
+
+def _row_counts(r: dict, c: str) -> dict[str, float]:
+    return {"samples": r[f"samples/{c}"], "failed": r[f"failed/{c}"], "missing": r[f"missing/{c}"]}
+
+
+def _totals(r: dict) -> dict[str, float]:
+    return {k: r[k] for k in ("samples", "failed", "missing")}
+
+
+class ImgEditProtocol(BenchmarkProtocol):
     """ImgEdit Basic: a rubric per edit type, three 1–5 criteria, overall = mean of the type means."""
 
     name = "imgedit"
+    formula = ("sample = mean of its three 1-5 criteria; type = mean of its samples; "
+               "overall = unweighted mean of the type means")
 
     def __init__(self, rubric_dir: str | None = None, prompts_json: str | None = None, max_attempts: int = 3) -> None:
         self.rubrics = load_imgedit_rubrics(rubric_dir, prompts_json)
         self.max_attempts = max_attempts
         known = [t for t in IMGEDIT_TYPES if t in self.rubrics]
         self.categories = known + sorted(t for t in self.rubrics if t not in IMGEDIT_TYPES)
+
+    @classmethod
+    def from_options(cls, max_attempts: int = 3, rubric_dir: str | None = None, prompts_json: str | None = None,
+                     **_: Any) -> ImgEditProtocol:
+        return cls(rubric_dir, prompts_json, max_attempts)
 
     def category(self, task: str) -> str:
         t = imgedit_type(task)
@@ -170,7 +256,8 @@ class ImgEditProtocol:
         requests, parsers = [], []
         for s in samples:
             rubric = self.rubrics[s.category]
-            requests.append(JudgeRequest([s.source, s.edit], rubric.text.replace("<edit_prompt>", s.prompt), text_first=True))
+            text = rubric.text.replace("<edit_prompt>", s.prompt)
+            requests.append(JudgeRequest([s.source, s.edit], text, text_first=True))
             parsers.append(rubric.parse)
         judged = ask_parsed(judge, requests, parsers, self.max_attempts)
         out = []
@@ -182,11 +269,33 @@ class ImgEditProtocol:
             out.append(SampleResult(s.key, s.category, scores, j.failure, j.attempts, j.answers, {"prompt": s.prompt}))
         return out
 
+    def metrics(self, device: Any, languages: list[str]) -> dict[str, CategoryMean]:
+        return {"all": CategoryMean(self.categories).to(device)}  # one table whatever the languages
 
-class GEditProtocol:
-    """GEdit-Bench with VIEScore: SC and PQ calls, per-sample O = √(SC·PQ), group macro means."""
+    def metric_keys(self, meta: dict) -> list[str]:
+        return ["all"]
+
+    def update(self, metrics: dict[str, Metric], result: SampleResult, meta: dict) -> None:
+        for k in self.metric_keys(meta):
+            metrics[k].update([result.category], [result.scores["score"]])
+
+    def summary(self, results: dict[str, dict]) -> SummaryParts:
+        r = results["all"]
+        rows = {c: {"score": r[f"category/{c}"], **_row_counts(r, c)} for c in self.categories}
+        tables = {"ImgEdit Basic": {"id": None, "columns": ["score"], "rows": rows, "overall": {"score": r["macro"]},
+                                    "totals": _totals(r)}}
+        return SummaryParts(tables, {"overall": r["macro"], "micro": r["micro"]}, self.formula, r)
+
+
+class GEditProtocol(BenchmarkProtocol):
+    """GEdit-Bench with VIEScore: SC and PQ calls, per-sample O = √(SC·PQ), group macro means, per
+    instruction language for the full set and the Intersection subset (metric keys ``<lang>/fullset``,
+    ``<lang>/intersection``)."""
 
     name = "gedit"
+    formula = ("SC = min of the two 0-10 scores of the call with both images; PQ = min of the two of the call "
+               "with the edit; O = sqrt(SC*PQ) per sample; G_SC, G_PQ, G_O = unweighted means over the groups")
+    subsets = ("fullset", "intersection")
 
     def __init__(self, sc_prompt_file: str | None = None, pq_prompt_file: str | None = None, max_attempts: int = 3,
                  groups: list[str] | None = None) -> None:
@@ -196,6 +305,11 @@ class GEditProtocol:
             raise ValueError("the semantic-consistency prompt has no <instruction> placeholder")
         self.max_attempts = max_attempts
         self.categories = list(groups or GEDIT_GROUPS)
+
+    @classmethod
+    def from_options(cls, max_attempts: int = 3, sc_prompt_file: str | None = None, pq_prompt_file: str | None = None,
+                     **_: Any) -> GEditProtocol:
+        return cls(sc_prompt_file, pq_prompt_file, max_attempts)
 
     def category(self, task: str) -> str:
         if task not in self.categories:
@@ -224,6 +338,44 @@ class GEditProtocol:
             ))
         return out
 
+    def metrics(self, device: Any, languages: list[str]) -> dict[str, GEditScore]:
+        """``<lang>/fullset`` and ``<lang>/intersection`` per language, in the order of ``languages`` (the
+        first language's full set gives the summary's totals)."""
+        return {f"{lang}/{subset}": GEditScore(self.categories).to(device)
+                for lang in languages for subset in self.subsets}
+
+    def metric_keys(self, meta: dict) -> list[str]:
+        lang = meta.get("language", "en")
+        return [f"{lang}/fullset"] + ([f"{lang}/intersection"] if meta.get("intersection") else [])
+
+    def update(self, metrics: dict[str, Metric], result: SampleResult, meta: dict) -> None:
+        for k in self.metric_keys(meta):
+            metrics[k].update([result.category], [result.scores["SC"]], [result.scores["PQ"]])
+
+    def summary(self, results: dict[str, dict]) -> SummaryParts:
+        tables: dict[str, dict] = {}
+        headline: dict = {}
+        for key, r in results.items():
+            lang, subset = key.split("/")
+            rows = {c: {"SC": r[f"SC/{c}"], "PQ": r[f"PQ/{c}"], "O": r[f"O/{c}"], **_row_counts(r, c)}
+                    for c in self.categories}
+            tables[f"GEdit-Bench-{lang.upper()} {subset}"] = {
+                "id": key, "columns": ["SC", "PQ", "O"], "rows": rows,
+                "overall": {"SC": r["G_SC"], "PQ": r["G_PQ"], "O": r["G_O"]}, "totals": _totals(r)}
+            headline[key] = {"G_SC": r["G_SC"], "G_PQ": r["G_PQ"], "G_O": r["G_O"]}
+        first = next(k for k in results if k.endswith("/fullset"))  # the first language's full set
+        return SummaryParts(tables, headline, self.formula, results[first])
+
+
+PROTOCOLS: dict[str, type[BenchmarkProtocol]] = {p.name: p for p in (ImgEditProtocol, GEditProtocol)}
+
+
+def make_protocol(name: str, max_attempts: int = 3, **options: Any) -> BenchmarkProtocol:
+    """The protocol called ``name`` (``imgedit``, ``gedit``) from the callback's options."""
+    if name not in PROTOCOLS:
+        raise ValueError(f"unknown benchmark protocol {name!r} (known: {', '.join(PROTOCOLS)})")
+    return PROTOCOLS[name].from_options(max_attempts=max_attempts, **options)
+
 
 # ------------------------------------------------------------------------------------------ summary
 def _fmt(v: float | None, digits: int = 3) -> str:
@@ -240,7 +392,8 @@ def summary_markdown(summary: dict) -> str:
                  f"missing: {summary['missing']}")
     lines.append(f"- formula: {summary['formula']}")
     if summary.get("categories_without_scores"):
-        lines.append(f"- **not comparable to a full run**: no judged sample in {', '.join(summary['categories_without_scores'])} "
+        empty = ", ".join(summary["categories_without_scores"])
+        lines.append(f"- **not comparable to a full run**: no judged sample in {empty} "
                      "(the overall is over the other categories)")
     lines.append("")
     for title, table in summary["tables"].items():
@@ -252,8 +405,9 @@ def summary_markdown(summary: dict) -> str:
         for name, row in table["rows"].items():
             lines.append(f"| {name} | " + " | ".join(_fmt(row.get(h)) for h in heads)
                          + f" | {row['samples']:.0f} | {row['failed']:.0f} | {row['missing']:.0f} |")
-        lines.append("| **overall (mean of categories)** | " + " | ".join(f"**{_fmt(table['overall'].get(h))}**" for h in heads)
-                     + f" | {table['totals']['samples']:.0f} | {table['totals']['failed']:.0f} | "
-                     f"{table['totals']['missing']:.0f} |")
+        overall = " | ".join(f"**{_fmt(table['overall'].get(h))}**" for h in heads)
+        totals = table["totals"]
+        lines.append(f"| **overall (mean of categories)** | {overall} | {totals['samples']:.0f} | "
+                     f"{totals['failed']:.0f} | {totals['missing']:.0f} |")
         lines.append("")
     return "\n".join(lines)
