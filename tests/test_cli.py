@@ -186,6 +186,17 @@ def test_supervised_objective_requires_targets_unless_told_otherwise():
     assert cli.config.fit.data.targets == "auto"
 
 
+def test_fit_help_and_a_bad_option(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "120")
+    with pytest.raises(SystemExit) as e:
+        cli_main(["fit", "--help"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("usage: editr1 [options] fit")
+    with pytest.raises(SystemExit) as e:
+        cli_main(["fit", "--trainer.max_stepz=1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "unrecognized arguments: --trainer.max_stepz" in err and "Traceback" not in err
+
+
 def test_a_renamed_key_names_its_new_name(tmp_path):
     old = tmp_path / "old.yaml"
     old.write_text("model:\n  rollout:\n    lower_order_second: true\n")

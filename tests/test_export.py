@@ -86,6 +86,15 @@ def test_export_lora_command_and_errors(tmp_path, scenes_data, capsys):
         {f"policy.transformer.{k}": v for k, v in module.policy.transformer.state_dict().items()}, "ema").items()}
     with safe_open(str(tmp_path / "ema" / "pytorch_lora_weights.safetensors"), "pt") as f:
         assert all(torch.equal(f.get_tensor("transformer." + k), v) for k, v in ema.items())
+    # the same export from a config file (jsonargparse's --config), and a missing checkpoint is a message
+    cfg = tmp_path / "export.yaml"
+    cfg.write_text(json.dumps({"checkpoint": str(tmp_path / "last.ckpt"), "out_dir": str(tmp_path / "cfg"),
+                               "adapter": "ema"}))
+    cli_main(["export-lora", "--config", str(cfg)])
+    with safe_open(str(tmp_path / "cfg" / "pytorch_lora_weights.safetensors"), "pt") as f:
+        assert all(torch.equal(f.get_tensor("transformer." + k), v) for k, v in ema.items())
+    with pytest.raises(SystemExit, match=r"^editr1 export-lora: error: .*No such file.*missing\.ckpt"):
+        cli_main(["export-lora", str(tmp_path / "missing.ckpt"), str(tmp_path / "x")])
     with pytest.raises(ValueError, match="not 'old'|adapters"):
         export_checkpoint(tmp_path / "last.ckpt", tmp_path / "x", adapter="nope")
     with pytest.raises(KeyError):

@@ -57,6 +57,27 @@ def test_converter_round_trip(tmp_path, capsys):
     assert "wrote 10 samples to 2 shards" in printed and "x-{000000..000001}.tar" in printed
 
 
+def test_make_shards_command_options_config_and_errors(tmp_path, capsys):
+    src = make_folder(tmp_path / "d", 3)
+    (src / "train_metadata.jsonl").rename(src / "meta.jsonl")
+    # the argparse-era spelling --metadata-file still works
+    cli_main(["make-shards", str(src), str(tmp_path / "a" / "e-%02d.tar"), "--metadata-file", "meta.jsonl"])
+    assert "wrote 3 samples to 1 shards" in capsys.readouterr().out
+    cfg = tmp_path / "shards.yaml"
+    cfg.write_text(json.dumps({"folder": str(src), "pattern": str(tmp_path / "b" / "e-%02d.tar"), "maxcount": 2,
+                               "metadata_file": "meta.jsonl"}))
+    cli_main(["make-shards", "--config", str(cfg)])
+    assert "wrote 3 samples to 2 shards" in capsys.readouterr().out
+    bad = [
+        ([str(tmp_path / "nope"), "x-%02d.tar"], "data folder .*nope does not exist"),
+        ([str(src), str(tmp_path / "x.tar"), "--metadata_file=meta.jsonl"], "pattern needs a %d-style"),
+        ([str(src), "x-%02d.tar", "--maxcount", "0"], "maxcount must be at least 1"),
+    ]
+    for args, message in bad:
+        with pytest.raises(SystemExit, match=f"^editr1 make-shards: error: {message}"):
+            cli_main(["make-shards", *args])
+
+
 def test_brace_and_expand():
     assert _brace("a/e-0000.tar", "a/e-0012.tar", 13) == "a/e-{0000..0012}.tar"
     assert expand_urls("a-{0..2}.tar::b.tar") == ["a-0.tar", "a-1.tar", "a-2.tar", "b.tar"]

@@ -1,5 +1,10 @@
 """The ``editr1`` command: LightningCLI with ``fit``, ``validate``, ``test`` and ``predict``, plus
-``editr1 serve-reward`` (an OpenAI-compatible server for an MLLM judge).
+``editr1 serve-reward`` (an OpenAI-compatible server for an MLLM judge), ``editr1 export-lora`` (a
+diffusers LoRA from a checkpoint) and ``editr1 make-shards`` (a data folder to WebDataset shards).
+
+Every command parses with jsonargparse, so each has ``--help``, ``--config`` and ``--print_config``;
+the three extra ones are documented functions run by :func:`function_cli` (their docstrings are the
+help). ``python -m editr1 ...`` is the same command.
 
 ``editr1 fit`` with no ``--config`` runs the built-in default, ``configs/demo.yaml``: a tiny
 FLUX.1-Kontext built in code, synthetic scenes and the verifiable scene reward, on the CPU.
@@ -7,10 +12,14 @@ FLUX.1-Kontext built in code, synthetic scenes and the verifiable scene reward, 
 
 from __future__ import annotations
 
+import argparse
+import inspect
 import sys
+from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
 
+from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningCLI
 
 from editr1.callbacks import BenchmarkEvaluation, RewardCallback
@@ -138,13 +147,81 @@ def with_default_config(args: list[str]) -> list[str]:
     return [args[0], "--config", str(config_path())] + args[1:]
 
 
-def serve_reward_main(args: list[str]) -> None:
-    """``editr1 serve-reward [--model ...] [--port ...]``: see :func:`editr1.rewards.server.serve_reward`."""
+PROG = "editr1"
+# The commands that are not Trainer methods: name → "module:function" taking the command's arguments.
+VERBS = {
+    "serve-reward": "editr1.cli:serve_reward_main",
+    "export-lora": "editr1.export:export_lora_main",
+    "make-shards": "editr1.data.shards:make_shards_main",
+}
+DESCRIPTION = (
+    "Post-train image-editing models with RL (DiffusionNFT and MLLM rewards). Commands: fit, validate, test and "
+    "predict (below; with no --config they run configs/demo.yaml), and serve-reward (serve an MLLM judge), "
+    "export-lora (a diffusers LoRA from a checkpoint), make-shards (a data folder to WebDataset shards). "
+    f"Run `{PROG} COMMAND --help` for a command's options."
+)
+
+
+class HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """jsonargparse's help (each option's type and default), with the description kept as written."""
+
+
+def _underscored(args: Sequence[str], names: set[str]) -> list[str]:
+    """``--vae-steps 3`` → ``--vae_steps 3`` for these parameter names, so the dashed spellings of the
+    earlier argparse commands keep working (jsonargparse names options after the parameters)."""
+    out = list(args)
+    for i, a in enumerate(out):
+        if a == "--":
+            break
+        key, eq, value = a.partition("=")
+        if key.startswith("--") and "-" in key[2:] and key[2:].replace("-", "_") in names:
+            out[i] = "--" + key[2:].replace("-", "_") + eq + value
+    return out
+
+
+def _description(component: Callable) -> str | None:
+    """The docstring up to its ``Args:`` section (jsonargparse alone shows only the first line)."""
+    text = []
+    for line in (inspect.getdoc(component) or "").splitlines():
+        if line.rstrip() in ("Args:", "Arguments:", "Attributes:", "Returns:", "Raises:"):
+            break
+        text.append(line)
+    return "\n".join(text).strip() or None
+
+
+def function_cli(component: Callable, args: Sequence[str], prog: str, *, description: str | None = None,
+                 as_positional: bool = True, user_errors: tuple[type[Exception], ...] = ()):
+    """Run ``component`` (a documented function, or a dataclass to build) as a command through jsonargparse
+    and return what it returns. Its parameters are the options (the required ones positional when
+    ``as_positional``), the docstring's ``Args:`` lines their help; ``--config FILE`` and
+    ``--print_config`` come with it, and ``--some-option`` is read as ``--some_option``. A bad option
+    exits with jsonargparse's message naming it; exceptions of the ``user_errors`` types (a missing file,
+    a bad value) exit with ``prog: error: message`` instead of a traceback."""
     from jsonargparse import auto_cli
 
+    names = set(inspect.signature(component).parameters)
+    dashed = sorted("--" + n.replace("_", "-") for n in names if "_" in n)
+    epilog = f"Options can also be spelled with dashes (e.g. {dashed[0]})." if dashed else None
+    try:
+        return auto_cli(component, args=_underscored(args, names), as_positional=as_positional, prog=prog,
+                        description=description or _description(component), epilog=epilog,
+                        formatter_class=HelpFormatter)
+    except user_errors as e:
+        raise SystemExit(f"{prog}: error: {e.args[0] if len(e.args) == 1 else e}") from None
+
+
+def serve_reward_main(args: list[str]) -> None:
+    """``editr1 serve-reward [--model ...] [--port ...]``: see :func:`editr1.rewards.server.serve_reward`."""
     from editr1.rewards.server import serve_reward
 
-    auto_cli(serve_reward, args=args, as_positional=False)
+    function_cli(serve_reward, args, f"{PROG} serve-reward", as_positional=False)
+
+
+def _run_verb(name: str, args: list[str]) -> None:
+    from importlib import import_module
+
+    module, function = VERBS[name].split(":")
+    getattr(import_module(module), function)(args)
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> EditR1CLI | None:
@@ -152,19 +229,12 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> EditR1CLI | Non
     subcommand: ``args`` are the options only and nothing runs (``cli.trainer``, ``cli.model`` and
     ``cli.datamodule`` are built, as in Lightning's own testing recipe)."""
     raw = list(sys.argv[1:] if args is None else args)
-    if raw[:1] == ["serve-reward"]:
-        serve_reward_main(raw[1:])
+    if raw[:1] and raw[0] in VERBS:
+        _run_verb(raw[0], raw[1:])
         return None
-    if raw[:1] == ["export-lora"]:
-        from editr1.export import export_lora_main
-
-        export_lora_main(raw[1:])
-        return None
-    if raw[:1] == ["make-shards"]:
-        from editr1.data.shards import make_shards_main
-
-        make_shards_main(raw[1:])
-        return None
+    if run and raw and not raw[0].startswith("-") and raw[0] not in SUBCOMMANDS:
+        raise SystemExit(f"{PROG}: error: unknown command {raw[0]!r}; the commands are "
+                         f"{', '.join([*SUBCOMMANDS, *VERBS])} (`{PROG} COMMAND --help` for each)")
     check_renamed_keys(raw[1:] if raw[:1] and raw[0] in SUBCOMMANDS else raw)
     if not run:
         argv = list(args or [])
@@ -181,6 +251,8 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> EditR1CLI | Non
         run=run,
         auto_configure_optimizers=False,  # the module builds its own optimiser (the optim: section)
         save_config_kwargs={"overwrite": True},
+        # the same name in usage lines whether started as `editr1` or `python -m editr1`
+        parser_kwargs={"prog": PROG, "description": DESCRIPTION},
     )
 
 

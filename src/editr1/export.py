@@ -12,6 +12,7 @@ by rank 0).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -76,17 +77,28 @@ def export_module(module, out_dir: str | Path, adapter: str = "default") -> Path
     return write_lora(out_dir, diffusers_lora_state(state, adapter), lora, type(module.policy.pipe).__name__)
 
 
-def export_lora_main(args: list[str]) -> None:
-    import argparse
+def export_lora(checkpoint: str, out_dir: str, adapter: Literal["default", "ema", "old"] = "default") -> Path:
+    """Write one adapter of an editr1 checkpoint as a diffusers LoRA.
 
-    ap = argparse.ArgumentParser(prog="editr1 export-lora", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("checkpoint", help="an editr1 checkpoint (e.g. runs/demo/version_0/checkpoints/last.ckpt)")
-    ap.add_argument("out_dir", help="folder for pytorch_lora_weights.safetensors")
-    ap.add_argument("--adapter", default="default", choices=["default", "ema", "old"], help="which adapter to export")
-    a = ap.parse_args(args)
-    path = export_checkpoint(a.checkpoint, a.out_dir, a.adapter)
-    print(f"wrote {path} (load it with pipe.load_lora_weights({str(Path(a.out_dir))!r}))")
+    Args:
+        checkpoint: an editr1 checkpoint (e.g. runs/demo/version_0/checkpoints/last.ckpt).
+        out_dir: folder for pytorch_lora_weights.safetensors (made if absent).
+        adapter: which adapter to export: default (the trained one), ema (its moving average, in runs that
+            keep one) or old (the θ_old copy).
+    """
+    path = export_checkpoint(checkpoint, out_dir, adapter)
+    print(f"wrote {path} (load it with pipe.load_lora_weights({str(Path(out_dir))!r}))")
+    return path
+
+
+def export_lora_main(args: list[str]) -> None:
+    """``editr1 export-lora CHECKPOINT OUT_DIR [--adapter ema]`` (:func:`export_lora`)."""
+    import pickle
+
+    from editr1.cli import function_cli
+
+    function_cli(export_lora, args, "editr1 export-lora", description=__doc__,
+                 user_errors=(OSError, ValueError, KeyError, pickle.UnpicklingError))
 
 
 def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:

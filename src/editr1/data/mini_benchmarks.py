@@ -80,7 +80,21 @@ def write_gedit_mini(folder: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    out = Path((argv if argv is not None else sys.argv[1:] or ["data/benchmarks"])[0])
+    """``python -m editr1.data.mini_benchmarks [FOLDER]`` (default ``data/benchmarks``)."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from editr1.cli import HelpFormatter
+
+    parser = ArgumentParser(prog="python -m editr1.data.mini_benchmarks", description=__doc__,
+                            formatter_class=HelpFormatter)
+    parser.add_argument("--config", action=ActionConfigFile, help="a file with the options (folder: ...)")
+    folder = parser.add_argument("folder", type=str, help="where imgedit_mini/ and gedit_mini/ are written "
+                                 "(default: data/benchmarks)")
+    # A positional that may be left out and still be read from --config (nargs="?" would put its default
+    # over the file's value): a set default, and not required.
+    parser.set_defaults(folder="data/benchmarks")
+    folder.required = False
+    out = Path(parser.parse_args(sys.argv[1:] if argv is None else argv).folder)
     print(write_imgedit_mini(out / "imgedit_mini"))
     print(write_gedit_mini(out / "gedit_mini"))
 

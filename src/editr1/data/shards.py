@@ -225,23 +225,33 @@ def _ext(path: Path) -> str:
     return ext if ext in IMAGE_EXTENSIONS else "png"
 
 
-def make_shards_main(args: list[str]) -> None:
-    """``editr1 make-shards FOLDER PATTERN [--maxcount N]``."""
-    import argparse
+def make_shards(folder: str, pattern: str, maxcount: int = 1000, metadata_file: str = "train_metadata.jsonl") -> dict:
+    """Convert a UniWorld-format folder into WebDataset tar shards and print the ``--data.shards`` pattern
+    to train with. Image bytes are copied as they are; rows the folder reader skips are counted.
 
-    ap = argparse.ArgumentParser(prog="editr1 make-shards", description=write_shards.__doc__)
-    ap.add_argument("folder", help="a UniWorld-format folder (images/ + train_metadata.jsonl)")
-    ap.add_argument("pattern", help="output shards, e.g. shards/edits-%%06d.tar")
-    ap.add_argument("--maxcount", type=int, default=1000, help="samples per shard")
-    ap.add_argument("--metadata-file", default="train_metadata.jsonl")
-    a = ap.parse_args(args)
-    out = write_shards(a.folder, a.pattern, a.maxcount, a.metadata_file)
+    Args:
+        folder: a UniWorld-format folder (images/ + train_metadata.jsonl).
+        pattern: output shards with a %d-style shard number, e.g. shards/edits-%06d.tar.
+        maxcount: samples per shard.
+        metadata_file: the folder's metadata file.
+    """
+    if maxcount < 1:
+        raise ValueError(f"maxcount must be at least 1, got {maxcount}")
+    out = write_shards(folder, pattern, maxcount, metadata_file)
     skipped = sum(out["skipped"].values())
     print(f"wrote {out['samples']} samples to {len(out['shards'])} shards"
           + (f"; skipped {skipped} rows: {out['skipped']}" if skipped else ""))
     if out["shards"]:
         first, last = out["shards"][0], out["shards"][-1]
         print(f"train with: --data.shards '{_brace(first, last, len(out['shards']))}'")
+    return out
+
+
+def make_shards_main(args: list[str]) -> None:
+    """``editr1 make-shards FOLDER PATTERN [--maxcount N] [--metadata_file NAME]`` (:func:`make_shards`)."""
+    from editr1.cli import function_cli
+
+    function_cli(make_shards, args, "editr1 make-shards", user_errors=(OSError, ValueError))
 
 
 def _brace(first: str, last: str, n: int) -> str:
