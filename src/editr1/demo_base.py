@@ -17,11 +17,11 @@ and see ``data/demo_base/README.md`` for what the shipped base was trained with 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
+import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -180,24 +180,45 @@ def load_vae(policy: FluxKontextPolicy, path: str) -> None:
     policy.vae.register_to_config(shift_factor=float(meta["shift_factor"]), scaling_factor=float(meta["scaling_factor"]))
 
 
+@dataclass
+class PretrainOptions:
+    """The options of ``python -m editr1.demo_base``.
+
+    Args:
+        out: output folder (model.safetensors and metrics.json).
+        vae_steps: optimiser steps of stage 1, the VAE.
+        editor_steps: optimiser steps of stage 2, the transformer and both text encoders.
+        batch: (source, instruction, target) examples per editor step.
+        lr: the editor's peak learning rate.
+        seed: seeds the initial weights and every batch.
+        threads: CPU threads for torch.
+        eval_every: a held-out evaluation every this many editor steps (0: none).
+        vae_from: reuse the VAE of an earlier model.safetensors (skips stage 1).
+        eval_count: prompts per split in the final evaluation.
+    """
+
+    out: str = "data/demo_base"
+    vae_steps: int = 3000
+    editor_steps: int = 6000
+    batch: int = 32
+    lr: float = 1e-3
+    seed: int = 0
+    threads: int = 2
+    eval_every: int = 2000
+    vae_from: str | None = None
+    eval_count: int = 128
+
+
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="data/demo_base", help="output folder")
-    ap.add_argument("--vae-steps", type=int, default=3000)
-    ap.add_argument("--editor-steps", type=int, default=6000)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--eval-every", type=int, default=2000)
-    ap.add_argument("--vae-from", default=None, help="reuse the VAE of an earlier model.safetensors (skips stage 1)")
-    ap.add_argument("--eval-count", type=int, default=128, help="prompts per split in the final evaluation")
-    args = ap.parse_args(argv)
+    from editr1.cli import function_cli
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = function_cli(PretrainOptions, argv, "python -m editr1.demo_base", description=__doc__)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     tiny = DEMO_TINY
     policy = FluxKontextPolicy(resolution=DEMO_SCENES.size, max_sequence_length=MAX_SEQUENCE_LENGTH, tiny=tiny)
-    metrics: dict = {"command": "python -m editr1.demo_base " + " ".join(argv if argv is not None else __import__("sys").argv[1:])}
+    metrics: dict = {"command": "python -m editr1.demo_base " + " ".join(argv)}
     if args.vae_from:
         load_vae(policy, args.vae_from)
         metrics["vae_from"] = args.vae_from
