@@ -105,7 +105,7 @@ def test_fuzzed_folder_trains_on_every_good_record_once(tmp_path):
     # 40 good rows + 12 rows whose image fails when read = 52 items: batches of 4 cover the epoch exactly
     dm = EditDataModule(path=str(root), batch_size=4, shuffle=True)
     dm.setup("fit")
-    seen, skipped = [], Counter(dm._dataset("train").skipped_rows)
+    seen, skipped = [], Counter(dm.skipped_rows("train"))
     for batch in dm.train_dataloader():
         seen += batch["prompt"]
         skipped.update(batch["skipped"])

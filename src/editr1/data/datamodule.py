@@ -261,7 +261,6 @@ class EditDataModule(L.LightningDataModule):
         self._datasets[split] = ds
         return ds
 
-    _dataset = dataset  # the earlier private name (tests/test_bad_data_fuzz.py reads it)
 
     def skipped_rows(self, split: Literal["train", "val", "test", "predict"]) -> dict[str, int]:
         """The rows the data source of ``split`` rejected when it was read, by reason (``malformed_json``,
