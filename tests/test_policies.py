@@ -270,3 +270,13 @@ def test_padded_encoding_and_idle_only_editing(name):
     assert empty.images.shape == (0, 3, policy.height, policy.width) and empty.x0.shape[0] == 0
     with pytest.raises(ValueError, match="nothing to edit"):
         edit_images(policy, src[:0], [], [], steps=2, solver="euler", batch_size=2)
+
+
+def test_policies_do_not_import_the_data_package():
+    """The tiny policies' word lists come from editr1.scene_vocabulary, not editr1.data (no import cycle)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, editr1.policies; bad = sorted(m for m in sys.modules if m.startswith('editr1.data')); "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)

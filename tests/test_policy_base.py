@@ -9,7 +9,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from editr1.policies.base import Condition, EditPolicy, resolve_dtype, to_tensor_images
+from editr1.dtypes import DTYPES, resolve_dtype
+from editr1.images import to_tensor_images
+from editr1.policies.base import Condition, EditPolicy
 from editr1.policies.lora import LoraSettings
 
 
@@ -92,8 +94,17 @@ def test_resolve_dtype():
     assert resolve_dtype("float32") is torch.float32
     assert resolve_dtype("bfloat16") is torch.bfloat16
     assert resolve_dtype("float16") is torch.float16
-    with pytest.raises(ValueError, match="torch_dtype"):
+    with pytest.raises(ValueError, match="torch_dtype") as err:
         resolve_dtype("fp32")
+    assert all(name in str(err.value) for name in DTYPES)  # the message lists the choices
+
+
+def test_moved_helpers_are_still_importable_from_policies_base():
+    from editr1 import asset_paths, dtypes, images
+    from editr1.policies import base
+
+    assert base.resolve_dtype is dtypes.resolve_dtype and base.DTYPES is dtypes.DTYPES
+    assert base.to_tensor_images is images.to_tensor_images and base.resolve_asset is asset_paths.resolve_asset
 
 
 # ------------------------------------------------------------------------------- EditPolicy

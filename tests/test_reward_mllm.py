@@ -8,8 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
+from editr1.images import limit_pixels
 from editr1.rewards import LocalMLLMReward, RewardInputs
-from editr1.rewards.mllm import MLLMJudge, judge_images, limit_pixels, user_turn
+from editr1.rewards.mllm import MLLMJudge, judge_images, user_turn
 from editr1.rewards.prompts import render
 from editr1.rewards.scoring import expected_score_from_logits
 from editr1.rewards.tiny_judge import TinyJudge

@@ -192,3 +192,19 @@ def test_serve_reward_command(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_data_url_helpers_round_trip_and_refuse_what_the_server_refuses():
+    from editr1.images import ImageTooLarge, data_url, data_url_bytes, decode_image
+
+    img = Image.new("RGB", (12, 8), (200, 30, 30))
+    url = data_url(img)
+    assert url.startswith("data:image/png;base64,") and data_url(img, "jpg").startswith("data:image/jpeg;base64,")
+    back = decode_image(data_url_bytes(url), 12 * 8)
+    assert back.size == (12, 8) and back.getpixel((3, 3)) == (200, 30, 30)
+    with pytest.raises(ImageTooLarge, match="12x8 exceeds 95 pixels"):
+        decode_image(data_url_bytes(url), 12 * 8 - 1)
+    for bad, why in [("http://example.com/x.png", "data: URLs"), ("data:image/png,abc", "base64-encoded"),
+                     ("data:image/png;base64,@@@", "not valid base64")]:
+        with pytest.raises(ValueError, match=why):
+            data_url_bytes(bad)

@@ -316,3 +316,12 @@ def test_dataset_items_and_length():
     with pytest.raises(IndexError):
         ds[5]
     assert len(SceneDataset(config)) == 10000
+
+
+def test_the_grammar_words_are_shared_from_editr1_scene_vocabulary():
+    from editr1 import scene_vocabulary
+    from editr1.data import scenes
+
+    assert scenes.vocabulary is scene_vocabulary.vocabulary and scenes.PALETTE is scene_vocabulary.PALETTE
+    words = scenes.vocabulary()
+    assert len(words) == len(set(words)) and set(PALETTE) <= set(words) and set(SHAPES) <= set(words)

@@ -73,3 +73,18 @@ def test_empty_input_raises():
         captioned_grid([], [])
     with pytest.raises(ValueError):
         captioned_grid([[]], [[]])
+
+
+def test_thumbnail_and_tensor_image_round_trip():
+    from PIL import Image
+
+    from editr1.images import image_to_tensor, tensor_to_image, thumbnail
+
+    t = torch.rand(3, 40, 80, generator=torch.Generator().manual_seed(1))
+    img = tensor_to_image(t)
+    assert img.size == (80, 40) and img.mode == "RGB"
+    torch.testing.assert_close(image_to_tensor(img), t, atol=1 / 255, rtol=0)
+    assert tensor_to_image(t * 3 - 1).getextrema() == ((0, 255),) * 3  # clamped, not wrapped
+    small = thumbnail(t, size=32)  # aspect kept, fitted inside 32 x 32
+    assert small.shape == (3, 16, 32) and small.dtype == torch.float32 and 0 <= small.min() <= small.max() <= 1
+    assert thumbnail(Image.new("RGBA", (20, 10)), size=128).shape == (3, 10, 20)  # never enlarged

@@ -31,7 +31,7 @@ from editr1.algorithms.flow_matching import flow_matching_loss
 from editr1.algorithms.timesteps import continuous_timesteps
 from editr1.data.scenes import SceneConfig, make_example
 from editr1.evaluation.scenes import evaluate_scenes
-from editr1.policies.base import to_tensor_images
+from editr1.images import to_tensor_images
 from editr1.policies.flux_kontext import FluxKontextPolicy, TinyFlux
 from editr1.policies.tiny import TinyTextConfig
 from editr1.seeding import derive_seed

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
-from torchvision.transforms.functional import pil_to_tensor, to_pil_image
+from torchvision.transforms.functional import pil_to_tensor
+
+from editr1.images import tensor_to_image
 
 CAPTION_PX = 12
 MIN_TILE = 96
@@ -33,7 +35,7 @@ def captioned_grid(rows: list[list[torch.Tensor]], captions: list[list[str]], pa
         for j, img in enumerate(row):
             tile = F.interpolate(img[None].float().clamp(0, 1), scale_factor=scale, mode="nearest")[0]
             x, y = pad + j * (tw + pad), pad + i * cell_h
-            canvas.paste(to_pil_image(tile), (x, y))
+            canvas.paste(tensor_to_image(tile), (x, y))
             if j < len(caps) and caps[j]:
                 draw.text((x + 1, y + th), caps[j][: max(4, tw // 6)], fill=(230, 230, 230), font=font)
     return pil_to_tensor(canvas)

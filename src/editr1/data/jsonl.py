@@ -11,10 +11,8 @@ training starts. Images are read lazily; one that cannot be read is skipped and 
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +20,7 @@ from pathlib import Path
 from PIL import Image
 from torch.utils.data import Dataset
 
-from editr1.images import to_rgb
+from editr1.images import ImageTooLarge, decode_image
 
 log = logging.getLogger(__name__)
 
@@ -132,14 +130,8 @@ def read_metadata(folder: str | Path, filename: str = "train_metadata.jsonl") ->
 def load_image(source: Path | bytes) -> Image.Image | str:
     """An RGB image from a file or from encoded bytes, or the reason it cannot be used."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as img:
-                if img.width * img.height > MAX_IMAGE_PIXELS:
-                    return "image_too_large"
-                img.load()
-                return to_rgb(img)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return decode_image(source, MAX_IMAGE_PIXELS)
+    except ImageTooLarge:
         return "image_too_large"
     except FileNotFoundError:
         return "missing_image_file"

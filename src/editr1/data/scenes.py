@@ -27,19 +27,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-# The eight corners of the RGB cube: any two differ by 255 in at least one channel, so their mean
-# absolute channel difference is at least 1/3 (>= 0.3) on the [0, 1] scale.
-PALETTE: dict[str, tuple[int, int, int]] = {
-    "black": (0, 0, 0),
-    "white": (255, 255, 255),
-    "red": (255, 0, 0),
-    "green": (0, 255, 0),
-    "blue": (0, 0, 255),
-    "yellow": (255, 255, 0),
-    "cyan": (0, 255, 255),
-    "magenta": (255, 0, 255),
-}
-SHAPES: tuple[str, ...] = ("square", "circle", "triangle")
+# The grammar's words (colours, shapes, positions) live in editr1.scene_vocabulary, shared with the tiny
+# policies' tokenizers; re-exported here.
+from editr1.scene_vocabulary import PALETTE, POSITIONS_3X3, SHAPES, TEMPLATE_WORDS, vocabulary  # noqa: F401
+
 TASKS: tuple[str, ...] = ("recolor", "remove", "add", "move", "background")
 SPLITS: tuple[str, ...] = ("train", "heldout", "unseen")
 # Tasks whose edited object still exists afterwards (the only ones a holdout pair can apply to).
@@ -57,11 +48,6 @@ REQUIREMENTS: dict[str, str] = {
     "background": "Only the background colour changes; every object keeps its shape, colour, size and "
     "position.",
 }
-POSITIONS_3X3: tuple[tuple[str, ...], ...] = (
-    ("top left", "top", "top right"),
-    ("left", "center", "right"),
-    ("bottom left", "bottom", "bottom right"),
-)
 MIN_CELL = 6  # px per grid cell, so a 4 px shape keeps a 1 px margin and shapes stay distinguishable
 MAX_ATTEMPTS = 200
 
@@ -383,18 +369,6 @@ class SceneDataset(torch.utils.data.Dataset):
         if not 0 <= index < self.length:
             raise IndexError(f"index out of range for a SceneDataset of length {self.length}")
         return make_example(self.start + index, self.config, self.split)
-
-
-TEMPLATE_WORDS = "make the change color of to remove add a at move background row column".split()
-
-
-def vocabulary() -> list[str]:
-    """Every word the scene grammar can produce (for word-level tokenizers of tiny models)."""
-    words = list(TEMPLATE_WORDS) + list(PALETTE) + list(SHAPES)
-    for row in POSITIONS_3X3:
-        for phrase in row:
-            words.extend(phrase.split())
-    return list(dict.fromkeys(words))
 
 
 def export_folder(out_dir: str, count: int, config: SceneConfig | None = None, split: str = "train", start: int = 0) -> None:

@@ -5,8 +5,9 @@ Two kinds, one interface (:class:`TextJudge`):
 
 * :class:`LocalJudge` — a transformers image-text-to-text chat model in this process (greedy decoding,
   i.e. temperature 0); ``None`` as the path builds the tiny Qwen2.5-VL of the tests.
-* :class:`ServedJudge` — any OpenAI-compatible chat-completions endpoint (vLLM, a hosted API), over
-  httpx, ``temperature: 0``, several requests in flight, transport failures retried with backoff.
+* :class:`ServedJudge` — any OpenAI-compatible chat-completions endpoint (vLLM, a hosted API), through
+  :class:`editr1.rewards.http.OpenAIClient`, ``temperature: 0``, several requests in flight, transport
+  failures retried with backoff.
 
 A judge returns the answer text, or ``None`` when it could not get one (the caller counts it as
 failed — never as a score). Parsing and parse retries belong to the protocol
@@ -16,9 +17,7 @@ failed — never as a score). Parsing and parse retries belong to the protocol
 from __future__ import annotations
 
 import logging
-import os
 import threading
-import time
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -29,8 +28,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from editr1.rewards.mllm import MLLMJudge, Quantization, limit_pixels
-from editr1.rewards.served import data_url, error_message, retryable
+from editr1.images import data_url, limit_pixels
+from editr1.rewards.http import OpenAIClient
+from editr1.rewards.mllm import MLLMJudge, Quantization
 from editr1.rewards.tiny_judge import TinyJudge
 
 log = logging.getLogger(__name__)
@@ -232,7 +232,7 @@ class ServedJudge(TextJudge):
         self.max_pixels = max_pixels
         self.image_format = image_format
         self.reported: Counter = Counter()  # (model, system_fingerprint) the server answered with
-        self._client = None
+        self._client: OpenAIClient | None = None
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict:
@@ -244,16 +244,13 @@ class ServedJudge(TextJudge):
         self.__dict__.update(state)
         self._lock = threading.Lock()
 
-    def _get_client(self):
+    def _get_client(self) -> OpenAIClient:
         with self._lock:
-            if self._client is None:
-                import httpx
-
-                key = os.environ.get(self.api_key_env) if self.api_key_env else None
-                headers = {"Authorization": f"Bearer {key}"} if key else {}
-                limits = httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
-                self._client = httpx.Client(base_url=self.base_url.rstrip("/") + "/", headers=headers,
-                                            timeout=self.timeout, limits=limits)
+            if self._client is None:  # made on first use (the key is read then)
+                self._client = OpenAIClient(
+                    self.base_url, self.api_key_env, self.timeout, self.max_retries, self.retry_backoff,
+                    self.max_concurrency, counts=self.counts, lock=self._lock, refused=JudgeConfigError, label="judge",
+                )
             return self._client
 
     def close(self) -> None:
@@ -288,44 +285,14 @@ class ServedJudge(TextJudge):
         with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(requests))) as pool:
             return list(pool.map(lambda r: self._one(client, r), requests))
 
-    def _one(self, client, request: JudgeRequest) -> str | None:
-        import httpx
+    def _one(self, client: OpenAIClient, request: JudgeRequest) -> str | None:
+        return client.post("chat/completions", self.payload(request), self._answer)  # None: failed, counted
 
-        body = self.payload(request)
-        reason = "unknown"
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                self._count("retries")
-                time.sleep(self.retry_backoff * 2 ** (attempt - 1))
-            self._count("requests")
-            try:
-                response = client.post("chat/completions", json=body)
-            except httpx.TimeoutException:
-                reason = "timeout"
-            except httpx.TransportError:
-                reason = "connection"
-            else:
-                status = response.status_code
-                if retryable(status):
-                    reason = f"http_{status}"
-                elif status != 200:
-                    raise JudgeConfigError(f"judge {self.base_url} refused the request (HTTP {status}): {error_message(response)}")
-                else:
-                    try:
-                        data = response.json()
-                        text = data["choices"][0]["message"]["content"]
-                        if not isinstance(text, str):
-                            raise TypeError
-                    except (ValueError, KeyError, IndexError, TypeError):
-                        reason = "malformed_response"
-                    else:
-                        with self._lock:
-                            self.reported[(str(data.get("model")), str(data.get("system_fingerprint")))] += 1
-                        return text
-            self._count(f"errors/{reason}")
-        self._count(f"failed/{reason}")
-        return None
-
-    def _count(self, key: str) -> None:
+    def _answer(self, data: Any) -> str:
+        """The answer text of a chat-completion body (and a note of who answered); raises for a malformed one."""
+        text = data["choices"][0]["message"]["content"]
+        if not isinstance(text, str):
+            raise TypeError
         with self._lock:
-            self.counts[key] += 1
+            self.reported[(str(data.get("model")), str(data.get("system_fingerprint")))] += 1
+        return text

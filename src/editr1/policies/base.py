@@ -15,28 +15,20 @@ LoRA adapters live on ``self.transformer`` (see :mod:`editr1.policies.lora`).
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from torchvision.transforms.functional import pil_to_tensor
 
-from editr1.images import to_rgb
+# resolve_asset, resolve_dtype and to_tensor_images live in neutral modules; importable from here as before.
+from editr1.asset_paths import resolve_asset
+from editr1.dtypes import DTYPES, resolve_dtype  # noqa: F401
+from editr1.images import to_tensor_images
 from editr1.policies import lora
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ValueError(f"torch_dtype must be one of {sorted(DTYPES)}, got {name!r}")
-    return DTYPES[name]
 
 
 @dataclass
@@ -71,49 +63,6 @@ class Condition:
         return Condition(
             {k: v.to(device) for k, v in self.tensors.items()}, {k: v.to(device) for k, v in self.shared.items()}
         )
-
-
-def to_tensor_images(images: Sequence[Image.Image | torch.Tensor], height: int, width: int) -> torch.Tensor:
-    """PIL images (any mode, any size) or (3, h, w) tensors in [0, 1] → ``(N, 3, height, width)`` float
-    in [0, 1]: scaled to cover the target size, then centre-cropped (aspect ratio kept)."""
-    out = []
-    for img in images:
-        if isinstance(img, Image.Image):
-            t = pil_to_tensor(to_rgb(img)).float() / 255.0
-        elif isinstance(img, torch.Tensor):
-            if img.ndim != 3 or img.shape[0] != 3:
-                raise ValueError(f"image tensors must have shape (3, H, W), got {tuple(img.shape)}")
-            t = img.float()
-        else:
-            raise TypeError(f"expected a PIL image or a tensor, got {type(img).__name__}")
-        out.append(_cover_crop(t, height, width))
-    if not out:
-        raise ValueError("no images given")
-    return torch.stack(out)
-
-
-def _cover_crop(t: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    _, h, w = t.shape
-    if (h, w) == (height, width):
-        return t
-    scale = max(height / h, width / w)
-    nh, nw = max(height, round(h * scale)), max(width, round(w * scale))
-    t = F.interpolate(t[None], size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)[0]
-    top, left = (nh - height) // 2, (nw - width) // 2
-    return t[:, top : top + height, left : left + width].clamp(0, 1)
-
-
-def resolve_asset(path: str) -> str:
-    """``asset:<name>`` names a file shipped with editr1 (the repository's ``data/`` folder, installed
-    as the package ``editr1.assets``); anything else is an ordinary path."""
-    if not path.startswith("asset:"):
-        return path
-    from importlib import resources
-
-    found = Path(str(resources.files("editr1.assets").joinpath(path[len("asset:") :])))
-    if not found.exists():
-        raise FileNotFoundError(f"{path}: no such file or folder among editr1's bundled assets ({found})")
-    return str(found)
 
 
 def load_component_weights(pipe, path: str, components: Sequence[str]) -> dict[str, str]:

@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
 
-from editr1.policies.base import Condition, EditPolicy, load_component_weights, resolve_dtype, shifted_sigmas
+from editr1.dtypes import resolve_dtype
+from editr1.policies.base import Condition, EditPolicy, load_component_weights, shifted_sigmas
 from editr1.policies.tiny import TinyTextConfig, text_encoders
+from editr1.scene_vocabulary import vocabulary
 
 FLUX_SCHEDULER_CONFIG = {
     "num_train_timesteps": 1000,
@@ -52,7 +54,7 @@ class TinyFlux:
 
 def build_tiny_pipeline(cfg: TinyFlux) -> FluxKontextPipeline:
     """A complete FluxKontextPipeline at tiny size, deterministic in ``cfg.seed``."""
-    words = cfg.words if cfg.words is not None else _scene_words()
+    words = cfg.words if cfg.words is not None else vocabulary()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         text = text_encoders(cfg.text, words)
@@ -102,12 +104,6 @@ def load_pipeline_weights(pipe: FluxKontextPipeline, path: str) -> None:
     latent_norm = {k: float(meta[k]) for k in ("shift_factor", "scaling_factor") if k in meta}
     if latent_norm:
         pipe.vae.register_to_config(**latent_norm)
-
-
-def _scene_words() -> list[str]:
-    from editr1.data.scenes import vocabulary
-
-    return vocabulary()
 
 
 class FluxKontextPolicy(EditPolicy):

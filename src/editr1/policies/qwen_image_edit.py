@@ -23,9 +23,10 @@ from diffusers import (
     QwenImageEditPlusPipeline,
     QwenImageTransformer2DModel,
 )
-from torchvision.transforms.functional import to_pil_image
 
-from editr1.policies.base import Condition, EditPolicy, load_component_weights, resolve_dtype, shifted_sigmas
+from editr1.dtypes import resolve_dtype
+from editr1.images import tensor_to_image
+from editr1.policies.base import Condition, EditPolicy, load_component_weights, shifted_sigmas
 
 # The Qwen-Image scheduler (flow matching with exponential dynamic shift and a terminal σ).
 QWEN_SCHEDULER_CONFIG = {
@@ -220,7 +221,7 @@ class QwenImageEditPolicy(EditPolicy):
             image = torch.nn.functional.interpolate(
                 image[None].float(), size=(h, w), mode="bicubic", align_corners=False, antialias=True
             )[0].clamp(0, 1)
-        return to_pil_image(image.float().cpu())
+        return tensor_to_image(image, clamp=False)
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:

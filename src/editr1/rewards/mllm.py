@@ -16,8 +16,9 @@ from typing import Literal
 
 import torch
 from PIL import Image
-from torchvision.transforms.functional import to_pil_image
 
+from editr1.dtypes import resolve_dtype
+from editr1.images import limit_pixels, tensor_to_image
 from editr1.rewards.base import RewardInputs, RewardModel
 from editr1.rewards.prompts import load_template, render
 from editr1.rewards.scoring import digit_token_ids, expected_score_from_logits
@@ -26,16 +27,6 @@ from editr1.rewards.tiny_judge import TinyJudge, build_tiny_judge
 log = logging.getLogger(__name__)
 
 Quantization = Literal["none", "8bit", "4bit"]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def limit_pixels(img: Image.Image, max_pixels: int | None) -> Image.Image:
-    """Downscale (aspect kept) so that width·height ≤ max_pixels."""
-    if max_pixels is None or img.width * img.height <= max_pixels:
-        return img
-    scale = (max_pixels / (img.width * img.height)) ** 0.5
-    size = (max(1, int(img.width * scale)), max(1, int(img.height * scale)))
-    return img.resize(size, Image.Resampling.BICUBIC)
 
 
 def judge_images(inputs: RewardInputs, max_pixels: int | None = None) -> list[tuple[Image.Image, Image.Image]]:
@@ -45,8 +36,8 @@ def judge_images(inputs: RewardInputs, max_pixels: int | None = None) -> list[tu
     for i in range(inputs.edits.shape[0]):
         sid = inputs.source_ids[i] if inputs.source_ids is not None else -1 - i
         if sid not in cache:
-            cache[sid] = limit_pixels(to_pil_image(inputs.sources[i].float().clamp(0, 1).cpu()), max_pixels)
-        pairs.append((cache[sid], limit_pixels(to_pil_image(inputs.edits[i].float().clamp(0, 1).cpu()), max_pixels)))
+            cache[sid] = limit_pixels(tensor_to_image(inputs.sources[i]), max_pixels)
+        pairs.append((cache[sid], limit_pixels(tensor_to_image(inputs.edits[i]), max_pixels)))
     return pairs
 
 
@@ -72,13 +63,12 @@ class MLLMJudge:
         tiny: TinyJudge | None = None,
         local_files_only: bool = False,
     ) -> None:
-        if torch_dtype not in DTYPES:
-            raise ValueError(f"torch_dtype must be one of {sorted(DTYPES)}, got {torch_dtype!r}")
+        dtype = resolve_dtype(torch_dtype)
         if quantization not in ("none", "8bit", "4bit"):
             raise ValueError(f"quantization must be 'none', '8bit' or '4bit', got {quantization!r}")
         self.path = pretrained_model_name_or_path
         self.revision = revision
-        self.dtype = DTYPES[torch_dtype]
+        self.dtype = dtype
         self.quantization = quantization
         self.trust_remote_code = trust_remote_code
         self.tiny = tiny

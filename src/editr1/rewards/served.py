@@ -2,46 +2,38 @@
 serve-reward``, a hosted API): ``max_tokens: 1``, ``logprobs`` + ``top_logprobs: 20``, and the score
 from the digit probabilities renormalised over the digits present.
 
-HTTP goes through ``httpx`` (an async client, pooled connections). Requests run on a background event
-loop with bounded concurrency, so ``submit`` returns at once and
-scoring one rollout chunk overlaps generating the next. Transport failures (connection refused,
-timeouts, HTTP 429/5xx, a malformed body) are retried with exponential backoff a bounded number of
-times; a sample that still fails is NaN and counted by reason — never a silent 0. Configuration
-errors (HTTP 400/401/403/404) stop the run with the server's message.
+HTTP goes through :class:`editr1.rewards.http.OpenAIClient` (``httpx``, pooled connections). Requests run
+on background threads with bounded concurrency, so ``submit`` returns at once and scoring one rollout
+chunk overlaps generating the next. Transport failures (connection refused, timeouts, HTTP 408/409/429/
+5xx, a malformed body) are retried with exponential backoff a bounded number of times; a sample that
+still fails is NaN and counted by reason — never a silent 0. Configuration errors (HTTP 400/401/403/404)
+stop the run with the server's message.
 """
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import io
 import logging
-import os
 import threading
 from collections import Counter
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
-from PIL import Image
 
+from editr1.images import data_url
 from editr1.rewards.base import RewardInputs, RewardModel
+from editr1.rewards.http import OpenAIClient, error_message, retryable
 from editr1.rewards.mllm import judge_images
 from editr1.rewards.prompts import load_template, render
 from editr1.rewards.scoring import DigitTokens, MissingDigits, score_top_logprobs
 
 log = logging.getLogger(__name__)
 
+__all__ = ["RewardServerError", "ServedMLLMReward", "data_url", "error_message", "retryable", "top_logprobs_of"]
+
 
 class RewardServerError(RuntimeError):
     """The reward server refused the request for a reason retrying cannot fix."""
-
-
-def data_url(img: Image.Image, fmt: str = "png") -> str:
-    buf = io.BytesIO()
-    mime = "jpeg" if fmt.lower() in ("jpg", "jpeg") else fmt.lower()
-    img.save(buf, format=mime.upper())
-    return f"data:image/{mime};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def top_logprobs_of(response: Any) -> list[tuple[str, float]]:
@@ -54,19 +46,6 @@ def top_logprobs_of(response: Any) -> list[tuple[str, float]]:
     except (KeyError, IndexError, TypeError, ValueError, AttributeError):
         raise ValueError("no_logprobs") from None
     return list(pairs.items())
-
-
-def retryable(status: int) -> bool:
-    """HTTP statuses worth retrying (timeout, conflict, rate limit, server error); other non-200s are
-    configuration errors that retrying cannot fix."""
-    return status in (408, 409, 429) or status >= 500
-
-
-def error_message(response) -> str:
-    try:
-        return str(response.json()["error"]["message"])
-    except Exception:
-        return response.text[:200]
 
 
 class ServedMLLMReward(RewardModel):
@@ -133,52 +112,44 @@ class ServedMLLMReward(RewardModel):
         self.missing_digits = missing_digits
         self.digit_masses: list[float] = []  # since the last step_stats()
         self.counts: Counter = Counter()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._client = None
-        self._semaphore: asyncio.Semaphore | None = None
+        self._client: OpenAIClient | None = None
+        self._chunks: ThreadPoolExecutor | None = None  # one task per submitted chunk: encode, fan out, gather
+        self._requests: ThreadPoolExecutor | None = None  # one task per judgement (its request and retries)
         self._lock = threading.Lock()
         self._count_lock = threading.Lock()
 
     # ------------------------------------------------------------------------------- lifecycle
-    def _ensure_loop(self) -> asyncio.AbstractEventLoop:
+    def _pools(self) -> tuple[ThreadPoolExecutor, ThreadPoolExecutor]:
         with self._lock:
-            if self._loop is None:
-                loop = asyncio.new_event_loop()
-                thread = threading.Thread(target=loop.run_forever, name="editr1-served-reward", daemon=True)
-                thread.start()
-                self._loop, self._thread = loop, thread
-            return self._loop
+            if self._chunks is None or self._requests is None:
+                n = self.max_concurrency
+                self._chunks = ThreadPoolExecutor(n, thread_name_prefix="editr1-served-reward-chunk")
+                self._requests = ThreadPoolExecutor(n, thread_name_prefix="editr1-served-reward")
+            return self._chunks, self._requests
 
-    def _get_client(self):
-        if self._client is None:
-            import httpx
-
-            key = os.environ.get(self.api_key_env) if self.api_key_env else None
-            headers = {"Authorization": f"Bearer {key}"} if key else {}
-            limits = httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
-            self._client = httpx.AsyncClient(
-                base_url=self.base_url.rstrip("/") + "/", headers=headers, timeout=self.timeout, limits=limits
-            )
-            self._semaphore = asyncio.Semaphore(self.max_concurrency)
-        return self._client
+    def _get_client(self) -> OpenAIClient:
+        with self._lock:
+            if self._client is None:  # made on first use, on a worker thread (the key is read then)
+                self._client = OpenAIClient(
+                    self.base_url, self.api_key_env, self.timeout, self.max_retries, self.retry_backoff,
+                    self.max_concurrency, counts=self.counts, lock=self._count_lock,
+                    refused=RewardServerError, label="reward server",
+                )
+            return self._client
 
     def close(self) -> None:
         with self._lock:
-            loop, self._loop = self._loop, None
-        if loop is None:
-            return
-        if self._client is not None:
-            asyncio.run_coroutine_threadsafe(self._client.aclose(), loop).result(timeout=10)
-            self._client = None
-        loop.call_soon_threadsafe(loop.stop)
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        loop.close()
+            client, chunks, requests = self._client, self._chunks, self._requests
+            self._client = self._chunks = self._requests = None
+        for pool in (chunks, requests):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+        if client is not None:
+            client.close()
 
-    def __getstate__(self) -> dict:  # loops and clients do not travel to other processes
+    def __getstate__(self) -> dict:  # threads and clients do not travel to other processes
         state = dict(self.__dict__)
-        state.update(_loop=None, _thread=None, _client=None, _semaphore=None, _lock=None, _count_lock=None)
+        state.update(_client=None, _chunks=None, _requests=None, _lock=None, _count_lock=None)
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -191,8 +162,8 @@ class ServedMLLMReward(RewardModel):
         return self.submit(inputs).result()
 
     def submit(self, inputs: RewardInputs) -> Future:
-        loop = self._ensure_loop()
-        return asyncio.run_coroutine_threadsafe(self._score(inputs), loop)
+        chunks, requests = self._pools()
+        return chunks.submit(self._score, inputs, requests)
 
     def stats(self) -> dict[str, float]:
         with self._count_lock:
@@ -210,13 +181,12 @@ class ServedMLLMReward(RewardModel):
         with self._count_lock:
             self.counts[key] += 1
 
-    async def _score(self, inputs: RewardInputs) -> torch.Tensor:
-        self._get_client()
-        loop = asyncio.get_running_loop()
-        urls = await loop.run_in_executor(None, self._encode, inputs)
+    def _score(self, inputs: RewardInputs, requests: ThreadPoolExecutor) -> torch.Tensor:
+        client = self._get_client()
+        urls = self._encode(inputs)
         texts = [render(self.template, i, r) for i, r in zip(inputs.instructions, inputs.requirements)]
-        results = await asyncio.gather(*(self._judge(src, edit, text) for (src, edit), text in zip(urls, texts)))
-        return torch.tensor(results, dtype=torch.float32)
+        futures = [requests.submit(self._judge, client, src, edit, text) for (src, edit), text in zip(urls, texts)]
+        return torch.tensor([f.result() for f in futures], dtype=torch.float32)
 
     def _encode(self, inputs: RewardInputs) -> list[tuple[str, str]]:
         """Data URLs of (source, edit); each distinct source is encoded once."""
@@ -229,9 +199,7 @@ class ServedMLLMReward(RewardModel):
             out.append((cache[sid], data_url(edit, self.image_format)))
         return out
 
-    async def _judge(self, source_url: str, edit_url: str, text: str) -> float:
-        import httpx
-
+    def _judge(self, client: OpenAIClient, source_url: str, edit_url: str, text: str) -> float:
         payload = {
             "model": self.model,
             "messages": [{
@@ -247,39 +215,12 @@ class ServedMLLMReward(RewardModel):
             "logprobs": True,
             "top_logprobs": self.top_logprobs,
         }
-        assert self._semaphore is not None
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                self._count("retries")
-                await asyncio.sleep(self.retry_backoff * 2 ** (attempt - 1))
-            self._count("requests")
-            try:
-                async with self._semaphore:
-                    response = await self._client.post("chat/completions", json=payload)
-            except httpx.TimeoutException:
-                reason = "timeout"
-            except httpx.TransportError:
-                reason = "connection"
-            else:
-                status = response.status_code
-                if retryable(status):
-                    reason = f"http_{status}"
-                elif status != 200:
-                    raise RewardServerError(
-                        f"reward server {self.base_url} refused the request (HTTP {status}): {error_message(response)}"
-                    )
-                else:
-                    try:
-                        top = top_logprobs_of(response.json())
-                    except ValueError:  # includes a body that is not JSON
-                        reason = "malformed_response"
-                    else:
-                        value, mass = score_top_logprobs(top, self.digit_tokens, self.missing_digits)
-                        with self._count_lock:
-                            self.digit_masses.append(mass)
-                        if value != value:  # NaN: a well-formed answer; retrying will not help
-                            self._count("failed/no_digits" if mass == 0 else "failed/missing_digits")
-                        return value
-            self._count(f"errors/{reason}")
-        self._count(f"failed/{reason}")
-        return float("nan")
+        top = client.post("chat/completions", payload, top_logprobs_of)  # None: failed, counted by reason
+        if top is None:
+            return float("nan")
+        value, mass = score_top_logprobs(top, self.digit_tokens, self.missing_digits)
+        with self._count_lock:
+            self.digit_masses.append(mass)
+        if value != value:  # NaN: a well-formed answer; retrying will not help
+            self._count("failed/no_digits" if mass == 0 else "failed/missing_digits")
+        return value

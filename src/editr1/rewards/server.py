@@ -12,10 +12,7 @@ Concurrent one-token requests are batched into one forward pass.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hmac
-import io
 import json
 import logging
 import os
@@ -23,7 +20,6 @@ import queue
 import threading
 import time
 import uuid
-import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -31,6 +27,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import torch
 from PIL import Image
 
+from editr1.images import ImageTooLarge, data_url_bytes, decode_image
 from editr1.rewards.mllm import MLLMJudge, Quantization
 
 log = logging.getLogger(__name__)
@@ -60,29 +57,16 @@ class Limits:
 
 def decode_data_url(url: str, limits: Limits) -> Image.Image:
     """A ``data:image/...;base64,`` URL → RGB image, within the pixel limit."""
-    if not isinstance(url, str) or not url.startswith("data:"):
-        raise RequestError(400, "only base64 data: URLs are accepted for images (no remote fetching)")
-    header, _, payload = url.partition(",")
-    if ";base64" not in header:
-        raise RequestError(400, "image data URLs must be base64-encoded")
     try:
-        raw = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise RequestError(400, "image data URL is not valid base64") from None
+        raw = data_url_bytes(url)
+    except ValueError as exc:
+        raise RequestError(400, str(exc)) from None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(raw))
-            if img.width * img.height > limits.max_image_pixels:
-                raise RequestError(413, f"image of {img.width}x{img.height} exceeds {limits.max_image_pixels} pixels")
-            img.load()
-    except RequestError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise RequestError(413, "image exceeds the pixel limit") from None
+        return decode_image(raw, limits.max_image_pixels, convert=lambda img: img.convert("RGB"))
+    except ImageTooLarge as exc:
+        raise RequestError(413, str(exc)) from None
     except Exception:
         raise RequestError(400, "image could not be decoded") from None
-    return img.convert("RGB")
 
 
 def parse_messages(messages, limits: Limits) -> tuple[list[dict], list[Image.Image]]:

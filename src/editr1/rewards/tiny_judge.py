@@ -142,6 +142,6 @@ def _warmup(model, processor, steps: int, batch: int = 8) -> None:
 
 
 def _pil(t: torch.Tensor):
-    from torchvision.transforms.functional import to_pil_image
+    from editr1.images import tensor_to_image
 
-    return to_pil_image(t)
+    return tensor_to_image(t)
