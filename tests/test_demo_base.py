@@ -10,7 +10,7 @@ import torch
 
 from editr1 import demo_base
 from editr1.policies import FluxKontextPolicy
-from editr1.policies.base import resolve_asset
+from editr1.asset_paths import resolve_asset
 
 ROOT = Path(__file__).resolve().parents[1]
 

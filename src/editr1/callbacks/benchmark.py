@@ -12,11 +12,11 @@ from typing import Literal
 
 import torch
 from lightning.pytorch.callbacks import Callback
-from torchvision.transforms.functional import to_pil_image
 
 from editr1.callbacks.image_writer import safe_name
 from editr1.callbacks.tensorboard import add_image, add_text
 from editr1.evaluation.judges import TextJudge
+from editr1.images import tensor_to_image, thumbnail
 from editr1.visualize import captioned_grid
 
 log = logging.getLogger(__name__)
@@ -25,17 +25,6 @@ log = logging.getLogger(__name__)
 def _file_name(key: str) -> str:
     """A benchmark key as a file name: unchanged when it is already safe (ImgEdit ids, GEdit keys)."""
     return key if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,150}", key) else safe_name(key)
-
-
-def _thumb(img, size: int = 128) -> torch.Tensor:
-    from PIL import Image as PILImage
-    from torchvision.transforms.functional import pil_to_tensor
-
-    if isinstance(img, torch.Tensor):
-        img = to_pil_image(img.float().clamp(0, 1).cpu())
-    img = img.copy()
-    img.thumbnail((size, size), PILImage.Resampling.BICUBIC)
-    return pil_to_tensor(img.convert("RGB")).float() / 255
 
 
 class BenchmarkEvaluation(Callback):
@@ -150,7 +139,7 @@ class BenchmarkEvaluation(Callback):
             rel = self.protocol.output_path(_file_name(key), outputs["tasks"][i], lang)
             path = self.out / rel
             path.parent.mkdir(parents=True, exist_ok=True)
-            edit = to_pil_image(outputs["edits"][i].float().clamp(0, 1).cpu())
+            edit = tensor_to_image(outputs["edits"][i])
             edit.save(path)
             samples.append(Sample(key, cat, outputs["prompts"][i], batch["image"][i], edit, lang,
                                   bool(meta.get("intersection"))))
@@ -167,7 +156,7 @@ class BenchmarkEvaluation(Callback):
                 self.protocol.update(self.metrics, r, {"language": s.language, "intersection": s.intersection})
             lines.append(dict(r.to_json(), file=rel))
             if r.headline == r.headline:  # finite: a candidate for the best / worst lists
-                self.extremes.append((r.headline, s.key, s.category, s.prompt, _thumb(s.source), _thumb(s.edit)))
+                self.extremes.append((r.headline, s.key, s.category, s.prompt, thumbnail(s.source), thumbnail(s.edit)))
         self.extremes.sort(key=lambda e: e[0])
         if len(self.extremes) > 2 * self.show:
             self.extremes = self.extremes[: self.show] + self.extremes[-self.show :]

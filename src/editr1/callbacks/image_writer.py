@@ -8,7 +8,8 @@ import zlib
 from pathlib import Path
 
 from lightning.pytorch.callbacks import BasePredictionWriter
-from torchvision.transforms.functional import to_pil_image
+
+from editr1.images import tensor_to_image
 
 
 class ImageWriter(BasePredictionWriter):
@@ -26,7 +27,7 @@ class ImageWriter(BasePredictionWriter):
             if prediction["meta"][i].get("padding"):
                 continue
             name = safe_name(key) + ".png"
-            to_pil_image(prediction["edits"][i].float().cpu()).save(self.output_dir / name)
+            tensor_to_image(prediction["edits"][i], clamp=False).save(self.output_dir / name)
             lines.append({"key": key, "prompt": prediction["prompts"][i], "file": name})
         with (self.output_dir / f"predictions.rank{trainer.global_rank}.jsonl").open("a", encoding="utf-8") as f:
             for line in lines:

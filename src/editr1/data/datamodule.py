@@ -170,7 +170,7 @@ class EditDataModule(L.LightningDataModule):
             raise ValueError("give the training data as path (a folder) or shards, not both")
         if path is None and shards is None and scenes is None:
             scenes = SceneConfig()
-        from editr1.policies.base import resolve_asset  # "asset:<name>": a folder shipped with editr1
+        from editr1.asset_paths import resolve_asset  # "asset:<name>": a folder shipped with editr1
 
         path, val_path, test_path, test_images, predict_path = (
             resolve_asset(p) if isinstance(p, str) else p

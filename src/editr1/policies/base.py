@@ -24,9 +24,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-# resolve_asset, resolve_dtype and to_tensor_images live in neutral modules; importable from here as before.
 from editr1.asset_paths import resolve_asset
-from editr1.dtypes import DTYPES, resolve_dtype  # noqa: F401
 from editr1.images import to_tensor_images
 from editr1.policies import lora
 
