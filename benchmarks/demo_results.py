@@ -36,8 +36,12 @@ def run(arm: str, seed: int, out_root: Path, sft_steps: int) -> dict:
         args = ["fit", "-c", str(ROOT / "configs" / "sft_demo.yaml"), f"--trainer.max_steps={sft_steps}"]
     else:
         args = ["fit", *overrides]
-    args += [f"--seed_everything={seed}", f"--trainer.logger.init_args.save_dir={out_root}",
-             f"--trainer.logger.init_args.name={name}", "--trainer.enable_progress_bar=true"]
+    args += [
+        f"--seed_everything={seed}",
+        f"--trainer.logger.init_args.save_dir={out_root}",
+        f"--trainer.logger.init_args.name={name}",
+        "--trainer.enable_progress_bar=true",
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "editr1", *args], capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - t0
@@ -46,8 +50,11 @@ def run(arm: str, seed: int, out_root: Path, sft_steps: int) -> dict:
     run_dir = sorted((out_root / arm / f"seed{seed}").glob("version_*"))[-1]
     result = json.loads((run_dir / "scene_eval.json").read_text())
     result["wall_s"] = wall
-    print(f"{name}: {wall:.0f}s  heldout {result['before']['heldout']['mean']:.3f} -> "
-          f"{result['after']['heldout']['mean']:.3f}", flush=True)
+    print(
+        f"{name}: {wall:.0f}s  heldout {result['before']['heldout']['mean']:.3f} -> "
+        f"{result['after']['heldout']['mean']:.3f}",
+        flush=True,
+    )
     return result
 
 
@@ -68,15 +75,19 @@ def table(results: dict[str, list[dict]], seeds: list[int]) -> str:
         ua = [r["after"]["unseen"]["mean"] for r in runs]
         ud = [r["after"]["unseen"]["mean"] - r["before"]["unseen"]["mean"] for r in runs]
         seeds_run = ", ".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"]))
-        lines.append(f"| {ARMS[arm][0]} | seeds {seeds_run} | {mean_std(ha)} | {mean_std(hd)} | {mean_std(ua)} | "
-                     f"{mean_std(ud)} |")
+        lines.append(
+            f"| {ARMS[arm][0]} | seeds {seeds_run} | {mean_std(ha)} | {mean_std(hd)} | {mean_std(ua)} | "
+            f"{mean_std(ud)} |"
+        )
     first = next(iter(results.values()))[0]
     b = first["before"]
     lines.append("")
-    lines.append(f"SFT base (before training, the same for every run): held-out {b['heldout']['mean']:.3f}, "
-                 f"unseen {b['unseen']['mean']:.3f}. Identity baseline (return the source): "
-                 f"{b['heldout']['identity']:.3f} / {b['unseen']['identity']:.3f}. Ceiling (VAE round trip of the "
-                 f"target): {b['heldout']['ceiling']:.3f} / {b['unseen']['ceiling']:.3f}. Seeds: {seeds}.")
+    lines.append(
+        f"SFT base (before training, the same for every run): held-out {b['heldout']['mean']:.3f}, "
+        f"unseen {b['unseen']['mean']:.3f}. Identity baseline (return the source): "
+        f"{b['heldout']['identity']:.3f} / {b['unseen']['identity']:.3f}. Ceiling (VAE round trip of the "
+        f"target): {b['heldout']['ceiling']:.3f} / {b['unseen']['ceiling']:.3f}. Seeds: {seeds}."
+    )
     return "\n".join(lines)
 
 
@@ -87,8 +98,13 @@ def main() -> None:
     ap.add_argument("--out", default="runs/results", help="run folders")
     ap.add_argument("--json", default="runs/results/results.json", help="all figures, for the docs")
     ap.add_argument("--sft-steps", type=int, default=640, help="steps of the supervised arm (~ the demo's wall time)")
-    ap.add_argument("--table-only", nargs="*", default=None, metavar="JSON",
-                    help="print the table from these results files (merged) without running anything")
+    ap.add_argument(
+        "--table-only",
+        nargs="*",
+        default=None,
+        metavar="JSON",
+        help="print the table from these results files (merged) without running anything",
+    )
     args = ap.parse_args()
     if args.table_only is not None:
         merged: dict[str, list[dict]] = {}

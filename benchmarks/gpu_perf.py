@@ -39,18 +39,52 @@ PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A1
 # stand-in of each for --preset tiny.
 ARCH = {
     "flux": {
-        "real": dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                     num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
-                     guidance_embeds=True, axes_dims_rope=(16, 56, 56)),
-        "tiny": dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
-                     num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
-                     guidance_embeds=True, axes_dims_rope=(4, 6, 6)),
+        "real": dict(
+            patch_size=1,
+            in_channels=64,
+            num_layers=19,
+            num_single_layers=38,
+            attention_head_dim=128,
+            num_attention_heads=24,
+            joint_attention_dim=4096,
+            pooled_projection_dim=768,
+            guidance_embeds=True,
+            axes_dims_rope=(16, 56, 56),
+        ),
+        "tiny": dict(
+            patch_size=1,
+            in_channels=64,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            pooled_projection_dim=32,
+            guidance_embeds=True,
+            axes_dims_rope=(4, 6, 6),
+        ),
     },
     "qwen": {
-        "real": dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
-                     num_attention_heads=24, joint_attention_dim=3584, axes_dims_rope=(16, 56, 56)),
-        "tiny": dict(patch_size=2, in_channels=64, out_channels=16, num_layers=1, attention_head_dim=16,
-                     num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6)),
+        "real": dict(
+            patch_size=2,
+            in_channels=64,
+            out_channels=16,
+            num_layers=60,
+            attention_head_dim=128,
+            num_attention_heads=24,
+            joint_attention_dim=3584,
+            axes_dims_rope=(16, 56, 56),
+        ),
+        "tiny": dict(
+            patch_size=2,
+            in_channels=64,
+            out_channels=16,
+            num_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            axes_dims_rope=(4, 6, 6),
+        ),
     },
 }
 
@@ -97,18 +131,23 @@ def random_condition(name: str, policy, groups: int, text_tokens: int, device: s
     if name == "flux":
         from diffusers.pipelines.flux.pipeline_flux_kontext import FluxKontextPipeline
 
-        ids = FluxKontextPipeline._prepare_latent_image_ids(1, policy.latent_h // 2, policy.latent_w // 2, device,
-                                                            torch.float32)
+        ids = FluxKontextPipeline._prepare_latent_image_ids(
+            1, policy.latent_h // 2, policy.latent_w // 2, device, torch.float32
+        )
         image_ids = ids.clone()
         image_ids[..., 0] = 1
         return Condition(
-            {"prompt_embeds": embeds, "pooled": torch.randn(groups, cfg.pooled_projection_dim, generator=g,
-                                                            device=device), "image_latents": image_latents},
+            {
+                "prompt_embeds": embeds,
+                "pooled": torch.randn(groups, cfg.pooled_projection_dim, generator=g, device=device),
+                "image_latents": image_latents,
+            },
             {"text_ids": torch.zeros(text_tokens, 3, device=device), "img_ids": torch.cat([ids, image_ids])},
         )
     mask = torch.ones(groups, text_tokens, dtype=torch.long, device=device)
-    return Condition({"prompt_embeds": embeds, "prompt_mask": mask, "image_latents": image_latents},
-                     {"num_images": torch.tensor(1)})
+    return Condition(
+        {"prompt_embeds": embeds, "prompt_mask": mask, "image_latents": image_latents}, {"num_images": torch.tensor(1)}
+    )
 
 
 def step_data(module, cond, groups: int, k: int, steps: int):
@@ -120,14 +159,30 @@ def step_data(module, cond, groups: int, k: int, steps: int):
     device = policy.device
     g = torch.Generator(device).manual_seed(1)
     x0 = torch.randn(groups * k, *policy.latent_shape(), generator=g, device=device)
-    ro = Rollout(prompts=["p"] * groups, requirements=[""] * groups, keys=[f"k{i}" for i in range(groups)],
-                 sources=torch.zeros(groups, 3, 1, 1), targets=None, cond=cond, x0=x0,
-                 edits=torch.zeros(groups * k, 3, 1, 1), sigmas=policy.sigmas(steps), group_size=k, index=0,
-                 base_seed=int(module.seed))
+    ro = Rollout(
+        prompts=["p"] * groups,
+        requirements=[""] * groups,
+        keys=[f"k{i}" for i in range(groups)],
+        sources=torch.zeros(groups, 3, 1, 1),
+        targets=None,
+        cond=cond,
+        x0=x0,
+        edits=torch.zeros(groups * k, 3, 1, 1),
+        sigmas=policy.sigmas(steps),
+        group_size=k,
+        index=0,
+        base_seed=int(module.seed),
+    )
     rewards = torch.rand(groups, k)
     mask = torch.ones(groups, k, dtype=torch.bool)
-    decision = GroupDecision(r=torch.rand(groups, k), train_mask=mask, dropped_low_variance=~mask[:, 0],
-                             dropped_nan=~mask[:, 0], mean=rewards.mean(1), std=rewards.std(1))
+    decision = GroupDecision(
+        r=torch.rand(groups, k),
+        train_mask=mask,
+        dropped_low_variance=~mask[:, 0],
+        dropped_nan=~mask[:, 0],
+        mean=rewards.mean(1),
+        std=rewards.std(1),
+    )
     return Experience(ro, rewards, decision)
 
 
@@ -140,12 +195,11 @@ def count_flops(fn) -> int:
 
 
 def run_model(name: str, args) -> None:
-    from perf_common import detach_from_trainer, fm_step, nft_step, timed
-
     from editr1.module import EditR1Module, EfficiencySettings, NFTSettings
     from editr1.policies import lora
     from editr1.policies.lora import LoraSettings
     from editr1.sampling import sample
+    from perf_common import detach_from_trainer, fm_step, nft_step, timed
 
     device = args.device
     cuda = device.startswith("cuda")
@@ -153,22 +207,29 @@ def run_model(name: str, args) -> None:
     t0 = time.perf_counter()
     policy = build_policy(name, args.preset, args.resolution, device, dtype)
     n_params = sum(p.numel() for p in policy.transformer.parameters())
-    eff = EfficiencySettings(activation_checkpointing=args.checkpointing, compile=args.compile,
-                             autocast="bf16" if args.autocast else "no")
-    module = EditR1Module(policy=policy, lora=LoraSettings(rank=32, alpha=64.0),
-                          nft=NFTSettings(micro_batch_size=args.micro_batch, kl_weight=args.kl_weight), seed=1,
-                          efficiency=eff)
+    eff = EfficiencySettings(
+        activation_checkpointing=args.checkpointing, compile=args.compile, autocast="bf16" if args.autocast else "no"
+    )
+    module = EditR1Module(
+        policy=policy,
+        lora=LoraSettings(rank=32, alpha=64.0),
+        nft=NFTSettings(micro_batch_size=args.micro_batch, kl_weight=args.kl_weight),
+        seed=1,
+        efficiency=eff,
+    )
     detach_from_trainer(module)
     lora_params = sum(p.numel() for p in policy.trainable_parameters())
     cond = random_condition(name, policy, args.groups, args.text_tokens, device)
     data = step_data(module, cond, args.groups, args.group_size, args.steps)
     built = time.perf_counter() - t0
     seq = policy.latent_shape()[0]
-    print(f"\n== {name} ({args.preset}): transformer {n_params / 1e9:.2f} B parameters ({args.dtype}), LoRA r32 "
-          f"{lora_params / 1e6:.1f} M; {args.resolution}² = {seq} image + {seq} condition + {args.text_tokens} text "
-          f"tokens; {args.groups} group(s) x {args.group_size}, micro-batch {args.micro_batch}, "
-          f"{args.steps - 1} trained timesteps; checkpointing {args.checkpointing}, compile {args.compile}, "
-          f"autocast {args.autocast}  (built in {built:.0f} s)")
+    print(
+        f"\n== {name} ({args.preset}): transformer {n_params / 1e9:.2f} B parameters ({args.dtype}), LoRA r32 "
+        f"{lora_params / 1e6:.1f} M; {args.resolution}² = {seq} image + {seq} condition + {args.text_tokens} text "
+        f"tokens; {args.groups} group(s) x {args.group_size}, micro-batch {args.micro_batch}, "
+        f"{args.steps - 1} trained timesteps; checkpointing {args.checkpointing}, compile {args.compile}, "
+        f"autocast {args.autocast}  (built in {built:.0f} s)"
+    )
 
     # FLOPs of one micro-batch: forward without gradient, forward + backward
     mb = min(args.micro_batch, args.groups * args.group_size)
@@ -221,20 +282,23 @@ def run_model(name: str, args) -> None:
         gpu = torch.cuda.get_device_name()
         peak_rate = next((v for key, v in PEAK_BF16.items() if key in gpu), None)
     best_nft, best_fm = min(nft_t), min(fm_t)
-    print(f"  NFT step {best_nft:.3f} s, flow-matching step {best_fm:.3f} s: ratio {best_nft / best_fm:.2f}x "
-          f"(target <= 1.7x); FLOP ratio {step_flops / fm_flops:.2f}x")
-    print(f"  forward (no grad) {f_flops / 1e12:.3g} TFLOP, forward+backward {fb_flops / 1e12:.3g} TFLOP per "
-          f"micro-batch of {mb}; NFT step {step_flops / 1e12:.3g} TFLOP -> {step_flops / best_nft / 1e12:.3g} TFLOP/s")
+    print(
+        f"  NFT step {best_nft:.3f} s, flow-matching step {best_fm:.3f} s: ratio {best_nft / best_fm:.2f}x "
+        f"(target <= 1.7x); FLOP ratio {step_flops / fm_flops:.2f}x"
+    )
+    print(
+        f"  forward (no grad) {f_flops / 1e12:.3g} TFLOP, forward+backward {fb_flops / 1e12:.3g} TFLOP per "
+        f"micro-batch of {mb}; NFT step {step_flops / 1e12:.3g} TFLOP -> {step_flops / best_nft / 1e12:.3g} TFLOP/s"
+    )
     if peak_rate:
-        print(f"  MFU: NFT step {step_flops / best_nft / peak_rate:.1%}, flow-matching step "
-              f"{fm_flops / best_fm / peak_rate:.1%} (peak {peak_rate / 1e12:.0f} TFLOP/s bf16)")
+        print(
+            f"  MFU: NFT step {step_flops / best_nft / peak_rate:.1%}, flow-matching step "
+            f"{fm_flops / best_fm / peak_rate:.1%} (peak {peak_rate / 1e12:.0f} TFLOP/s bf16)"
+        )
     else:
         print("  MFU: unknown peak rate for this device (give --peak-tflops)")
     print(f"  peak memory of the training steps: {peak:.1f} GiB")
     print(f"  rollout of one group (K = {k}, 6 DPM-Solver++ steps, one batch): {ro_t:.3f} s")
-    del module, policy, data, cond
-    if cuda:
-        torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -263,7 +327,9 @@ def main() -> None:
     if args.device.startswith("cuda"):
         print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     for name in args.only:
-        run_model(name, args)
+        run_model(name, args)  # its model is freed when it returns
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -35,20 +35,34 @@ warnings.filterwarnings("ignore")
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
 import torch  # noqa: E402
-from perf_common import (  # noqa: E402
-    detach_from_trainer, flux_policy, fm_step, fmt_ratio, interleaved, model_time, nft_step, scenes, step_data, timed,
-)
 
 from editr1.module import EditR1Module, NFTSettings, RolloutSettings  # noqa: E402
 from editr1.policies import lora  # noqa: E402
 from editr1.policies.lora import LoraSettings  # noqa: E402
+from perf_common import (  # noqa: E402
+    detach_from_trainer,
+    flux_policy,
+    fm_step,
+    fmt_ratio,
+    interleaved,
+    model_time,
+    nft_step,
+    scenes,
+    step_data,
+    timed,
+)
 
 PAPER_LORA = LoraSettings(rank=32, alpha=64.0)
 
 
 def module_for(size: str, resolution: int, micro: int, kl: float = 1e-4, **kw) -> EditR1Module:
-    m = EditR1Module(policy=flux_policy(size, resolution), lora=PAPER_LORA,
-                     nft=NFTSettings(micro_batch_size=micro, kl_weight=kl), seed=1, **kw)
+    m = EditR1Module(
+        policy=flux_policy(size, resolution),
+        lora=PAPER_LORA,
+        nft=NFTSettings(micro_batch_size=micro, kl_weight=kl),
+        seed=1,
+        **kw,
+    )
     detach_from_trainer(m)
     return m
 
@@ -86,13 +100,18 @@ def p1(args) -> None:
         fwd_per_step = 3 if kl > 0 else 2  # θ_old, reference (when λ_KL > 0), θ
         floor = ((fwd_per_step - 1) * f + fb) / fb
         ratio = best(t["nft"]) / best(t["fm"])
-        print(f"[{size}, {res}px, {groups}x{k} samples, {steps - 1} timesteps, micro-batch 4, LoRA r32, "
-              f"kl_weight {kl:g}]")
-        print(f"  NFT step {best(t['nft']):.3f} s   flow-matching step {best(t['fm']):.3f} s   "
-              f"ratio {fmt_ratio(ratio, 1.7, '<=')}")
-        print(f"  one forward (no grad) {f * 1e3:.1f} ms, forward+backward {fb * 1e3:.1f} ms "
-              f"(backward = {(fb - f) / f:.2f} forwards): floor {fwd_per_step - 1} F + (F+B) over (F+B) = {floor:.2f}x; "
-              f"measured / floor = {ratio / floor:.2f}")
+        print(
+            f"[{size}, {res}px, {groups}x{k} samples, {steps - 1} timesteps, micro-batch 4, LoRA r32, kl_weight {kl:g}]"
+        )
+        print(
+            f"  NFT step {best(t['nft']):.3f} s   flow-matching step {best(t['fm']):.3f} s   "
+            f"ratio {fmt_ratio(ratio, 1.7, '<=')}"
+        )
+        print(
+            f"  one forward (no grad) {f * 1e3:.1f} ms, forward+backward {fb * 1e3:.1f} ms "
+            f"(backward = {(fb - f) / f:.2f} forwards): floor {fwd_per_step - 1} F + (F+B) over (F+B) = {floor:.2f}x; "
+            f"measured / floor = {ratio / floor:.2f}"
+        )
 
 
 # ------------------------------------------------------------------------------------------------ P2
@@ -113,6 +132,7 @@ def p2(args) -> None:
         def run():
             with pol.adapter(lora.OLD):
                 edit_images(pol, src, prompts, seeds, steps=steps, solver=solver, batch_size=batch_size, group_size=k)
+
         return run
 
     def ours_separately(solver: str):
@@ -120,18 +140,32 @@ def p2(args) -> None:
             with pol.adapter(lora.OLD):
                 for s in seeds:
                     edit_images(pol, src, prompts, [s], steps=steps, solver=solver, batch_size=1)
+
         return run
 
     def pipeline():
         with pol.adapter(lora.OLD):
             for s in seeds:
-                pol.pipe(image=images[0], prompt=prompts[0], height=res, width=res, max_area=res * res,
-                         _auto_resize=False, num_inference_steps=steps, guidance_scale=2.5,
-                         max_sequence_length=pol.max_sequence_length, generator=torch.Generator().manual_seed(s),
-                         output_type="pt")
+                pol.pipe(
+                    image=images[0],
+                    prompt=prompts[0],
+                    height=res,
+                    width=res,
+                    max_area=res * res,
+                    _auto_resize=False,
+                    num_inference_steps=steps,
+                    guidance_scale=2.5,
+                    max_sequence_length=pol.max_sequence_length,
+                    generator=torch.Generator().manual_seed(s),
+                    output_type="pt",
+                )
 
-    cases = {"pipeline x12": pipeline, "ours, 12 separate calls (euler)": ours_separately("euler"),
-             "ours, one group (euler)": ours(12, "euler"), "ours, one group (dpmpp_2m)": ours(12, "dpmpp_2m")}
+    cases = {
+        "pipeline x12": pipeline,
+        "ours, 12 separate calls (euler)": ours_separately("euler"),
+        "ours, one group (euler)": ours(12, "euler"),
+        "ours, one group (dpmpp_2m)": ours(12, "dpmpp_2m"),
+    }
     t = interleaved(cases, args.repeats)
     base = best(t["pipeline x12"])
     print(f"[FLUX.1-Kontext {size}, {res}px, {steps} steps, K = {k}, decode included]")
@@ -154,9 +188,11 @@ def p3(args) -> None:
         calls = acc  # forward count is not tracked; time is enough
         ratio = best(t["half"]) / best(t["none"])
         print(f"[{size}, {res}px, {groups} groups x {k}, micro-batch {micro}, 2 timesteps]")
-        print(f"  none filtered {best(t['none']):.3f} s   half filtered {best(t['half']):.3f} s   "
-              f"ratio {fmt_ratio(ratio, 0.6, '<=')}   (model share of the half step "
-              f"{(calls['forward'] + calls['backward']) / best(t['half']):.0%})")
+        print(
+            f"  none filtered {best(t['none']):.3f} s   half filtered {best(t['half']):.3f} s   "
+            f"ratio {fmt_ratio(ratio, 0.6, '<=')}   (model share of the half step "
+            f"{(calls['forward'] + calls['backward']) / best(t['half']):.0%})"
+        )
 
 
 # ------------------------------------------------------------------------------------------------ P4
@@ -164,7 +200,7 @@ def p4(args) -> None:
     import lightning as L
 
     print("\n== P4  memory: the old and reference policies, and checkpoints")
-    for size, res in ([("tiny", 32)] if args.quick else [("tiny", 32), ("small", 128)]):
+    for size, res in [("tiny", 32)] if args.quick else [("tiny", 32), ("small", 128)]:
         pol = flux_policy(size, res)
         base = sum(p.numel() for p in pol.transformer.parameters())
         ptrs = {p.data_ptr() for p in pol.transformer.parameters()}
@@ -175,9 +211,11 @@ def p4(args) -> None:
         lora_size = sum(p.numel() for p in lora.adapter_parameters(pol.transformer, lora.DEFAULT).values())
         extra = after - base - lora_size  # what θ_old and the reference add beyond θ
         print(f"[{size}: transformer {base / 1e6:.2f} M parameters, LoRA r32 {lora_size / 1e6:.3f} M]")
-        print(f"  base parameters after adding adapters: {base_after / 1e6:.2f} M (same tensors: {shared}); "
-              f"extra for θ_old + reference: {extra / 1e6:.3f} M = {fmt_ratio(extra / lora_size, 2.0, '<=')} "
-              "of the LoRA (reference = adapters off: 0)")
+        print(
+            f"  base parameters after adding adapters: {base_after / 1e6:.2f} M (same tensors: {shared}); "
+            f"extra for θ_old + reference: {extra / 1e6:.3f} M = {fmt_ratio(extra / lora_size, 2.0, '<=')} "
+            "of the LoRA (reference = adapters off: 0)"
+        )
 
     # checkpoint of a real one-step fit on the tiny model
     from editr1.callbacks import RewardCallback
@@ -185,13 +223,27 @@ def p4(args) -> None:
     from editr1.rewards import SceneReward
 
     pol = flux_policy("tiny", 32)
-    m = EditR1Module(policy=pol, lora=PAPER_LORA, nft=NFTSettings(micro_batch_size=8), seed=1,
-                     rollout=RolloutSettings(group_size=4, steps=4, batch_size=8))
+    m = EditR1Module(
+        policy=pol,
+        lora=PAPER_LORA,
+        nft=NFTSettings(micro_batch_size=8),
+        seed=1,
+        rollout=RolloutSettings(group_size=4, steps=4, batch_size=8),
+    )
     data = EditDataModule(scenes=SceneConfig(size=32), batch_size=2, train_size=8, val_size=2)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                            default_root_dir=tmp, callbacks=[RewardCallback(model=SceneReward(), log_images_every_n_steps=0)])
+        trainer = L.Trainer(
+            accelerator="cpu",
+            devices=1,
+            max_steps=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            default_root_dir=tmp,
+            callbacks=[RewardCallback(model=SceneReward(), log_images_every_n_steps=0)],
+        )
         trainer.fit(m, datamodule=data)
         path = Path(tmp) / "one.ckpt"
         trainer.save_checkpoint(str(path))
@@ -206,9 +258,11 @@ def p4(args) -> None:
 
     sd, opt = nbytes(ck["state_dict"]), nbytes(ck["optimizer_states"])
     print(f"[checkpoint after one step, tiny, LoRA r32: trainable {trainable / 1e6:.2f} MB]")
-    print(f"  file {size_ck / 1e6:.2f} MB = {size_ck / trainable:.2f}x the trainable bytes: adapters θ + θ_old "
-          f"{sd / 1e6:.2f} MB ({sd / trainable:.2f}x), AdamW moments {opt / 1e6:.2f} MB ({opt / trainable:.2f}x), "
-          f"rest {(size_ck - sd - opt) / 1e3:.0f} kB; no base weights")
+    print(
+        f"  file {size_ck / 1e6:.2f} MB = {size_ck / trainable:.2f}x the trainable bytes: adapters θ + θ_old "
+        f"{sd / 1e6:.2f} MB ({sd / trainable:.2f}x), AdamW moments {opt / 1e6:.2f} MB ({opt / trainable:.2f}x), "
+        f"rest {(size_ck - sd - opt) / 1e3:.0f} kB; no base weights"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ P5
@@ -227,14 +281,18 @@ def p5(args) -> None:
     noise = per_sample_randn(pol.latent_shape(), list(range(n)))
 
     def run(steps: int, solver: str, first_order_second_to_last: bool = False) -> torch.Tensor:
-        return sample(lambda x, t: pol.velocity(x, t, cond), noise, pol.sigmas(steps), solver, first_order_second_to_last)
+        return sample(
+            lambda x, t: pol.velocity(x, t, cond), noise, pol.sigmas(steps), solver, first_order_second_to_last
+        )
 
     def err(x: torch.Tensor, ref: torch.Tensor) -> float:
-        return float(((x - ref) ** 2).mean().sqrt() / (ref ** 2).mean().sqrt())
+        return float(((x - ref) ** 2).mean().sqrt() / (ref**2).mean().sqrt())
 
     refs = {"dpmpp_2m": run(100, "dpmpp_2m"), "euler": run(100, "euler")}
-    print(f"[the demo's trained base (hidden 128), 32px, {n} edits; error = RMS(x - ref) / RMS(ref) of final latents; "
-          f"the two 100-step references differ by {err(refs['euler'], refs['dpmpp_2m']):.4f}]")
+    print(
+        f"[the demo's trained base (hidden 128), 32px, {n} edits; error = RMS(x - ref) / RMS(ref) of final latents; "
+        f"the two 100-step references differ by {err(refs['euler'], refs['dpmpp_2m']):.4f}]"
+    )
     euler_errs = {name: {} for name in refs}
     for ref_name, ref in refs.items():
         for lower in (False, True):
@@ -253,8 +311,11 @@ def p5(args) -> None:
     grid = [3, 4, 6, 8, 12] if args.quick else [3, 4, 6, 8, 12, 16, 24]
     print(f"  error against the dpmpp_2m-100 reference by steps: {grid}")
     ref = refs["dpmpp_2m"]
-    for label, solver, lower in (("Euler", "euler", False), ("DPM-Solver++ (default: 1,2,..,2,1)", "dpmpp_2m", False),
-                                 ("DPM-Solver++ (earlier rule: 1,2,..,1,1)", "dpmpp_2m", True)):
+    for label, solver, lower in (
+        ("Euler", "euler", False),
+        ("DPM-Solver++ (default: 1,2,..,2,1)", "dpmpp_2m", False),
+        ("DPM-Solver++ (earlier rule: 1,2,..,1,1)", "dpmpp_2m", True),
+    ):
         print(f"    {label:42s} " + "  ".join(f"{err(run(s, solver, lower), ref):.4f}" for s in grid))
     print(f"  6-step schedule: {[round(float(s), 3) for s in pol.sigmas(6)]}")
 
@@ -274,9 +335,11 @@ def p6(args) -> None:
             shares.append((acc["forward"] + acc["backward"]) / total)
             totals.append(total)
         share = statistics.median(shares)
-        print(f"[{size}, {res}px, 2x2 samples, 3 timesteps, micro-batch 4]  step {min(totals):.3f} s, "
-              f"forward+backward {share:.1%} (median of {args.repeats}; target >= 85%: "
-              f"{'met' if share >= 0.85 else 'NOT met'})")
+        print(
+            f"[{size}, {res}px, 2x2 samples, 3 timesteps, micro-batch 4]  step {min(totals):.3f} s, "
+            f"forward+backward {share:.1%} (median of {args.repeats}; target >= 85%: "
+            f"{'met' if share >= 0.85 else 'NOT met'})"
+        )
 
 
 def main() -> None:

@@ -24,9 +24,9 @@ from editr1.algorithms.grouping import GroupDecision  # noqa: E402
 from editr1.algorithms.nft import add_noise  # noqa: E402
 from editr1.algorithms.timesteps import train_timesteps  # noqa: E402
 from editr1.module import EditR1Module  # noqa: E402
+from editr1.seeding import TRAIN_NOISE, TRAIN_TIMESTEPS, per_sample_rand, per_sample_randn  # noqa: E402
 from editr1.training.experience import Experience  # noqa: E402
 from editr1.training.rollout import Rollout  # noqa: E402
-from editr1.seeding import TRAIN_NOISE, TRAIN_TIMESTEPS, per_sample_rand, per_sample_randn  # noqa: E402
 
 # Transformer sizes. "small" is the issue's "hidden 256": 4 heads x 64, with a VAE that downsamples 8x
 # like the real ones (so 128 px images give 8 x 8 = 64 packed image tokens, as 512 px do in FLUX / 16).
@@ -66,8 +66,9 @@ def detach_from_trainer(module: EditR1Module) -> torch.optim.Optimizer:
     return opt
 
 
-def step_data(module: EditR1Module, groups: int, k: int, steps: int, keep_groups: int | None = None,
-              seed: int = 0) -> Experience:
+def step_data(
+    module: EditR1Module, groups: int, k: int, steps: int, keep_groups: int | None = None, seed: int = 0
+) -> Experience:
     """A rollout of ``groups`` prompts × ``k`` samples on ``steps`` σ's, with random rewards; the first
     ``keep_groups`` groups train (all by default), the others are dropped as low-variance."""
     policy = module.policy
@@ -77,16 +78,33 @@ def step_data(module: EditR1Module, groups: int, k: int, steps: int, keep_groups
     g = torch.Generator().manual_seed(seed)
     x0 = torch.randn((groups * k, *policy.latent_shape()), generator=g).to(policy.device)
     keys = [f"bench-{seed}-{i}" for i in range(groups)]
-    ro = Rollout(prompts=prompts, requirements=[""] * groups, keys=keys, sources=sources, targets=None, cond=cond,
-                 x0=x0, edits=torch.zeros(groups * k, 3, 1, 1), sigmas=policy.sigmas(steps), group_size=k, index=0,
-                 base_seed=int(module.seed))
+    ro = Rollout(
+        prompts=prompts,
+        requirements=[""] * groups,
+        keys=keys,
+        sources=sources,
+        targets=None,
+        cond=cond,
+        x0=x0,
+        edits=torch.zeros(groups * k, 3, 1, 1),
+        sigmas=policy.sigmas(steps),
+        group_size=k,
+        index=0,
+        base_seed=int(module.seed),
+    )
     rewards = torch.rand(groups, k, generator=g)
     keep = groups if keep_groups is None else keep_groups
     dropped = torch.arange(groups) >= keep
     mask = (~dropped)[:, None].expand(groups, k).clone()
     r = torch.rand(groups, k, generator=g)
-    decision = GroupDecision(r=r, train_mask=mask, dropped_low_variance=dropped,
-                             dropped_nan=torch.zeros(groups, dtype=torch.bool), mean=rewards.mean(1), std=rewards.std(1))
+    decision = GroupDecision(
+        r=r,
+        train_mask=mask,
+        dropped_low_variance=dropped,
+        dropped_nan=torch.zeros(groups, dtype=torch.bool),
+        mean=rewards.mean(1),
+        std=rewards.std(1),
+    )
     return Experience(ro, rewards, decision)
 
 

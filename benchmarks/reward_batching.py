@@ -25,12 +25,21 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--prompt", choices=["default", "short"], default="default",
-                    help="editr1's full rubric (~700 tokens with the tiny byte-level tokenizer) or a one-line prompt")
+    ap.add_argument(
+        "--prompt",
+        choices=["default", "short"],
+        default="default",
+        help="editr1's full rubric (~700 tokens with the tiny byte-level tokenizer) or a one-line prompt",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    tiny = TinyJudge(hidden=args.hidden, layers=args.layers, vision_hidden=args.hidden, warmup_steps=0,
-                     max_pixels=args.image * args.image)
+    tiny = TinyJudge(
+        hidden=args.hidden,
+        layers=args.layers,
+        vision_hidden=args.hidden,
+        warmup_steps=0,
+        max_pixels=args.image * args.image,
+    )
     g = torch.Generator().manual_seed(0)
     x = RewardInputs(
         sources=torch.rand(args.n, 3, args.image, args.image, generator=g),
@@ -39,8 +48,9 @@ def main() -> None:
         requirements=["keep everything else"] * args.n,
     )
     prompt = None if args.prompt == "default" else "Instruction: {instruction}. Requirement: {requirement}. Score 0-5."
-    batched = LocalMLLMReward(torch_dtype="float32", batch_size=args.batch, max_pixels=args.image**2, tiny=tiny,
-                              prompt=prompt).to("cpu")
+    batched = LocalMLLMReward(
+        torch_dtype="float32", batch_size=args.batch, max_pixels=args.image**2, tiny=tiny, prompt=prompt
+    ).to("cpu")
     single = LocalMLLMReward(torch_dtype="float32", batch_size=1, max_pixels=args.image**2, tiny=tiny, prompt=prompt)
     single.judge = batched.judge  # the same model: only the batching differs
     batched.score(x.select(0, args.batch))  # warm-up
@@ -54,8 +64,10 @@ def main() -> None:
     blank = Image.new("RGB", (args.image, args.image))
     tokens = batched.judge.processor(text=batched.texts(x.select(0, 1)), images=[[blank, blank]], return_tensors="pt")
     tokens = tokens["input_ids"].shape[1]
-    print(f"judge: hidden {args.hidden}, layers {args.layers}, images {args.image}px, {args.prompt} prompt "
-          f"({tokens} tokens), {args.n} judgements, {args.threads} threads")
+    print(
+        f"judge: hidden {args.hidden}, layers {args.layers}, images {args.image}px, {args.prompt} prompt "
+        f"({tokens} tokens), {args.n} judgements, {args.threads} threads"
+    )
     print(f"one at a time : {args.n / best['single']:8.1f} judgements/s  ({best['single']:.2f} s)")
     print(f"batch of {args.batch:<5d}: {args.n / best['batched']:8.1f} judgements/s  ({best['batched']:.2f} s)")
     print(f"speed-up      : {best['single'] / best['batched']:.2f}x (target >= 3x)")

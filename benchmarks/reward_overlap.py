@@ -24,8 +24,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
-from editr1.data.scenes import SceneConfig, SceneDataset
 from editr1.data.datamodule import collate_prompts
+from editr1.data.scenes import SceneConfig, SceneDataset
 from editr1.module import EditR1Module, RolloutSettings
 from editr1.policies import FluxKontextPolicy, LoraSettings, TinyFlux
 from editr1.rewards import ServedMLLMReward
@@ -42,9 +42,23 @@ def free_port() -> int:
 def start_tiny_server(port: int, threads: int) -> subprocess.Popen:
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "editr1", "serve-reward", "--torch_dtype", "float32", "--device", "cpu",
-         "--port", str(port), "--num_threads", str(threads)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+        [
+            sys.executable,
+            "-m",
+            "editr1",
+            "serve-reward",
+            "--torch_dtype",
+            "float32",
+            "--device",
+            "cpu",
+            "--port",
+            str(port),
+            "--num_threads",
+            str(threads),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
     )
     deadline = time.time() + 180
     while time.time() < deadline:
@@ -73,13 +87,33 @@ def start_latency_server(port: int, latency: float) -> subprocess.Popen:
 
 def serve_latency(port: int, latency: float) -> None:
     """Answers every request after ``latency`` seconds with fixed digit log-probabilities."""
-    payload = json.dumps({
-        "id": "x", "object": "chat.completion", "created": 0, "model": "m",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "4"}, "finish_reason": "length",
-                     "logprobs": {"content": [{"token": "4", "logprob": -0.5, "bytes": [52],
-                                               "top_logprobs": [{"token": str(d), "logprob": -1.0 - d / 10, "bytes": [48 + d]}
-                                                                for d in range(6)]}]}}],
-    }).encode()
+    payload = json.dumps(
+        {
+            "id": "x",
+            "object": "chat.completion",
+            "created": 0,
+            "model": "m",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "4"},
+                    "finish_reason": "length",
+                    "logprobs": {
+                        "content": [
+                            {
+                                "token": "4",
+                                "logprob": -0.5,
+                                "bytes": [52],
+                                "top_logprobs": [
+                                    {"token": str(d), "logprob": -1.0 - d / 10, "bytes": [48 + d]} for d in range(6)
+                                ],
+                            }
+                        ]
+                    },
+                }
+            ],
+        }
+    ).encode()
 
     class H(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -120,19 +154,28 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     port = free_port()
-    server = start_tiny_server(port, args.threads) if args.server == "tiny" else start_latency_server(port, args.latency)
+    server = (
+        start_tiny_server(port, args.threads) if args.server == "tiny" else start_latency_server(port, args.latency)
+    )
     try:
         policy = FluxKontextPolicy(resolution=args.resolution, max_sequence_length=16, tiny=TinyFlux())
         module = EditR1Module(
-            policy, lora=LoraSettings(rank=4, alpha=8.0),
-            rollout=RolloutSettings(group_size=args.group_size, steps=args.steps, batch_size=args.chunk), seed=0,
+            policy,
+            lora=LoraSettings(rank=4, alpha=8.0),
+            rollout=RolloutSettings(group_size=args.group_size, steps=args.steps, batch_size=args.chunk),
+            seed=0,
         )
         ds = SceneDataset(SceneConfig(size=args.resolution), "train", length=args.groups)
         batch = collate_prompts([ds[i] for i in range(args.groups)])
-        reward = ServedMLLMReward(base_url=f"http://127.0.0.1:{port}/v1", model="editr1-tiny-judge", prompt=SHORT,
-                                  max_concurrency=args.concurrency, max_pixels=56 * 56)
+        reward = ServedMLLMReward(
+            base_url=f"http://127.0.0.1:{port}/v1",
+            model="editr1-tiny-judge",
+            prompt=SHORT,
+            max_concurrency=args.concurrency,
+            max_pixels=56 * 56,
+        )
         ro = module.sample_groups(batch)  # warm-up, and the edits scored alone
-        chunks = [c for c in _chunks(module, batch)]
+        chunks = list(_chunks(module, batch))
         for f in [reward.submit(c) for c in chunks]:
             f.result()
         times: dict[str, list[float]] = {"rollout": [], "scoring": [], "overlapped": []}
@@ -153,9 +196,15 @@ def main() -> None:
         best = {k: min(v) for k, v in times.items()}
         ratio = best["overlapped"] / max(best["rollout"], best["scoring"])
         n = ro.edits.shape[0]
-        judge = "tiny judge via editr1 serve-reward" if args.server == "tiny" else f"{args.latency * 1000:.0f} ms/request stand-in"
-        print(f"{n} edits ({args.groups} groups x {args.group_size}), chunks of {args.chunk}, {args.steps} steps at "
-              f"{args.resolution}px, {judge}, {args.threads} thread(s) per process")
+        judge = (
+            "tiny judge via editr1 serve-reward"
+            if args.server == "tiny"
+            else f"{args.latency * 1000:.0f} ms/request stand-in"
+        )
+        print(
+            f"{n} edits ({args.groups} groups x {args.group_size}), chunks of {args.chunk}, {args.steps} steps at "
+            f"{args.resolution}px, {judge}, {args.threads} thread(s) per process"
+        )
         print(f"rollout alone   : {best['rollout']:.3f} s")
         print(f"scoring alone   : {best['scoring']:.3f} s")
         print(f"overlapped      : {best['overlapped']:.3f} s")

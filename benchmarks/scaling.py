@@ -20,17 +20,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
-from perf_common import detach_from_trainer, flux_policy, interleaved, nft_step, step_data  # noqa: E402
 
 from editr1.module import EditR1Module, NFTSettings  # noqa: E402
 from editr1.policies.lora import LoraSettings  # noqa: E402
+from perf_common import detach_from_trainer, flux_policy, interleaved, nft_step, step_data  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def make(resolution: int, micro: int) -> EditR1Module:
-    m = EditR1Module(policy=flux_policy("tiny", resolution), lora=LoraSettings(rank=32, alpha=64.0),
-                     nft=NFTSettings(micro_batch_size=micro), seed=1)
+    m = EditR1Module(
+        policy=flux_policy("tiny", resolution),
+        lora=LoraSettings(rank=32, alpha=64.0),
+        nft=NFTSettings(micro_batch_size=micro),
+        seed=1,
+    )
     detach_from_trainer(m)
     return m
 
@@ -50,8 +54,10 @@ def main() -> None:
         "resolution (px)": ("res", [32, 64] if args.quick else [32, 48, 64, 96, 128]),
         "trained timesteps": ("timesteps", [1, 2, 4] if args.quick else [1, 2, 3, 5, 8]),
     }
-    print(f"tiny FLUX.1-Kontext (hidden 32, 1 + 1 blocks, VAE 2x), LoRA r32, one group, micro-batch 4, "
-          f"{args.threads} thread(s); base point K={base['k']}, {base['res']}px, {base['timesteps']} timesteps")
+    print(
+        f"tiny FLUX.1-Kontext (hidden 32, 1 + 1 blocks, VAE 2x), LoRA r32, one group, micro-batch 4, "
+        f"{args.threads} thread(s); base point K={base['k']}, {base['res']}px, {base['timesteps']} timesteps"
+    )
     t0 = time.perf_counter()
     results = {}
     modules: dict[int, EditR1Module] = {}
@@ -61,7 +67,7 @@ def main() -> None:
             p = {**base, key: v}
             m = modules.setdefault(p["res"], make(p["res"], micro=4))
             data = step_data(m, 1, p["k"], p["timesteps"] + 1)
-            cases[v] = (lambda m=m, data=data: nft_step(m, data))
+            cases[v] = lambda m=m, data=data: nft_step(m, data)
         times = interleaved(cases, repeats)
         results[label] = {v: min(ts) for v, ts in times.items()}
         row = "  ".join(f"{v}: {t:.3f} s" for v, t in results[label].items())
@@ -91,8 +97,11 @@ def main() -> None:
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"NFT training step, tiny FLUX.1-Kontext on {args.threads} CPU thread(s): "
-                 f"base K={base['k']}, {base['res']}px, {base['timesteps']} timesteps", fontsize=10)
+    fig.suptitle(
+        f"NFT training step, tiny FLUX.1-Kontext on {args.threads} CPU thread(s): "
+        f"base K={base['k']}, {base['res']}px, {base['timesteps']} timesteps",
+        fontsize=10,
+    )
     fig.tight_layout()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=110)

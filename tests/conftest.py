@@ -14,6 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 torch.set_num_threads(2)
 
@@ -27,8 +28,8 @@ def tiny_policy(resolution: int = 32, seed: int = 0):
 def small_module(policy=None, **overrides):
     """An EditR1Module at test size: K = 4, 4 rollout steps, rank-4 LoRA."""
     from editr1.module import EditR1Module
-    from editr1.settings import EvalSettings, NFTSettings, OldPolicySettings, RolloutSettings
     from editr1.policies.lora import LoraSettings
+    from editr1.settings import EvalSettings, NFTSettings, OldPolicySettings, RolloutSettings
 
     kwargs = dict(
         lora=LoraSettings(rank=4, alpha=8.0),

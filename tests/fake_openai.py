@@ -17,12 +17,14 @@ def completion(top: list[tuple[str, float]], chosen: str | None = None) -> dict:
         "object": "chat.completion",
         "created": 0,
         "model": "fake",
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": chosen},
-            "finish_reason": "length",
-            "logprobs": {"content": [dict(entry(chosen, lp), top_logprobs=[entry(t, p) for t, p in top])]},
-        }],
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": chosen},
+                "finish_reason": "length",
+                "logprobs": {"content": [dict(entry(chosen, lp), top_logprobs=[entry(t, p) for t, p in top])]},
+            }
+        ],
     }
 
 
@@ -53,7 +55,9 @@ class FakeOpenAI:
                     time.sleep(step[1])
                     return self._json(200, completion(step[2]))
                 if kind == "status":
-                    return self._json(step[1], {"error": {"message": f"scripted {step[1]}", "type": "x", "code": step[1]}})
+                    return self._json(
+                        step[1], {"error": {"message": f"scripted {step[1]}", "type": "x", "code": step[1]}}
+                    )
                 if kind == "malformed":
                     return self._raw(200, b"{this is not json")
                 if kind == "no_logprobs":

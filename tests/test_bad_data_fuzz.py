@@ -43,7 +43,9 @@ def _image(kind: str, path: Path, rng: random.Random) -> None:
     elif kind == "gray16":
         Image.fromarray((np.arange(120, dtype=np.uint16).reshape(10, 12) * 500).astype(np.uint16)).save(path)
     elif kind == "truncated":
-        Image.fromarray(np.random.default_rng(rng.randrange(99)).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path)
+        Image.fromarray(np.random.default_rng(rng.randrange(99)).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+            path
+        )
         data = path.read_bytes()
         path.write_bytes(data[: len(data) // 2])
     elif kind == "not_an_image":
@@ -54,9 +56,15 @@ def _image(kind: str, path: Path, rng: random.Random) -> None:
 
 GOOD_IMAGES = ["rgb", "cmyk", "palette", "alpha", "gray16"]
 BAD_ROWS = {  # kind -> reason it is counted under
-    "malformed_json": "malformed_json", "not_an_object": "not_an_object", "missing_prompt": "missing_prompt",
-    "empty_prompt": "empty_prompt", "overlong_prompt": "overlong_prompt", "missing_image_field": "missing_image_field",
-    "missing_file": "missing_image_file", "outside": "image_outside_folder", "bad_requirement": "bad_requirement",
+    "malformed_json": "malformed_json",
+    "not_an_object": "not_an_object",
+    "missing_prompt": "missing_prompt",
+    "empty_prompt": "empty_prompt",
+    "overlong_prompt": "overlong_prompt",
+    "missing_image_field": "missing_image_field",
+    "missing_file": "missing_image_file",
+    "outside": "image_outside_folder",
+    "bad_requirement": "bad_requirement",
 }
 BAD_IMAGES = {"truncated": "unreadable_image", "not_an_image": "unreadable_image", "bomb": "image_too_large"}
 
@@ -118,7 +126,6 @@ def test_rows_rejected_when_read_are_logged_as_skipped_data(tmp_path):
     import shutil
 
     from conftest import small_module, small_trainer
-
     from editr1.callbacks import RewardCallback
     from editr1.rewards import SceneReward
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from editr1.data.benchmarks import GEditDataset, ImageFolderDataset, ImgEditDataset
@@ -64,7 +63,7 @@ def _img(value: int = 128) -> Image.Image:
 def test_builtin_rubrics_cover_the_nine_types_with_three_criteria():
     rubrics = load_imgedit_rubrics()
     assert set(rubrics) == set(IMGEDIT_TYPES)
-    for name, r in rubrics.items():
+    for r in rubrics.values():
         assert len(r.criteria) == 3 and "<edit_prompt>" in r.text and "#" not in r.text.splitlines()[0]
         for c in r.criteria:  # the answer format asks for every criterion
             assert f"{c}: <1-5>" in r.text
@@ -125,8 +124,9 @@ def test_imgedit_protocol_scores_and_failures():
 def test_gedit_protocol_min_pairs_and_geometric_mean():
     proto = GEditProtocol()
     sc_text = proto.sc_prompt.replace("<instruction>", "make it red")
-    judge = Scripted({sc_text: ['```json\n{"score": [7, 9], "reasoning": "x"}\n```'],
-                      proto.pq_prompt: ['{"score": [8, 6]}']})
+    judge = Scripted(
+        {sc_text: ['```json\n{"score": [7, 9], "reasoning": "x"}\n```'], proto.pq_prompt: ['{"score": [8, 6]}']}
+    )
     (r,) = proto.judge(judge, [Sample("k", "color_alter", "make it red", _img(), _img(9))])
     assert (r.scores["SC"], r.scores["PQ"]) == (7.0, 6.0)
     assert r.scores["O"] == pytest.approx(math.sqrt(42))
@@ -138,7 +138,7 @@ def test_gedit_protocol_min_pairs_and_geometric_mean():
 
 @pytest.mark.filterwarnings("ignore:The ``compute`` method of metric")  # cn/intersection: no sample
 def test_protocols_own_their_metrics_updates_and_summary_pieces():
-    assert PROTOCOLS == {"imgedit": ImgEditProtocol, "gedit": GEditProtocol}
+    assert {"imgedit": ImgEditProtocol, "gedit": GEditProtocol} == PROTOCOLS
     img = make_protocol("imgedit", 2, sc_prompt_file="ignored by imgedit")
     assert isinstance(img, ImgEditProtocol) and img.max_attempts == 2
     with pytest.raises(ValueError, match="unknown benchmark protocol"):
@@ -161,17 +161,23 @@ def test_protocols_own_their_metrics_updates_and_summary_pieces():
     assert list(metrics) == ["cn/fullset", "cn/intersection", "en/fullset", "en/intersection"]
     assert ged.metric_keys({"language": "en", "intersection": True}) == ["en/fullset", "en/intersection"]
     assert ged.metric_keys({}) == ["en/fullset"]
-    ged.update(metrics, SampleResult("a", "color_alter", {"SC": 4.0, "PQ": 9.0, "O": 6.0}),
-               {"language": "en", "intersection": True})
+    ged.update(
+        metrics,
+        SampleResult("a", "color_alter", {"SC": 4.0, "PQ": 9.0, "O": 6.0}),
+        {"language": "en", "intersection": True},
+    )
     ged.update_missing(metrics, "subject-add", {"language": "cn"})
     parts = ged.summary({k: m.compute() for k, m in metrics.items()})
-    assert list(parts.tables) == ["GEdit-Bench-CN fullset", "GEdit-Bench-CN intersection",
-                                  "GEdit-Bench-EN fullset", "GEdit-Bench-EN intersection"]
+    assert list(parts.tables) == [
+        "GEdit-Bench-CN fullset",
+        "GEdit-Bench-CN intersection",
+        "GEdit-Bench-EN fullset",
+        "GEdit-Bench-EN intersection",
+    ]
     en = parts.tables["GEdit-Bench-EN intersection"]
     assert en["id"] == "en/intersection" and en["columns"] == ["SC", "PQ", "O"]
     assert en["overall"] == {"SC": 4.0, "PQ": 9.0, "O": 6.0}
-    assert en["rows"]["color_alter"] == {"SC": 4.0, "PQ": 9.0, "O": 6.0, "samples": 1.0, "failed": 0.0,
-                                         "missing": 0.0}
+    assert en["rows"]["color_alter"] == {"SC": 4.0, "PQ": 9.0, "O": 6.0, "samples": 1.0, "failed": 0.0, "missing": 0.0}
     assert parts.headline["en/fullset"] == {"G_SC": 4.0, "G_PQ": 9.0, "G_O": 6.0}
     assert math.isnan(parts.headline["cn/fullset"]["G_O"])
     assert (parts.totals["samples"], parts.totals["missing"]) == (0.0, 1.0)  # the first language's full set
@@ -185,8 +191,10 @@ def test_served_judge_payload_retries_and_version_record():
         judge = ServedJudge(base_url=fake.url, model="judge-x", max_retries=0)
         sc = JudgeRequest([_img(), _img(50)], "Instruction: go\nAnswer JSON")
         pq = JudgeRequest([_img(50)], "quality", text_first=True)
-        assert judge.generate([sc, pq]) == ['{"score": [2, 3], "reasoning": "scripted"}',
-                                           '{"score": [8, 6], "reasoning": "scripted"}']
+        assert judge.generate([sc, pq]) == [
+            '{"score": [2, 3], "reasoning": "scripted"}',
+            '{"score": [8, 6], "reasoning": "scripted"}',
+        ]
         first = fake.requests[0]["messages"][0]["content"][0]
         body = fake.requests[0] if first["type"] == "image_url" else fake.requests[1]
         assert body["temperature"] == 0.0 and body["model"] == "judge-x" and body["seed"] == 0
@@ -198,9 +206,8 @@ def test_served_judge_payload_retries_and_version_record():
         assert info["model"] == "judge-x" and info["temperature"] == 0.0
         assert info["served_as"] == [{"model": "fake-judge-1", "system_fingerprint": "fp_test", "answers": 2}]
         judge.close()
-    with FakeJudge({}, status=401) as fake:
-        with pytest.raises(JudgeConfigError, match="401"):
-            ServedJudge(base_url=fake.url).generate([JudgeRequest([_img()], "x")])
+    with FakeJudge({}, status=401) as fake, pytest.raises(JudgeConfigError, match="401"):
+        ServedJudge(base_url=fake.url).generate([JudgeRequest([_img()], "x")])
     with FakeJudge({}, status=503) as fake:
         judge = ServedJudge(base_url=fake.url, max_retries=2, retry_backoff=0.01)
         assert judge.generate([JudgeRequest([_img()], "x")]) == [None]
@@ -226,12 +233,17 @@ def test_imgedit_loader_reads_the_published_layout(tmp_path):
     item = ds[0]
     assert item["key"] == "100" and item["image"].size == (32, 32) and item["task"] == "alter"
     missing = ds[6]
-    assert missing == {"skipped": "missing_image_file", "key": "199", "task": "remove",
-                       "meta": {"language": "en", "intersection": False}}
+    assert missing == {
+        "skipped": "missing_image_file",
+        "key": "199",
+        "task": "remove",
+        "meta": {"language": "en", "intersection": False},
+    }
     batch = collate_prompts([ds[0], missing])
     assert batch["key"] == ["100"] and batch["missing"][0]["key"] == "199"
-    (tmp_path / "bad.json").write_text(json.dumps({"1": {"id": "../../etc/passwd", "prompt": "x", "edit_type": "add"},
-                                                   "2": {"prompt": "no id"}}))
+    (tmp_path / "bad.json").write_text(
+        json.dumps({"1": {"id": "../../etc/passwd", "prompt": "x", "edit_type": "add"}, "2": {"prompt": "no id"}})
+    )
     bad = ImgEditDataset(tmp_path / "bad.json", image_root=tmp_path)
     assert len(bad) == 1 and bad.skipped_rows["bad_row"] == 1 and bad[0]["skipped"] == "image_outside_root"
 
@@ -278,8 +290,16 @@ def _test_cli(tmp_path, monkeypatch, config: str, *extra: str):
     from editr1.cli import cli_main
 
     monkeypatch.chdir(tmp_path)
-    return cli_main(["test", *DEMO, "-c", str(ROOT / "configs" / "benchmark" / config),
-                     "--trainer.enable_progress_bar=false", *extra])
+    return cli_main(
+        [
+            "test",
+            *DEMO,
+            "-c",
+            str(ROOT / "configs" / "benchmark" / config),
+            "--trainer.enable_progress_bar=false",
+            *extra,
+        ]
+    )
 
 
 def _events(run_dir: Path) -> dict:
@@ -298,13 +318,21 @@ def test_editr1_test_imgedit_end_to_end(tmp_path, monkeypatch):
         by_type.setdefault(imgedit_type(meta[key]["edit_type"]), []).append(meta[key]["prompt"])
     adjust, add, remove = by_type["adjust"], by_type["add"], by_type["remove"][:2]
     script = {
-        adjust[0]: [[5, 5, 5]], adjust[1]: [[4, 4, 4]], adjust[2]: ["I cannot tell.", [2, 3, 4]],  # parses on retry
+        adjust[0]: [[5, 5, 5]],
+        adjust[1]: [[4, 4, 4]],
+        adjust[2]: ["I cannot tell.", [2, 3, 4]],  # parses on retry
         add[0]: [[1, 2, 3]],
-        remove[0]: [[5, 4, 3]], remove[1]: ["never a score"],  # fails all 3 attempts
+        remove[0]: [[5, 4, 3]],
+        remove[1]: ["never a score"],  # fails all 3 attempts
     }
     with FakeJudge(script) as fake:
-        cli = _test_cli(tmp_path, monkeypatch, "imgedit_mini.yaml", f"--data.test_path={tmp_path / 'bench'}",
-                        f"--benchmark.judge.init_args.base_url={fake.url}")
+        cli = _test_cli(
+            tmp_path,
+            monkeypatch,
+            "imgedit_mini.yaml",
+            f"--data.test_path={tmp_path / 'bench'}",
+            f"--benchmark.judge.init_args.base_url={fake.url}",
+        )
     out = Path(cli.trainer.log_dir) / "imgedit"
     summary = json.loads((out / "summary.json").read_text())
     # by hand: adjust (5 + 4 + 3) / 3 = 4; add 2; remove 4 (one failed, one missing) → overall (4 + 2 + 4) / 3
@@ -335,11 +363,22 @@ def test_editr1_test_gedit_end_to_end(tmp_path, monkeypatch):
     for r in en.rows:
         prompts.setdefault(r["task"], []).append(r["prompt"])
     color, remove, add = prompts["color_alter"], prompts["subject-remove"], prompts["subject-add"]
-    script = {color[0]: [[7, 9]], color[1]: [[5, 6]], color[2]: [[9, 8]], remove[0]: [[4, 10]],
-              remove[1]: ['{"score": "high"}'], add[0]: [[10, 10]]}
+    script = {
+        color[0]: [[7, 9]],
+        color[1]: [[5, 6]],
+        color[2]: [[9, 8]],
+        remove[0]: [[4, 10]],
+        remove[1]: ['{"score": "high"}'],
+        add[0]: [[10, 10]],
+    }
     with FakeJudge(script, pq=[8, 6]) as fake:
-        cli = _test_cli(tmp_path, monkeypatch, "gedit_mini.yaml", f"--data.test_path={tmp_path / 'bench'}",
-                        f"--benchmark.judge.init_args.base_url={fake.url}")
+        cli = _test_cli(
+            tmp_path,
+            monkeypatch,
+            "gedit_mini.yaml",
+            f"--data.test_path={tmp_path / 'bench'}",
+            f"--benchmark.judge.init_args.base_url={fake.url}",
+        )
     out = Path(cli.trainer.log_dir) / "gedit"
     summary = json.loads((out / "summary.json").read_text())
     full = summary["headline"]["en/fullset"]
@@ -356,15 +395,19 @@ def test_editr1_test_gedit_end_to_end(tmp_path, monkeypatch):
         if r["intersection"] and not math.isnan(sc_of[r["prompt"]]):
             inter.setdefault(r["task"], []).append(sc_of[r["prompt"]])
     assert summary["headline"]["en/intersection"]["G_SC"] == pytest.approx(
-        sum(sum(v) / len(v) for v in inter.values()) / len(inter))
+        sum(sum(v) / len(v) for v in inter.values()) / len(inter)
+    )
     assert summary["failed"] == 1 and summary["samples"] == 6 and summary["missing"] == 0
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*.png"))
     assert files == sorted(f"fullset/{r['task']}/en/{r['key']}.png" for r in en.rows)
     assert not any("cn" in f for f in files)
     assert "GEdit-Bench-EN fullset" in (out / "summary.md").read_text()
     scalars = _events(Path(cli.trainer.log_dir))["scalars"]
-    assert {"test/gedit/en_fullset/overall_O", "test/gedit/en_intersection/overall_SC",
-            "test/gedit/en_fullset/color_alter_PQ"} <= set(scalars)
+    assert {
+        "test/gedit/en_fullset/overall_O",
+        "test/gedit/en_intersection/overall_SC",
+        "test/gedit/en_fullset/color_alter_PQ",
+    } <= set(scalars)
 
 
 def test_editr1_test_without_a_judge_writes_the_layout_only(tmp_path, monkeypatch):
@@ -381,8 +424,13 @@ def test_unknown_category_fails_before_any_edit(tmp_path, monkeypatch):
     meta["100"]["edit_type"] = "teleport"
     (tmp_path / "bench" / "basic_edit.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="teleport"):
-        _test_cli(tmp_path, monkeypatch, "imgedit_mini.yaml", f"--data.test_path={tmp_path / 'bench'}",
-                  "--benchmark.judge=null")
+        _test_cli(
+            tmp_path,
+            monkeypatch,
+            "imgedit_mini.yaml",
+            f"--data.test_path={tmp_path / 'bench'}",
+            "--benchmark.judge=null",
+        )
 
 
 @pytest.mark.timeout(900)
@@ -403,13 +451,35 @@ def test_two_processes_judge_each_sample_once_and_report_what_one_process_report
         for devices in (1, 2):
             name = f"p{devices}"
             cfg = tmp_path / f"{name}.yaml"
-            cfg.write_text(yaml.safe_dump({"trainer": {"accelerator": "cpu", "devices": devices,
-                                                       "strategy": "ddp" if devices > 1 else "auto"}}))
+            cfg.write_text(
+                yaml.safe_dump(
+                    {
+                        "trainer": {
+                            "accelerator": "cpu",
+                            "devices": devices,
+                            "strategy": "ddp" if devices > 1 else "auto",
+                        }
+                    }
+                )
+            )
             bench = str(ROOT / "configs" / "benchmark" / "imgedit_mini.yaml")
-            args = [sys.executable, "-m", "editr1", "test", *DEMO, "-c", bench,
-                    "-c", str(cfg), f"--data.test_path={tmp_path / 'bench'}", "--data.batch_size=2",
-                    f"--benchmark.judge.init_args.base_url={fake.url}", "--trainer.enable_progress_bar=false",
-                    f"--trainer.logger.init_args.save_dir={tmp_path}", f"--trainer.logger.init_args.name={name}"]
+            args = [
+                sys.executable,
+                "-m",
+                "editr1",
+                "test",
+                *DEMO,
+                "-c",
+                bench,
+                "-c",
+                str(cfg),
+                f"--data.test_path={tmp_path / 'bench'}",
+                "--data.batch_size=2",
+                f"--benchmark.judge.init_args.base_url={fake.url}",
+                "--trainer.enable_progress_bar=false",
+                f"--trainer.logger.init_args.save_dir={tmp_path}",
+                f"--trainer.logger.init_args.name={name}",
+            ]
             env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
             before = len(fake.requests)
             out = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
@@ -441,8 +511,14 @@ def test_our_jsonl_format_judged_with_the_imgedit_protocol(tmp_path, monkeypatch
     untargeted = [{k: v for k, v in r.items() if k != "target"} for r in keep]
     (folder / "train_metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in untargeted))
     with FakeJudge({keep[0]["prompt"]: [[5, 5, 5]]}) as fake:
-        cli = _test_cli(tmp_path, monkeypatch, "imgedit_mini.yaml", "--data.test_format=jsonl",
-                        f"--data.test_path={folder}", f"--benchmark.judge.init_args.base_url={fake.url}")
+        cli = _test_cli(
+            tmp_path,
+            monkeypatch,
+            "imgedit_mini.yaml",
+            "--data.test_format=jsonl",
+            f"--data.test_path={folder}",
+            f"--benchmark.judge.init_args.base_url={fake.url}",
+        )
     out = Path(cli.trainer.log_dir) / "imgedit"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["judged"] == 5 and summary["failed"] == 0

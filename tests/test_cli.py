@@ -83,8 +83,9 @@ def test_demo_config_runs_in_process_into_one_run_folder(tmp_path, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     monkeypatch.chdir(tmp_path)
-    cli = cli_main(["fit", *DEMO, "--trainer.max_steps=3", "--trainer.val_check_interval=3",
-                    "--reward.log_images_every_n_steps=2"])
+    cli = cli_main(
+        ["fit", *DEMO, "--trainer.max_steps=3", "--trainer.val_check_interval=3", "--reward.log_images_every_n_steps=2"]
+    )
     assert cli.trainer.global_step == 3
     run = Path(cli.trainer.log_dir).resolve()
     assert run.parent.parent == tmp_path.resolve() / "runs"
@@ -93,9 +94,20 @@ def test_demo_config_runs_in_process_into_one_run_folder(tmp_path, monkeypatch):
     ea = EventAccumulator(str(run), size_guidance={"images": 0, "scalars": 0})
     ea.Reload()
     scalars = set(ea.Tags()["scalars"])
-    for tag in ("reward/mean", "reward/std", "frac_reward_zero_std", "filter/frac_groups_dropped", "loss/policy",
-                "loss/kl", "nft/old_deviation", "lr", "time/rollout_s", "time/reward_s", "time/train_s",
-                "val/reward"):
+    for tag in (
+        "reward/mean",
+        "reward/std",
+        "frac_reward_zero_std",
+        "filter/frac_groups_dropped",
+        "loss/policy",
+        "loss/kl",
+        "nft/old_deviation",
+        "lr",
+        "time/rollout_s",
+        "time/reward_s",
+        "time/train_s",
+        "val/reward",
+    ):
         assert tag in scalars, tag
     # one rollout per optimiser step, plus one per step skipped because the filter dropped every group
     skipped = int(ea.Scalars("filter/steps_skipped")[-1].value) if "filter/steps_skipped" in scalars else 0
@@ -117,7 +129,11 @@ def test_python_dash_m_prints_the_default_config(tmp_path):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     out = subprocess.run(
         [sys.executable, "-m", "editr1", "fit", "--print_config"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     cfg = yaml.safe_load(out.stdout)
@@ -141,8 +157,14 @@ def test_fit_on_the_bundled_uniworld_folder(tmp_path, monkeypatch):
     sample = ROOT / "data" / "sample_uniworld"
     monkeypatch.chdir(tmp_path)
     cli = cli_main(
-        ["fit", *DEMO, f"--data.path={sample}", f"--data.val_path={sample}", "--model.rollout.group_size=2",
-         "--trainer.callbacks=[]"]
+        [
+            "fit",
+            *DEMO,
+            f"--data.path={sample}",
+            f"--data.val_path={sample}",
+            "--model.rollout.group_size=2",
+            "--trainer.callbacks=[]",
+        ]
     )
     assert cli.trainer.global_step == 2
     assert 0.0 <= float(cli.trainer.callback_metrics["val/reward"]) <= 1.0
@@ -152,8 +174,16 @@ def test_fit_step_with_the_tiny_qwen_image_edit(tmp_path, monkeypatch):
     from editr1.policies import QwenImageEditPolicy
 
     monkeypatch.chdir(tmp_path)
-    cli = cli_main(["fit", *DEMO, "-c", str(ROOT / "configs" / "model" / "tiny_qwen_image_edit.yaml"),
-                    "--trainer.max_steps=1", "--trainer.enable_progress_bar=false"])
+    cli = cli_main(
+        [
+            "fit",
+            *DEMO,
+            "-c",
+            str(ROOT / "configs" / "model" / "tiny_qwen_image_edit.yaml"),
+            "--trainer.max_steps=1",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
     assert isinstance(cli.model.policy, QwenImageEditPolicy)
     assert cli.trainer.global_step == 1
     assert (Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt").is_file()
@@ -161,8 +191,11 @@ def test_fit_step_with_the_tiny_qwen_image_edit(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("model", ["flux_kontext_dev", "qwen_image_edit", "qwen_image_edit_2509"])
 def test_real_model_configs_compose_with_reward_and_trainer(model):
-    cfg = parse(ROOT / "configs" / "model" / f"{model}.yaml", ROOT / "configs" / "reward" / "qwen25vl_32b_vllm.yaml",
-                ROOT / "configs" / "trainer" / "gpu.yaml")
+    cfg = parse(
+        ROOT / "configs" / "model" / f"{model}.yaml",
+        ROOT / "configs" / "reward" / "qwen25vl_32b_vllm.yaml",
+        ROOT / "configs" / "trainer" / "gpu.yaml",
+    )
     policy = cfg.model.policy.init_args
     assert policy.pretrained_model_name_or_path and policy.resolution == 512 and policy.torch_dtype == "bfloat16"
     assert (cfg.model.rollout.group_size, cfg.model.rollout.steps, cfg.data.batch_size) == (12, 6, 24)
@@ -181,8 +214,12 @@ def test_supervised_objective_requires_targets_unless_told_otherwise():
     assert cli.config.fit.data.targets == "require"  # rows without a target are skipped, not a crash mid-run
     cli = Stop(EditR1Module, EditDataModule, args=sft + ["--data.targets=ignore"], auto_configure_optimizers=False)
     assert cli.config.fit.data.targets == "ignore"
-    cli = Stop(EditR1Module, EditDataModule, args=["fit", "--config", str(ROOT / "configs" / "demo.yaml")],
-               auto_configure_optimizers=False)
+    cli = Stop(
+        EditR1Module,
+        EditDataModule,
+        args=["fit", "--config", str(ROOT / "configs" / "demo.yaml")],
+        auto_configure_optimizers=False,
+    )
     assert cli.config.fit.data.targets == "auto"
 
 
@@ -210,9 +247,12 @@ RECIPE = ROOT / "configs" / "recipes" / "edit_r1_reference.yaml"
 
 @pytest.mark.parametrize("model", ["flux_kontext_dev", "qwen_image_edit_2509"])
 def test_reference_recipe_composes_with_the_paper_configs(model):
-    cfg = parse(ROOT / "configs" / "model" / f"{model}.yaml",
-                ROOT / "configs" / "reward" / "qwen25vl_32b_vllm_reference.yaml", RECIPE,
-                ROOT / "configs" / "trainer" / "gpu.yaml")
+    cfg = parse(
+        ROOT / "configs" / "model" / f"{model}.yaml",
+        ROOT / "configs" / "reward" / "qwen25vl_32b_vllm_reference.yaml",
+        RECIPE,
+        ROOT / "configs" / "trainer" / "gpu.yaml",
+    )
     f = cfg.reward.filter
     assert (f.rule, f.ban, f.ban_rule, f.group_by) == ("strict", True, "paper", "instruction")
     assert cfg.reward.on_failure == "zero"
@@ -224,9 +264,19 @@ def test_reference_recipe_composes_with_the_paper_configs(model):
 
 def test_reference_recipe_runs_a_cpu_smoke_fit(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cli = cli_main(["fit", "-c", str(ROOT / "configs" / "demo.yaml"), "-c", str(RECIPE),
-                    "-c", str(ROOT / "configs" / "demo_smoke.yaml"), "--trainer.max_steps=2",
-                    "--trainer.enable_progress_bar=false"])
+    cli = cli_main(
+        [
+            "fit",
+            "-c",
+            str(ROOT / "configs" / "demo.yaml"),
+            "-c",
+            str(RECIPE),
+            "-c",
+            str(ROOT / "configs" / "demo_smoke.yaml"),
+            "--trainer.max_steps=2",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
     assert cli.trainer.global_step == 2
     cb = next(c for c in cli.trainer.callbacks if isinstance(c, RewardCallback))
     assert cb.filter.rule == "strict" and cb.filter.group_by == "instruction"

@@ -88,8 +88,12 @@ def test_print_config_of_each_command():
     code, out, _ = _exit(["export-lora", "a.ckpt", "out", "--adapter", "ema", "--print_config"])
     assert code == 0 and yaml.safe_load(out) == {"checkpoint": "a.ckpt", "out_dir": "out", "adapter": "ema"}
     code, out, _ = _exit(["make-shards", "src", "e-%06d.tar", "--metadata-file", "m.jsonl", "--print_config"])
-    assert code == 0 and yaml.safe_load(out) == {"folder": "src", "pattern": "e-%06d.tar", "maxcount": 1000,
-                                                 "metadata_file": "m.jsonl"}
+    assert code == 0 and yaml.safe_load(out) == {
+        "folder": "src",
+        "pattern": "e-%06d.tar",
+        "maxcount": 1000,
+        "metadata_file": "m.jsonl",
+    }
     code, out, _ = _exit(["--vae-steps", "2", "--eval_count=3", "--print_config"], demo_base.main)
     cfg = yaml.safe_load(out)
     assert code == 0 and (cfg["vae_steps"], cfg["eval_count"], cfg["editor_steps"]) == (2, 3, 6000)
@@ -134,16 +138,22 @@ def test_an_unknown_command_lists_the_commands():
 
 def test_dashed_spellings_of_the_argparse_commands_still_parse():
     names = {"vae_steps", "eval_count", "out"}
-    assert _underscored(["--vae-steps", "2", "--eval-count=4", "--out", "my-dir", "--other-opt", "--", "--vae-steps"],
-                        names) == ["--vae_steps", "2", "--eval_count=4", "--out", "my-dir", "--other-opt", "--",
-                                   "--vae-steps"]
+    assert _underscored(
+        ["--vae-steps", "2", "--eval-count=4", "--out", "my-dir", "--other-opt", "--", "--vae-steps"], names
+    ) == ["--vae_steps", "2", "--eval_count=4", "--out", "my-dir", "--other-opt", "--", "--vae-steps"]
 
 
 def test_python_dash_m_is_the_same_command():
     code, expected, _ = _exit(["export-lora", "--help"])
     assert code == 0
     env = dict(os.environ, PYTHONWARNINGS="ignore", COLUMNS="120")
-    out = subprocess.run([sys.executable, "-m", "editr1", "export-lora", "--help"], check=False,
-                         capture_output=True, text=True, timeout=300, env=env)
+    out = subprocess.run(
+        [sys.executable, "-m", "editr1", "export-lora", "--help"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout == expected

@@ -63,8 +63,7 @@ def test_unusable_folder_fails_before_training(tmp_path):
 
 
 def test_collate_drops_and_counts_unreadable_items():
-    good = {"image": Image.new("RGB", (4, 4)), "prompt": "p", "requirement": "", "target": None, "task": "",
-            "key": "k"}
+    good = {"image": Image.new("RGB", (4, 4)), "prompt": "p", "requirement": "", "target": None, "task": "", "key": "k"}
     batch = collate_prompts([good, {"skipped": "unreadable_image"}, {"skipped": "unreadable_image"}])
     assert batch["prompt"] == ["p"]
     assert batch["skipped"] == {"unreadable_image": 2}
@@ -77,8 +76,10 @@ def test_targets_auto_require_ignore_on_a_partly_targeted_folder(tmp_path):
     img.mkdir(parents=True)
     for name in ("a", "b", "t"):
         Image.new("RGB", (8, 8), (40, 80, 120)).save(img / f"{name}.png")
-    rows = [{"prompt": "make it red", "image": "images/a.png", "target": "images/t.png"},
-            {"prompt": "make it blue", "image": "images/b.png"}]
+    rows = [
+        {"prompt": "make it red", "image": "images/a.png", "target": "images/t.png"},
+        {"prompt": "make it blue", "image": "images/b.png"},
+    ]
     (tmp_path / "f" / "train_metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     auto = EditDataModule(path=str(tmp_path / "f"))
     auto.setup("fit")
@@ -118,8 +119,13 @@ def test_dataset_accessor_builds_each_split_once(tmp_path):
 
 
 def test_skipped_rows_accessor_reports_rows_rejected_when_read(tmp_path):
-    rows = [{"prompt": "make it red", "image": "images/a.png"}, "{not json", {"prompt": "", "image": "images/a.png"},
-            {"prompt": "x", "image": "images/missing.png"}, {"prompt": "y", "image": "images/gone.png"}]
+    rows = [
+        {"prompt": "make it red", "image": "images/a.png"},
+        "{not json",
+        {"prompt": "", "image": "images/a.png"},
+        {"prompt": "x", "image": "images/missing.png"},
+        {"prompt": "y", "image": "images/gone.png"},
+    ]
     root = make_folder(tmp_path / "d", rows)
     dm = EditDataModule(path=str(root), test_path=str(root))
     dm.setup("fit")
@@ -134,8 +140,11 @@ def test_skipped_rows_accessor_reports_rows_rejected_when_read(tmp_path):
     for name in ("a", "b", "t"):
         Image.new("RGB", (8, 8)).save(img / f"{name}.png")
     (tmp_path / "t" / "train_metadata.jsonl").write_text(
-        json.dumps({"prompt": "p", "image": "images/a.png", "target": "images/t.png"}) + "\n"
-        + json.dumps({"prompt": "q", "image": "images/b.png"}) + "\n")
+        json.dumps({"prompt": "p", "image": "images/a.png", "target": "images/t.png"})
+        + "\n"
+        + json.dumps({"prompt": "q", "image": "images/b.png"})
+        + "\n"
+    )
     assert EditDataModule(path=str(tmp_path / "t"), targets="require").skipped_rows("train") == {"missing_target": 1}
     assert EditDataModule(path=str(tmp_path / "t")).skipped_rows("train") == {}  # none rejected: empty
     assert EditDataModule(scenes=SceneConfig(), train_size=2).skipped_rows("train") == {}  # scenes read nothing

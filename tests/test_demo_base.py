@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from editr1 import demo_base
-from editr1.policies import FluxKontextPolicy
 from editr1.asset_paths import resolve_asset
+from editr1.policies import FluxKontextPolicy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,9 +24,26 @@ def test_short_pretraining_is_deterministic_and_loadable(tmp_path):
     states, metas = [], []
     for name in ("a", "b"):
         out = subprocess.run(
-            [sys.executable, "-m", "editr1.demo_base", "--out", str(tmp_path / name), "--vae-steps", "2",
-             "--editor-steps", "2", "--batch", "4", "--eval-every", "0", "--eval-count", "4"],
-            capture_output=True, text=True, timeout=300,
+            [
+                sys.executable,
+                "-m",
+                "editr1.demo_base",
+                "--out",
+                str(tmp_path / name),
+                "--vae-steps",
+                "2",
+                "--editor-steps",
+                "2",
+                "--batch",
+                "4",
+                "--eval-every",
+                "0",
+                "--eval-count",
+                "4",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         assert out.returncode == 0, out.stderr[-3000:]
         states.append(load_file(str(tmp_path / name / "model.safetensors")))

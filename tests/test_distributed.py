@@ -28,14 +28,32 @@ def _fit(tmp: Path, name: str, devices: int, per_rank_batch: int, shard: bool | 
     cfg = tmp / f"{name}.yaml"
     cfg.write_text(yaml.safe_dump({"trainer": trainer}))
     args = [
-        sys.executable, "-m", "editr1", "fit", "-c", str(CONFIGS / "demo.yaml"), "-c", str(CONFIGS / "demo_smoke.yaml"),
-        "-c", str(cfg), f"--data.batch_size={per_rank_batch}", "--trainer.max_steps=2",
-        "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false",
-        "--model.rollout.steps=3", f"--trainer.logger.init_args.save_dir={tmp}", f"--trainer.logger.init_args.name={name}",
+        sys.executable,
+        "-m",
+        "editr1",
+        "fit",
+        "-c",
+        str(CONFIGS / "demo.yaml"),
+        "-c",
+        str(CONFIGS / "demo_smoke.yaml"),
+        "-c",
+        str(cfg),
+        f"--data.batch_size={per_rank_batch}",
+        "--trainer.max_steps=2",
+        "--trainer.limit_val_batches=0",
+        "--trainer.num_sanity_val_steps=0",
+        "--trainer.enable_progress_bar=false",
+        "--model.rollout.steps=3",
+        f"--trainer.logger.init_args.save_dir={tmp}",
+        f"--trainer.logger.init_args.name={name}",
         *extra,
     ]
-    env = dict(os.environ, PYTHONPATH=f"{ROOT / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-               PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ,
+        PYTHONPATH=f"{ROOT / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        PYTHONWARNINGS="ignore",
+        OMP_NUM_THREADS="1",
+    )
     out = subprocess.run(args, cwd=tmp, capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-4000:]
     return tmp / name / "version_0" / "checkpoints" / "last.ckpt"
@@ -70,8 +88,15 @@ def test_two_ranks_sharded_and_replicated_match_one_rank(tmp_path):
 
 @pytest.mark.timeout(900)
 def test_a_rank_with_every_group_filtered_does_not_stall_the_step(tmp_path):
-    ckpt = _fit(tmp_path, "skewed", 2, 2, True, "--reward.model.class_path=helpers.rewards.RankOneSaturated",
-                "--reward.filter.rule=paper")
+    ckpt = _fit(
+        tmp_path,
+        "skewed",
+        2,
+        2,
+        True,
+        "--reward.model.class_path=helpers.rewards.RankOneSaturated",
+        "--reward.filter.rule=paper",
+    )
     state, ck = _adapters(ckpt)
     assert ck["global_step"] == 2  # both optimiser steps ran, on both ranks (rank 0 trained, rank 1 idled)
     assert max(float(v.abs().max()) for k, v in state.items() if "lora_B.default" in k) > 0
@@ -82,9 +107,20 @@ def test_a_rank_whose_whole_batch_is_banned_joins_the_step_instead_of_hanging(tm
     """Two prompts, one per rank per epoch; rank 1's group is always saturated, so its prompt is banned (on
     both ranks). Next epoch one rank draws the banned prompt and has nothing to roll out while the other
     does: it must still take part in the step's collectives (it used to leave them, and the others waited)."""
-    ckpt = _fit(tmp_path, "banned", 2, 1, False, "--reward.model.class_path=helpers.rewards.RankOneSaturated",
-                "--reward.filter.rule=paper", "--reward.filter.std_threshold=1e-6", "--reward.filter.ban=true",
-                "--data.train_size=2", "--trainer.max_steps=10", "--trainer.max_epochs=3")
+    ckpt = _fit(
+        tmp_path,
+        "banned",
+        2,
+        1,
+        False,
+        "--reward.model.class_path=helpers.rewards.RankOneSaturated",
+        "--reward.filter.rule=paper",
+        "--reward.filter.std_threshold=1e-6",
+        "--reward.filter.ban=true",
+        "--data.train_size=2",
+        "--trainer.max_steps=10",
+        "--trainer.max_epochs=3",
+    )
     state, ck = _adapters(ckpt)
     reward_state = next(v for k, v in ck["callbacks"].items() if k.startswith("RewardCallback"))
     # epoch 1: two groups; epoch 2: one (the other rank's prompt was banned); epoch 3: one or none
@@ -101,14 +137,40 @@ def test_sharded_qwen_evaluation_with_uneven_batches_does_not_hang(tmp_path):
 
     write_imgedit_mini(tmp_path / "bench")
     cfg = tmp_path / "sharded.yaml"
-    cfg.write_text(yaml.safe_dump({"trainer": {"accelerator": "cpu", "devices": 2, "strategy": {
-        "class_path": "editr1.strategies.FSDP2Strategy", "init_args": {"shard": True}}}}))
-    args = [sys.executable, "-m", "editr1", "test", "-c", str(CONFIGS / "demo.yaml"), "-c", str(CONFIGS / "demo_smoke.yaml"),
-            "-c", str(CONFIGS / "model" / "tiny_qwen_image_edit.yaml"), "-c", str(CONFIGS / "benchmark" / "imgedit_mini.yaml"),
-            "-c", str(cfg), f"--data.test_path={tmp_path / 'bench'}", "--data.batch_size=2", "--benchmark.judge=null",
-            "--model.policy.init_args.tiny.text_layers=2",  # two encoder layers: each is its own FSDP unit
-            "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={tmp_path}",
-            "--trainer.logger.init_args.name=q"]
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "trainer": {
+                    "accelerator": "cpu",
+                    "devices": 2,
+                    "strategy": {"class_path": "editr1.strategies.FSDP2Strategy", "init_args": {"shard": True}},
+                }
+            }
+        )
+    )
+    args = [
+        sys.executable,
+        "-m",
+        "editr1",
+        "test",
+        "-c",
+        str(CONFIGS / "demo.yaml"),
+        "-c",
+        str(CONFIGS / "demo_smoke.yaml"),
+        "-c",
+        str(CONFIGS / "model" / "tiny_qwen_image_edit.yaml"),
+        "-c",
+        str(CONFIGS / "benchmark" / "imgedit_mini.yaml"),
+        "-c",
+        str(cfg),
+        f"--data.test_path={tmp_path / 'bench'}",
+        "--data.batch_size=2",
+        "--benchmark.judge=null",
+        "--model.policy.init_args.tiny.text_layers=2",  # two encoder layers: each is its own FSDP unit
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        "--trainer.logger.init_args.name=q",
+    ]
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     out = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-4000:]

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_policy
 
+from conftest import tiny_policy
 from editr1.algorithms.grouping import GroupDecision
 from editr1.editing import edit_images
 from editr1.module import EditR1Module
-from editr1.settings import EfficiencySettings, NFTSettings
 from editr1.policies import lora
 from editr1.policies.lora import LoraSettings
+from editr1.settings import EfficiencySettings, NFTSettings
 from editr1.training.experience import Experience
 from editr1.training.rollout import Rollout
 
@@ -25,8 +25,13 @@ PROMPTS = ["make the red circle blue", "add a green square", "remove the triangl
 
 def module(efficiency: EfficiencySettings = EfficiencySettings(), **nft) -> EditR1Module:
     torch.manual_seed(0)  # the LoRA initialisation draws from the global generator
-    m = EditR1Module(policy=tiny_policy(), lora=LoraSettings(rank=4, alpha=8.0, init="true"),
-                     nft=NFTSettings(**{"micro_batch_size": 4, **nft}), seed=7, efficiency=efficiency)
+    m = EditR1Module(
+        policy=tiny_policy(),
+        lora=LoraSettings(rank=4, alpha=8.0, init="true"),
+        nft=NFTSettings(**{"micro_batch_size": 4, **nft}),
+        seed=7,
+        efficiency=efficiency,
+    )
     m.setup("fit")
     opt = m.configure_optimizers()
     m.optimizers = lambda: opt
@@ -36,7 +41,9 @@ def module(efficiency: EfficiencySettings = EfficiencySettings(), **nft) -> Edit
     return m
 
 
-def step_data(m: EditR1Module, groups: list[int], k: int = 3, steps: int = 4, keep: list[int] | None = None) -> Experience:
+def step_data(
+    m: EditR1Module, groups: list[int], k: int = 3, steps: int = 4, keep: list[int] | None = None
+) -> Experience:
     """A rollout of the given prompts (indices into PROMPTS) with fixed latents and r; ``keep`` lists the
     groups that train (all by default). Samples depend only on their key, never on the batch position."""
     policy = m.policy
@@ -46,16 +53,31 @@ def step_data(m: EditR1Module, groups: list[int], k: int = 3, steps: int = 4, ke
     r_all = torch.rand(len(PROMPTS), k, generator=g)
     prompts = [PROMPTS[i] for i in groups]
     cond = policy.encode(images[groups], prompts)
-    ro = Rollout(prompts=prompts, requirements=[""] * len(groups), keys=[f"key{i}" for i in groups],
-                 sources=images[groups], targets=None, cond=cond, x0=x0_all[groups].flatten(0, 1),
-                 edits=torch.zeros(len(groups) * k, 3, 1, 1), sigmas=policy.sigmas(steps), group_size=k, index=0,
-                 base_seed=7)
+    ro = Rollout(
+        prompts=prompts,
+        requirements=[""] * len(groups),
+        keys=[f"key{i}" for i in groups],
+        sources=images[groups],
+        targets=None,
+        cond=cond,
+        x0=x0_all[groups].flatten(0, 1),
+        edits=torch.zeros(len(groups) * k, 3, 1, 1),
+        sigmas=policy.sigmas(steps),
+        group_size=k,
+        index=0,
+        base_seed=7,
+    )
     kept = torch.tensor([keep is None or i in keep for i in groups])
     mask = kept[:, None].expand(len(groups), k).clone()
     rewards = torch.rand(len(groups), k, generator=g)
-    decision = GroupDecision(r=r_all[groups], train_mask=mask, dropped_low_variance=~kept,
-                             dropped_nan=torch.zeros(len(groups), dtype=torch.bool), mean=rewards.mean(1),
-                             std=rewards.std(1))
+    decision = GroupDecision(
+        r=r_all[groups],
+        train_mask=mask,
+        dropped_low_variance=~kept,
+        dropped_nan=torch.zeros(len(groups), dtype=torch.bool),
+        mean=rewards.mean(1),
+        std=rewards.std(1),
+    )
     return Experience(ro, rewards, decision)
 
 
@@ -200,7 +222,7 @@ def test_reference_normalisation_steps_on_a_zero_gradient_when_all_is_filtered()
         taken = []
         real = m._clip_and_step
 
-        def counting(opt, real=real):
+        def counting(opt, real=real, taken=taken):
             taken.append(1)
             return real(opt)
 
@@ -235,8 +257,13 @@ def test_adapter_switching_matches_peft(reference):
         out = []
         for layer in model.modules():
             if isinstance(layer, BaseTunerLayer):
-                out.append((tuple(layer.active_adapters), layer.disable_adapters,
-                            tuple(sorted((n, p.requires_grad) for n, p in layer.named_parameters() if "lora_" in n))))
+                out.append(
+                    (
+                        tuple(layer.active_adapters),
+                        layer.disable_adapters,
+                        tuple(sorted((n, p.requires_grad) for n, p in layer.named_parameters() if "lora_" in n)),
+                    )
+                )
         return out
 
     for name in (lora.OLD, None, lora.DEFAULT):

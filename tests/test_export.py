@@ -23,7 +23,9 @@ PROMPT = "make the red circle blue"
 
 
 def _velocity(policy, seed=0):
-    img = Image.fromarray(np.random.default_rng(seed).integers(0, 256, (policy.height, policy.width, 3), dtype=np.uint8))
+    img = Image.fromarray(
+        np.random.default_rng(seed).integers(0, 256, (policy.height, policy.width, 3), dtype=np.uint8)
+    )
     cond = policy.encode(policy.preprocess([img]), [PROMPT])
     x = torch.randn((2, *policy.latent_shape()), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
@@ -35,9 +37,16 @@ def test_checkpoint_export_loads_in_diffusers_and_matches_the_trained_policy(tmp
 
     module = small_module()
     exporter = ExportLora()
-    trainer = small_trainer([RewardCallback(model=SceneReward(), log_images_every_n_steps=0), exporter,
-                             ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)],
-                            max_steps=2, enable_checkpointing=True, default_root_dir=str(tmp_path))
+    trainer = small_trainer(
+        [
+            RewardCallback(model=SceneReward(), log_images_every_n_steps=0),
+            exporter,
+            ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True),
+        ],
+        max_steps=2,
+        enable_checkpointing=True,
+        default_root_dir=str(tmp_path),
+    )
     trainer.fit(module, datamodule=scenes_data)
     trained = _velocity(module.policy)
     with module.policy.adapter(None):
@@ -77,19 +86,27 @@ def test_export_lora_command_and_errors(tmp_path, scenes_data, capsys):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     module = small_module(ema=True)
-    trainer = small_trainer([RewardCallback(model=SceneReward(), log_images_every_n_steps=0),
-                             ModelCheckpoint(dirpath=tmp_path, save_last=True)], max_steps=1, enable_checkpointing=True)
+    trainer = small_trainer(
+        [
+            RewardCallback(model=SceneReward(), log_images_every_n_steps=0),
+            ModelCheckpoint(dirpath=tmp_path, save_last=True),
+        ],
+        max_steps=1,
+        enable_checkpointing=True,
+    )
     trainer.fit(module, datamodule=scenes_data)
     cli_main(["export-lora", str(tmp_path / "last.ckpt"), str(tmp_path / "ema"), "--adapter", "ema"])
     assert "pytorch_lora_weights.safetensors" in capsys.readouterr().out
-    ema = {k: v for k, v in diffusers_lora_state(
-        {f"policy.transformer.{k}": v for k, v in module.policy.transformer.state_dict().items()}, "ema").items()}
+    ema = diffusers_lora_state(
+        {f"policy.transformer.{k}": v for k, v in module.policy.transformer.state_dict().items()}, "ema"
+    )
     with safe_open(str(tmp_path / "ema" / "pytorch_lora_weights.safetensors"), "pt") as f:
         assert all(torch.equal(f.get_tensor("transformer." + k), v) for k, v in ema.items())
     # the same export from a config file (jsonargparse's --config), and a missing checkpoint is a message
     cfg = tmp_path / "export.yaml"
-    cfg.write_text(json.dumps({"checkpoint": str(tmp_path / "last.ckpt"), "out_dir": str(tmp_path / "cfg"),
-                               "adapter": "ema"}))
+    cfg.write_text(
+        json.dumps({"checkpoint": str(tmp_path / "last.ckpt"), "out_dir": str(tmp_path / "cfg"), "adapter": "ema"})
+    )
     cli_main(["export-lora", "--config", str(cfg)])
     with safe_open(str(tmp_path / "cfg" / "pytorch_lora_weights.safetensors"), "pt") as f:
         assert all(torch.equal(f.get_tensor("transformer." + k), v) for k, v in ema.items())
@@ -137,8 +154,16 @@ def test_predict_a_folder_of_images_with_one_instruction_and_a_lora(tmp_path, mo
     for run, extra in (("base", []), ("with_lora", [f"--model.lora_weights={tmp_path / 'lora'}"])):
         (tmp_path / run).mkdir()
         monkeypatch.chdir(tmp_path / run)
-        cli_main(["predict", *demo, f"--data.predict_path={images}", "--data.predict_instruction=make the red circle blue",
-                  "--trainer.enable_progress_bar=false", *extra])
+        cli_main(
+            [
+                "predict",
+                *demo,
+                f"--data.predict_path={images}",
+                "--data.predict_instruction=make the red circle blue",
+                "--trainer.enable_progress_bar=false",
+                *extra,
+            ]
+        )
         out = tmp_path / run / "runs" / "demo" / "predictions"
         lines = [json.loads(x) for x in (out / "predictions.rank0.jsonl").read_text().splitlines()]
         assert sorted(line["key"] for line in lines) == ["one", "two"]

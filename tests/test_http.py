@@ -9,9 +9,9 @@ import time
 from collections import Counter
 
 import pytest
-from fake_openai import FakeOpenAI
 
 from editr1.rewards.http import OpenAIClient, retryable
+from fake_openai import FakeOpenAI
 
 TOP = [("4", -0.5), ("1", -1.6)]
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
@@ -72,8 +72,11 @@ def test_retryable_status_every_time_gives_none_after_bounded_retries():
 def test_configuration_status_raises_the_callers_error_with_the_servers_message_without_retrying():
     with FakeOpenAI([("status", 404), ("ok", TOP)]) as fake:
         c = make(fake.url)
-        with pytest.raises(Refused, match=r"test server http://127\.0\.0\.1:\d+/v1 refused the request \(HTTP 404\): "
-                                          r"scripted 404"):
+        with pytest.raises(
+            Refused,
+            match=r"test server http://127\.0\.0\.1:\d+/v1 refused the request \(HTTP 404\): "
+            r"scripted 404",
+        ):
             c.post("chat/completions", BODY, content)
         c.close()
     assert len(fake.requests) == 1 and c.counts == Counter(requests=1)
@@ -135,8 +138,9 @@ def test_counts_go_into_the_callers_counter_and_concurrency_is_bounded():
     with FakeOpenAI([("slow", 0.3, TOP)]) as fake:
         c = make(fake.url, max_concurrency=2, counts=counts, lock=lock)
         results = []
-        threads = [threading.Thread(target=lambda: results.append(c.post("chat/completions", BODY, content)))
-                   for _ in range(4)]
+        threads = [
+            threading.Thread(target=lambda: results.append(c.post("chat/completions", BODY, content))) for _ in range(4)
+        ]
         t0 = time.perf_counter()
         for t in threads:
             t.start()

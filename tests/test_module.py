@@ -5,8 +5,8 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from conftest import small_module, small_trainer, tiny_policy
 
+from conftest import small_module, small_trainer
 from editr1.algorithms.nft import old_policy_eta
 from editr1.callbacks import FilterSettings, ImageWriter, RewardCallback
 from editr1.policies import lora
@@ -89,8 +89,19 @@ def test_fit_trains_default_old_follows_schedule_base_frozen(scenes_data):
     # Old started as an exact copy of default.
     assert all(torch.equal(rec.states[0][1][k], rec.states[0][2][k]) for k in d0)
     metrics = trainer.callback_metrics
-    for name in ("reward/mean", "reward/std", "frac_reward_zero_std", "filter/frac_groups_dropped", "loss/policy",
-                 "loss/kl", "nft/old_deviation", "lr", "time/rollout_s", "time/reward_s", "time/train_s"):
+    for name in (
+        "reward/mean",
+        "reward/std",
+        "frac_reward_zero_std",
+        "filter/frac_groups_dropped",
+        "loss/policy",
+        "loss/kl",
+        "nft/old_deviation",
+        "lr",
+        "time/rollout_s",
+        "time/reward_s",
+        "time/train_s",
+    ):
         assert name in metrics, name
     assert float(metrics["nft/trained_samples"]) == 2 * 4
 
@@ -125,7 +136,9 @@ def test_group_of_k_shares_one_encoding_and_differs_in_noise(scenes_data):
 def test_all_groups_filtered_skips_the_step_without_touching_weights(scenes_data):
     module = small_module()
     w0 = lora.adapter_state(module.policy.transformer, lora.DEFAULT)
-    trainer, rec = fit(module, scenes_data, reward=ConstantReward(1.0), max_steps=5, limit_train_batches=3, max_epochs=1)
+    trainer, rec = fit(
+        module, scenes_data, reward=ConstantReward(1.0), max_steps=5, limit_train_batches=3, max_epochs=1
+    )
     assert trainer.global_step == 0
     assert module.skipped_steps == 3
     w1 = lora.adapter_state(module.policy.transformer, lora.DEFAULT)
@@ -153,7 +166,9 @@ def test_nan_policy_sample_keeps_the_rest_of_the_group(scenes_data):
             return r
 
     module = small_module()
-    cb = RewardCallback(model=OneNaN(), filter=FilterSettings(rule="none", nan_policy="sample"), log_images_every_n_steps=0)
+    cb = RewardCallback(
+        model=OneNaN(), filter=FilterSettings(rule="none", nan_policy="sample"), log_images_every_n_steps=0
+    )
     rec = Recorder()
     small_trainer([cb, rec], max_steps=1).fit(module, datamodule=scenes_data)
     mask = rec.steps[0].decision.train_mask
@@ -295,7 +310,8 @@ def test_scene_evaluation_before_and_after(tmp_path):
     data = EditDataModule(scenes=scenes, batch_size=2, train_size=16, val_size=2)
     ev = SceneEvaluation(count=4, group_size=2, steps=2, image_rows=2)
     trainer = small_trainer(
-        [RewardCallback(model=SceneReward(), log_images_every_n_steps=0), ev], max_steps=2,
+        [RewardCallback(model=SceneReward(), log_images_every_n_steps=0), ev],
+        max_steps=2,
         logger=TensorBoardLogger(str(tmp_path), name="run"),
     )
     trainer.fit(small_module(), datamodule=data)
@@ -392,8 +408,10 @@ def test_sft_batch_with_nothing_readable_is_skipped_not_a_crash(tmp_path):
     Image.new("RGB", (32, 32), (200, 0, 0)).save(tmp_path / "images" / "a.png")
     Image.new("RGB", (32, 32), (0, 0, 200)).save(tmp_path / "images" / "t.png")
     (tmp_path / "images" / "b.png").write_bytes(b"not an image")
-    rows = [{"prompt": "make it blue", "image": "images/a.png", "target": "images/t.png"},
-            {"prompt": "make it blue", "image": "images/b.png", "target": "images/t.png"}]
+    rows = [
+        {"prompt": "make it blue", "image": "images/a.png", "target": "images/t.png"},
+        {"prompt": "make it blue", "image": "images/b.png", "target": "images/t.png"},
+    ]
     (tmp_path / "train_metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     data = EditDataModule(path=str(tmp_path), batch_size=1, shuffle=False)
     module = small_module(objective="sft")
@@ -409,8 +427,11 @@ def test_ban_rule_bans_with_one_rule_while_the_mask_follows_another():
 
     data = EditDataModule(scenes=SceneConfig(size=32), batch_size=2, train_size=4, val_size=2)
     module = small_module()
-    cb = RewardCallback(model=ConstantReward(1.0), filter=FilterSettings(rule="none", ban=True, ban_rule="paper"),
-                        log_images_every_n_steps=0)
+    cb = RewardCallback(
+        model=ConstantReward(1.0),
+        filter=FilterSettings(rule="none", ban=True, ban_rule="paper"),
+        log_images_every_n_steps=0,
+    )
     trainer = small_trainer([cb], max_steps=10, max_epochs=2)
     trainer.fit(module, datamodule=data)
     assert trainer.global_step == 2  # both first-epoch batches trained (rule none masked nothing)

@@ -176,9 +176,7 @@ def test_nft_loss_weight_floor():
     # x_t = [1e-6, 0], x0 = 0, t = 1, v_θ = v_old = 0 → d± = [1e-6, 0], mean|d| = 5e-7 → floored to 1e-5
     # L± = mean(d²)/1e-5 = 5e-13/1e-5 = 5e-8 → policy = 5·5e-8 = 2.5e-7 (unfloored it would be 5e-6)
     zeros = torch.zeros(1, 2, dtype=F64)
-    out = nft_loss(
-        zeros.clone().requires_grad_(True), zeros, t64([[1e-6, 0.0]]), zeros, t64([1.0]), t64([1.0])
-    )
+    out = nft_loss(zeros.clone().requires_grad_(True), zeros, t64([[1e-6, 0.0]]), zeros, t64([1.0]), t64([1.0]))
     close(out.policy, [2.5e-7], atol=1e-20)
     # d = 0 exactly: w = 0 floored → L = 0, no NaN
     v = zeros.clone().requires_grad_(True)
@@ -266,9 +264,7 @@ def test_add_noise_higher_rank():
 # ---------------------------------------------------------------------------------------------- schedules
 
 
-@pytest.mark.parametrize(
-    "step, eta", [(0, 0.0), (1, 0.001), (250, 0.25), (500, 0.5), (501, 0.5), (10000, 0.5)]
-)
+@pytest.mark.parametrize("step, eta", [(0, 0.0), (1, 0.001), (250, 0.25), (500, 0.5), (501, 0.5), (10000, 0.5)])
 def test_old_policy_eta_paper(step, eta):
     # η = min(0.001·step, 0.5)
     assert old_policy_eta(step) == pytest.approx(eta, abs=1e-12)

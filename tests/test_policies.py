@@ -17,8 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from editr1.policies import EditPolicy, FluxKontextPolicy, QwenImageEditPolicy, TinyQwenImage
-from editr1.policies import lora
+from editr1.policies import EditPolicy, FluxKontextPolicy, QwenImageEditPolicy, TinyQwenImage, lora
 from editr1.sampling import sample
 
 PROMPTS = ["make the red circle blue", "remove the green square", "add a yellow triangle at top left"]
@@ -32,9 +31,19 @@ class Case:
 
 
 def _flux_pipeline(p, image, prompt, noise, steps):
-    return p.pipe(image=image, prompt=prompt, height=p.height, width=p.width, max_area=p.height * p.width,
-                  _auto_resize=False, num_inference_steps=steps, guidance_scale=2.5,
-                  max_sequence_length=p.max_sequence_length, latents=noise.clone(), output_type="latent").images
+    return p.pipe(
+        image=image,
+        prompt=prompt,
+        height=p.height,
+        width=p.width,
+        max_area=p.height * p.width,
+        _auto_resize=False,
+        num_inference_steps=steps,
+        guidance_scale=2.5,
+        max_sequence_length=p.max_sequence_length,
+        latents=noise.clone(),
+        output_type="latent",
+    ).images
 
 
 def _qwen_pipeline(p, image, prompt, noise, steps):
@@ -47,18 +56,28 @@ def _qwen_pipeline(p, image, prompt, noise, steps):
     edit.calculate_dimensions = lambda area, ratio: (p.width, p.height, None)
     plus.calculate_dimensions = lambda area, ratio: (p.width, p.height)
     try:
-        return p.pipe(image=image, prompt=prompt, height=p.height, width=p.width, num_inference_steps=steps,
-                      true_cfg_scale=1.0, latents=noise.clone(), output_type="latent").images
+        return p.pipe(
+            image=image,
+            prompt=prompt,
+            height=p.height,
+            width=p.width,
+            num_inference_steps=steps,
+            true_cfg_scale=1.0,
+            latents=noise.clone(),
+            output_type="latent",
+        ).images
     finally:
         edit.calculate_dimensions, plus.calculate_dimensions = saved
 
 
 CASES = {
-    "flux_kontext": Case(lambda **kw: FluxKontextPolicy(resolution=32, max_sequence_length=16, **kw), 32,
-                         _flux_pipeline),
+    "flux_kontext": Case(
+        lambda **kw: FluxKontextPolicy(resolution=32, max_sequence_length=16, **kw), 32, _flux_pipeline
+    ),
     "qwen_image_edit": Case(lambda **kw: QwenImageEditPolicy(resolution=64, **kw), 64, _qwen_pipeline),
-    "qwen_image_edit_2509": Case(lambda **kw: QwenImageEditPolicy(resolution=64, variant="edit_plus", **kw), 64,
-                                 _qwen_pipeline),
+    "qwen_image_edit_2509": Case(
+        lambda **kw: QwenImageEditPolicy(resolution=64, variant="edit_plus", **kw), 64, _qwen_pipeline
+    ),
 }
 
 
@@ -153,7 +172,7 @@ def test_encode_images_and_decode(case):
     assert z.shape == (2, *p.latent_shape()) and z.dtype == torch.float32
     out = p.decode(z)
     assert out.shape == (2, 3, c.res, c.res) and out.dtype == torch.float32
-    assert 0 <= float(out.min()) and float(out.max()) <= 1
+    assert float(out.min()) >= 0 and float(out.max()) <= 1
     with pytest.raises(ValueError, match="preprocess"):
         p.encode_images(torch.rand(1, 3, c.res + 16, c.res))
 
@@ -233,8 +252,11 @@ def test_qwen_tiny_weights_round_trip(tmp_path):
     from safetensors.torch import save_file
 
     p = QwenImageEditPolicy(resolution=64, tiny=TinyQwenImage(seed=1))
-    state = {f"{n}.{k}": v.contiguous() for n in ("transformer", "vae", "text_encoder")
-             for k, v in getattr(p, n).state_dict().items()}
+    state = {
+        f"{n}.{k}": v.contiguous()
+        for n in ("transformer", "vae", "text_encoder")
+        for k, v in getattr(p, n).state_dict().items()
+    }
     mean = ",".join(["0.5"] * p.latent_channels)
     save_file(state, str(tmp_path / "w.safetensors"), metadata={"latents_mean": mean})
     q = QwenImageEditPolicy(resolution=64, tiny=TinyQwenImage(seed=2, weights=str(tmp_path / "w.safetensors")))
@@ -246,10 +268,9 @@ def test_qwen_tiny_weights_round_trip(tmp_path):
 def test_padded_encoding_and_idle_only_editing(name):
     """Sharded runs encode as many prompts on every process (the extra rows are dropped) and a process with
     nothing to edit still makes the others' calls: results of the real rows do not change."""
+    from conftest import tiny_policy
     from editr1.editing import edit_images, encode_padded
     from editr1.policies import QwenImageEditPolicy
-
-    from conftest import tiny_policy
 
     policy = tiny_policy() if name == "flux" else QwenImageEditPolicy(resolution=32, condition_resolution=56)
     src = torch.rand(2, 3, policy.height, policy.width)
@@ -277,6 +298,8 @@ def test_policies_do_not_import_the_data_package():
     import subprocess
     import sys
 
-    code = ("import sys, editr1.policies; bad = sorted(m for m in sys.modules if m.startswith('editr1.data')); "
-            "assert not bad, bad")
+    code = (
+        "import sys, editr1.policies; bad = sorted(m for m in sys.modules if m.startswith('editr1.data')); "
+        "assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)

@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from editr1.evaluation.protocols import (
-    CategoryMean, GEditScore, imgedit_sample_score, parse_rubric_scores, parse_viescore, viescore_sample,
+    CategoryMean,
+    GEditScore,
+    imgedit_sample_score,
+    parse_rubric_scores,
+    parse_viescore,
+    viescore_sample,
 )
 
 CRITERIA = ["Prompt Compliance", "Visual Naturalness", "Physical & Detail Integrity"]
@@ -17,8 +22,10 @@ CRITERIA = ["Prompt Compliance", "Visual Naturalness", "Physical & Detail Integr
 def test_imgedit_overall_is_the_mean_of_type_means_not_of_samples():
     m = CategoryMean(["add", "remove", "style"])
     # add: samples (5,5,4) -> 14/3 and (1,2,3) -> 2; remove: (3,3,3) -> 3; style: nothing
-    m.update(["add", "add", "remove"], [imgedit_sample_score([5, 5, 4]), imgedit_sample_score([1, 2, 3]),
-                                         imgedit_sample_score([3, 3, 3])])
+    m.update(
+        ["add", "add", "remove"],
+        [imgedit_sample_score([5, 5, 4]), imgedit_sample_score([1, 2, 3]), imgedit_sample_score([3, 3, 3])],
+    )
     m.update(["remove"], [imgedit_sample_score(None)])  # a failed judgement
     out = m.compute()
     add = (14 / 3 + 2) / 2  # 3.3333
@@ -61,24 +68,40 @@ def test_unknown_category_or_length_mismatch_is_an_error():
         m.update(["a", "a"], torch.tensor([1.0]))
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("Prompt Compliance: 4\nVisual Naturalness: 5\nPhysical & Detail Integrity: 3", [4, 5, 3]),
-    ("**Visual Naturalness**: 2\n- Prompt Compliance: 1\nPhysical & Detail Integrity: 5\nBrief reasoning...", [1, 2, 5]),
-    ("Prompt Compliance: 4\nVisual Naturalness: 5", None),  # one missing
-    ("Prompt Compliance: 6\nVisual Naturalness: 5\nPhysical & Detail Integrity: 3", None),  # out of range
-    ("Prompt Compliance: 4.5\nVisual Naturalness: 5\nPhysical & Detail Integrity: 3", None),  # not an integer
-    ("Prompt Compliance: 4\nPrompt Compliance: 2\nVisual Naturalness: 5\nPhysical & Detail Integrity: 3", None),  # twice
-    ("I would rate this edit highly.", None),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Prompt Compliance: 4\nVisual Naturalness: 5\nPhysical & Detail Integrity: 3", [4, 5, 3]),
+        (
+            "**Visual Naturalness**: 2\n- Prompt Compliance: 1\nPhysical & Detail Integrity: 5\nBrief reasoning...",
+            [1, 2, 5],
+        ),
+        ("Prompt Compliance: 4\nVisual Naturalness: 5", None),  # one missing
+        ("Prompt Compliance: 6\nVisual Naturalness: 5\nPhysical & Detail Integrity: 3", None),  # out of range
+        ("Prompt Compliance: 4.5\nVisual Naturalness: 5\nPhysical & Detail Integrity: 3", None),  # not an integer
+        (
+            "Prompt Compliance: 4\nPrompt Compliance: 2\nVisual Naturalness: 5\nPhysical & Detail Integrity: 3",
+            None,
+        ),  # twice
+        ("I would rate this edit highly.", None),
+    ],
+)
 def test_rubric_parsing_is_strict(text, expected):
     assert parse_rubric_scores(text, CRITERIA) == expected
 
 
-@pytest.mark.parametrize("text, expected", [
-    ('{"score": [7, 9], "reasoning": "fine"}', [7.0, 9.0]),
-    ('```json\n{"reasoning": "ok", "score": [0, 10]}\n```', [0.0, 10.0]),
-    ('{"score": [7]}', None), ('{"score": [7, 11]}', None), ('{"score": ["7", 9]}', None),
-    ('{"score": [true, 9]}', None), ('score: 7, 9', None), ('[7, 9]', None),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ('{"score": [7, 9], "reasoning": "fine"}', [7.0, 9.0]),
+        ('```json\n{"reasoning": "ok", "score": [0, 10]}\n```', [0.0, 10.0]),
+        ('{"score": [7]}', None),
+        ('{"score": [7, 11]}', None),
+        ('{"score": ["7", 9]}', None),
+        ('{"score": [true, 9]}', None),
+        ("score: 7, 9", None),
+        ("[7, 9]", None),
+    ],
+)
 def test_viescore_parsing_is_strict(text, expected):
     assert parse_viescore(text) == expected

@@ -18,24 +18,48 @@ CONFIGS = ROOT / "configs"
 STEPS = 3
 
 
-def _run(tmp: Path, name: str, kill: tuple[int, str] | None = None, resume: bool = False) -> subprocess.CompletedProcess:
-    callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                  "init_args": {"save_last": True, "every_n_train_steps": 1, "save_top_k": 1}}]
+def _run(
+    tmp: Path, name: str, kill: tuple[int, str] | None = None, resume: bool = False
+) -> subprocess.CompletedProcess:
+    callbacks = [
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"save_last": True, "every_n_train_steps": 1, "save_top_k": 1},
+        }
+    ]
     if kill is not None:
         callbacks.append({"class_path": "helpers.kill.KillAt", "init_args": {"step": kill[0], "phase": kill[1]}})
     cfg = tmp / f"{name}-{'resume' if resume else 'start'}.yaml"
     cfg.write_text(yaml.safe_dump({"trainer": {"callbacks": callbacks}}))
     args = [
-        sys.executable, "-m", "editr1", "fit", "-c", str(CONFIGS / "demo.yaml"), "-c", str(CONFIGS / "demo_smoke.yaml"),
-        "-c", str(cfg), f"--trainer.max_steps={STEPS}", "--trainer.limit_val_batches=0",
-        "--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false", "--model.rollout.steps=3", "--model.rollout.group_size=2",
-        "--model.ema=true", "--reward.filter.ban=true", f"--trainer.logger.init_args.save_dir={tmp}",
+        sys.executable,
+        "-m",
+        "editr1",
+        "fit",
+        "-c",
+        str(CONFIGS / "demo.yaml"),
+        "-c",
+        str(CONFIGS / "demo_smoke.yaml"),
+        "-c",
+        str(cfg),
+        f"--trainer.max_steps={STEPS}",
+        "--trainer.limit_val_batches=0",
+        "--trainer.num_sanity_val_steps=0",
+        "--trainer.enable_progress_bar=false",
+        "--model.rollout.steps=3",
+        "--model.rollout.group_size=2",
+        "--model.ema=true",
+        "--reward.filter.ban=true",
+        f"--trainer.logger.init_args.save_dir={tmp}",
         f"--trainer.logger.init_args.name={name}",
     ]
     if resume:
         args.append("--ckpt_path=last")
-    env = dict(os.environ, PYTHONPATH=f"{ROOT / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-               PYTHONWARNINGS="ignore")
+    env = dict(
+        os.environ,
+        PYTHONPATH=f"{ROOT / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        PYTHONWARNINGS="ignore",
+    )
     return subprocess.run(args, cwd=tmp, capture_output=True, text=True, timeout=600, env=env)
 
 
@@ -51,8 +75,9 @@ def uninterrupted(tmp_path_factory) -> dict:
     return _final(tmp, "straight")
 
 
-@pytest.mark.parametrize("kill", [(1, "between_steps"), (1, "mid_backward"), (2, "before_optimizer_step")],
-                         ids=lambda k: f"{k[1]}@{k[0]}")
+@pytest.mark.parametrize(
+    "kill", [(1, "between_steps"), (1, "mid_backward"), (2, "before_optimizer_step")], ids=lambda k: f"{k[1]}@{k[0]}"
+)
 def test_killed_and_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path, uninterrupted, kill):
     first = _run(tmp_path, "killed", kill=kill)
     assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]

@@ -37,8 +37,12 @@ def inputs(n=8, size=32, seed=1):
     g = torch.Generator().manual_seed(seed)
     src = torch.rand(n, 3, size, size, generator=g)
     edits = torch.linspace(0, 1, n).view(n, 1, 1, 1).expand(n, 3, size, size).clone()
-    instr = [("make the red circle blue", "remove the green square at the top left of the picture")[i % 2] for i in range(n)]
-    return RewardInputs(src, edits, instr, ["keep the rest" if i % 3 else "" for i in range(n)], source_ids=list(range(n)))
+    instr = [
+        ("make the red circle blue", "remove the green square at the top left of the picture")[i % 2] for i in range(n)
+    ]
+    return RewardInputs(
+        src, edits, instr, ["keep the rest" if i % 3 else "" for i in range(n)], source_ids=list(range(n))
+    )
 
 
 def test_scores_are_probabilities_that_depend_on_the_edit(local):
@@ -65,10 +69,12 @@ def test_batch_with_different_image_sizes_and_prompt_lengths(local):
     ]
     texts = [judge.chat_text(user_turn(render(SHORT, "x" * (5 + 30 * i), "r" * i))) for i in range(4)]
     batched = expected_score_from_logits(judge.next_token_logits(texts, pairs), judge.digit_ids)
-    single = torch.cat([
-        expected_score_from_logits(judge.next_token_logits(texts[i : i + 1], pairs[i : i + 1]), judge.digit_ids)
-        for i in range(4)
-    ])
+    single = torch.cat(
+        [
+            expected_score_from_logits(judge.next_token_logits(texts[i : i + 1], pairs[i : i + 1]), judge.digit_ids)
+            for i in range(4)
+        ]
+    )
     torch.testing.assert_close(batched, single, rtol=0, atol=1e-5)
 
 
@@ -80,8 +86,12 @@ def test_loading_from_a_folder_matches_the_in_code_build(local, saved_judge):
 @pytest.fixture(scope="module")
 def wide_judge(tmp_path_factory):
     """bitsandbytes' 4-bit CPU kernels need layers at least one block (64) wide."""
-    reward = LocalMLLMReward(torch_dtype="float32", prompt=SHORT, max_pixels=56 * 56,
-                             tiny=TinyJudge(hidden=64, vision_hidden=64, warmup_steps=20)).to("cpu")
+    reward = LocalMLLMReward(
+        torch_dtype="float32",
+        prompt=SHORT,
+        max_pixels=56 * 56,
+        tiny=TinyJudge(hidden=64, vision_hidden=64, warmup_steps=20),
+    ).to("cpu")
     path = tmp_path_factory.mktemp("wide_judge")
     reward.judge.model.save_pretrained(path)
     reward.judge.processor.save_pretrained(path)
@@ -93,8 +103,10 @@ def test_bitsandbytes_loading_on_cpu(wide_judge, bits):
     local, path = wide_judge
     q = LocalMLLMReward(str(path), torch_dtype="float32", quantization=bits, prompt=SHORT, max_pixels=56 * 56)
     q.to("cpu")
-    assert any("bnb" in type(m).__module__ or "Linear8bit" in type(m).__name__ or "Linear4bit" in type(m).__name__
-               for m in q.judge.model.modules())
+    assert any(
+        "bnb" in type(m).__module__ or "Linear8bit" in type(m).__name__ or "Linear4bit" in type(m).__name__
+        for m in q.judge.model.modules()
+    )
     s = q.score(inputs())
     assert torch.isfinite(s).all()
     assert float((s - local.score(inputs())).abs().max()) < 0.2  # quantised, so close but not equal

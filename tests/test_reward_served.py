@@ -10,13 +10,12 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from fake_openai import FakeOpenAI
-
-from editr1.rewards import LocalMLLMReward, RewardInputs, ServedMLLMReward
-from editr1.rewards.server import RewardServer
-from editr1.rewards.served import RewardServerError
 
 from editr1.callbacks import FilterSettings, RewardCallback
+from editr1.rewards import LocalMLLMReward, RewardInputs, ServedMLLMReward
+from editr1.rewards.served import RewardServerError
+from editr1.rewards.server import RewardServer
+from fake_openai import FakeOpenAI
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORT = "Instruction: {instruction}. Requirement: {requirement}. Score 0-5."
@@ -28,8 +27,7 @@ def inputs(n=4, seed=1):
     src = torch.rand(n, 3, 32, 32, generator=g)
     edits = torch.linspace(0, 1, n).view(n, 1, 1, 1).expand(n, 3, 32, 32).clone()
     instructions = [("make the red circle blue", "remove the square")[i % 2] for i in range(n)]
-    return RewardInputs(src, edits, instructions, [""] * n,
-                        source_ids=[i // 2 for i in range(n)])
+    return RewardInputs(src, edits, instructions, [""] * n, source_ids=[i // 2 for i in range(n)])
 
 
 def client(url, **kw):
@@ -240,12 +238,22 @@ def test_fit_step_with_the_served_reward(server, tmp_path, monkeypatch):
     from editr1.cli import cli_main
 
     monkeypatch.chdir(tmp_path)
-    cli = cli_main([
-        "fit", "-c", str(ROOT / "configs" / "demo.yaml"), "-c", str(ROOT / "configs" / "demo_smoke.yaml"),
-        "-c", str(ROOT / "configs" / "reward" / "tiny_served.yaml"), f"--reward.model.init_args.base_url={server.url}",
-        "--trainer.max_steps=1", "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0",
-        "--trainer.callbacks=[]",
-    ])
+    cli = cli_main(
+        [
+            "fit",
+            "-c",
+            str(ROOT / "configs" / "demo.yaml"),
+            "-c",
+            str(ROOT / "configs" / "demo_smoke.yaml"),
+            "-c",
+            str(ROOT / "configs" / "reward" / "tiny_served.yaml"),
+            f"--reward.model.init_args.base_url={server.url}",
+            "--trainer.max_steps=1",
+            "--trainer.limit_val_batches=0",
+            "--trainer.num_sanity_val_steps=0",
+            "--trainer.callbacks=[]",
+        ]
+    )
     assert cli.trainer.global_step == 1
     metrics = cli.trainer.callback_metrics
     assert float(metrics["reward_model/requests"]) == 8
@@ -268,10 +276,13 @@ class Outage(L.Callback):
             self.holder["server"].shutdown()
             self.down_at_batch = batch_idx
             self.weights_when_down = [p.detach().clone() for p in pl_module.policy.trainable_parameters()]
-        elif self.down_at_batch is not None and batch_idx == self.down_at_batch + self.batches_down:
-            if self.holder.get("restart", True):
-                self.holder["server"] = RewardServer(self.judge, port=self.port).start()
-                self.weights_after_outage = [p.detach().clone() for p in pl_module.policy.trainable_parameters()]
+        elif (
+            self.down_at_batch is not None
+            and batch_idx == self.down_at_batch + self.batches_down
+            and self.holder.get("restart", True)
+        ):
+            self.holder["server"] = RewardServer(self.judge, port=self.port).start()
+            self.weights_after_outage = [p.detach().clone() for p in pl_module.policy.trainable_parameters()]
 
 
 def _free_port() -> int:
@@ -284,15 +295,22 @@ def _free_port() -> int:
 
 def _outage_fit(local, tmp_path, on_failure: str, restart: bool):
     from conftest import small_module, small_trainer
-
     from editr1.data import EditDataModule, SceneConfig
 
     port = _free_port()
     holder = {"server": RewardServer(local.judge, port=port).start(), "restart": restart}
-    reward = ServedMLLMReward(base_url=f"http://127.0.0.1:{port}/v1", model="judge", prompt=SHORT,
-                              max_pixels=56 * 56, max_retries=1, retry_backoff=0.05, timeout=10)
-    cb = RewardCallback(model=reward, log_images_every_n_steps=0, on_failure=on_failure,
-                        filter=FilterSettings(rule="none"))
+    reward = ServedMLLMReward(
+        base_url=f"http://127.0.0.1:{port}/v1",
+        model="judge",
+        prompt=SHORT,
+        max_pixels=56 * 56,
+        max_retries=1,
+        retry_backoff=0.05,
+        timeout=10,
+    )
+    cb = RewardCallback(
+        model=reward, log_images_every_n_steps=0, on_failure=on_failure, filter=FilterSettings(rule="none")
+    )
     outage = Outage(local.judge, port, holder)
     trainer = small_trainer([outage, cb], max_steps=3, default_root_dir=str(tmp_path))  # outage acts first
     module = small_module()

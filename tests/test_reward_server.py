@@ -31,12 +31,20 @@ def png_url(size=(32, 32), color=(200, 30, 30)) -> str:
 def body(**overrides) -> dict:
     b = {
         "model": "judge",
-        "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": png_url()}},
-            {"type": "image_url", "image_url": {"url": png_url(color=(20, 20, 220))}},
-            {"type": "text", "text": SHORT},
-        ]}],
-        "max_tokens": 1, "logprobs": True, "top_logprobs": 20, "temperature": 0,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": png_url()}},
+                    {"type": "image_url", "image_url": {"url": png_url(color=(20, 20, 220))}},
+                    {"type": "text", "text": SHORT},
+                ],
+            }
+        ],
+        "max_tokens": 1,
+        "logprobs": True,
+        "top_logprobs": 20,
+        "temperature": 0,
     }
     b.update(overrides)
     return b
@@ -44,7 +52,9 @@ def body(**overrides) -> dict:
 
 def post(url: str, payload, headers=None, raw: bytes | None = None):
     data = raw if raw is not None else json.dumps(payload).encode()
-    req = urllib.request.Request(url + "/chat/completions", data=data, headers={"Content-Type": "application/json", **(headers or {})})
+    req = urllib.request.Request(
+        url + "/chat/completions", data=data, headers={"Content-Type": "application/json", **(headers or {})}
+    )
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
             return r.status, json.loads(r.read())
@@ -59,7 +69,9 @@ def judge():
 
 @pytest.fixture(scope="module")
 def server(judge):
-    srv = RewardServer(judge, port=0, limits=Limits(max_request_bytes=200_000, max_images=2, max_image_pixels=4096)).start()
+    srv = RewardServer(
+        judge, port=0, limits=Limits(max_request_bytes=200_000, max_images=2, max_image_pixels=4096)
+    ).start()
     yield srv
     srv.shutdown()
 
@@ -98,10 +110,48 @@ def test_generation_of_several_tokens(server):
         (body(top_logprobs=21), None, 400, "top_logprobs"),
         (body(max_tokens=0), None, 400, "max_tokens"),
         (body(messages=[]), None, 400, "messages"),
-        (body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://example.com/x.png"}}]}]), None, 400, "data: URLs"),
-        (body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]}]), None, 400, "base64"),
-        (body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_url((100, 100))}}]}]), None, 413, "pixels"),
-        (body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_url()}}] * 3}]), None, 413, "images"),
+        (
+            body(
+                messages=[
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": "http://example.com/x.png"}}],
+                    }
+                ]
+            ),
+            None,
+            400,
+            "data: URLs",
+        ),
+        (
+            body(
+                messages=[
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}],
+                    }
+                ]
+            ),
+            None,
+            400,
+            "base64",
+        ),
+        (
+            body(
+                messages=[
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_url((100, 100))}}]}
+                ]
+            ),
+            None,
+            413,
+            "pixels",
+        ),
+        (
+            body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_url()}}] * 3}]),
+            None,
+            413,
+            "images",
+        ),
         (body(messages=[{"role": "tool", "content": "x"}]), None, 400, "role"),
     ],
 )
@@ -172,8 +222,23 @@ def test_serve_reward_command(tmp_path):
         port = s.getsockname()[1]
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "editr1", "serve-reward", "--torch_dtype", "float32", "--device", "cpu", "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "editr1",
+            "serve-reward",
+            "--torch_dtype",
+            "float32",
+            "--device",
+            "cpu",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=tmp_path,
     )
     try:
         url = f"http://127.0.0.1:{port}/v1"
@@ -204,7 +269,10 @@ def test_data_url_helpers_round_trip_and_refuse_what_the_server_refuses():
     assert back.size == (12, 8) and back.getpixel((3, 3)) == (200, 30, 30)
     with pytest.raises(ImageTooLarge, match="12x8 exceeds 95 pixels"):
         decode_image(data_url_bytes(url), 12 * 8 - 1)
-    for bad, why in [("http://example.com/x.png", "data: URLs"), ("data:image/png,abc", "base64-encoded"),
-                     ("data:image/png;base64,@@@", "not valid base64")]:
+    for bad, why in [
+        ("http://example.com/x.png", "data: URLs"),
+        ("data:image/png,abc", "base64-encoded"),
+        ("data:image/png;base64,@@@", "not valid base64"),
+    ]:
         with pytest.raises(ValueError, match=why):
             data_url_bytes(bad)

@@ -144,7 +144,7 @@ def test_second_to_last_step_order(linear_velocity, first_order_second_to_last):
     wrapped, calls = _record(linear_velocity)
     final = sample(wrapped, _noise(), sigmas, solver="dpmpp_2m", first_order_second_to_last=first_order_second_to_last)
     assert len(calls) == n
-    (x_a, s_a, x0_a), (x_b, s_b, x0_b), (x_c, s_c, x0_c) = calls[n - 3], calls[n - 2], calls[n - 1]
+    (_, s_a, x0_a), (x_b, s_b, x0_b), (x_c, s_c, x0_c) = calls[n - 3], calls[n - 2], calls[n - 1]
     assert (s_a, s_b, s_c) == (float(sigmas[n - 3]), float(sigmas[n - 2]), float(sigmas[n - 1]))
     first = dpmpp_first_order(x_b, x0_b, s_b, s_c)
     second = dpmpp_second_order(x_b, x0_b, x0_a, s_a, s_b, s_c)

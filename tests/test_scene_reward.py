@@ -127,13 +127,17 @@ def make_inputs(n=3, targets=True, dtype=torch.float32):
     examples = [make_example(seed, SceneConfig()) for seed in range(n)]
     src = torch.stack([to_tensor(e["image"]) for e in examples]).to(dtype)
     tgt = torch.stack([to_tensor(e["target"]) for e in examples]).to(dtype)
-    return RewardInputs(
-        sources=src,
-        edits=tgt.clone(),
-        instructions=[e["prompt"] for e in examples],
-        requirements=[e["requirement"] for e in examples],
-        targets=tgt if targets else None,
-    ), src, tgt
+    return (
+        RewardInputs(
+            sources=src,
+            edits=tgt.clone(),
+            instructions=[e["prompt"] for e in examples],
+            requirements=[e["requirement"] for e in examples],
+            targets=tgt if targets else None,
+        ),
+        src,
+        tgt,
+    )
 
 
 def test_scene_reward_model():

@@ -26,8 +26,10 @@ from editr1.data.scenes import (
 WORDS_3X3 = ["top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right"]
 NAME_OF = {rgb: name for name, rgb in PALETTE.items()}
 PROMPTS = {
-    "recolor": [r"make the (?P<color>\w+) (?P<shape>\w+) (?P<new>\w+)",
-                r"change the color of the (?P<color>\w+) (?P<shape>\w+) to (?P<new>\w+)"],
+    "recolor": [
+        r"make the (?P<color>\w+) (?P<shape>\w+) (?P<new>\w+)",
+        r"change the color of the (?P<color>\w+) (?P<shape>\w+) to (?P<new>\w+)",
+    ],
     "remove": [r"remove the (?P<color>\w+) (?P<shape>\w+)"],
     "add": [r"add a (?P<color>\w+) (?P<shape>\w+) at (?P<pos>.+)"],
     "move": [r"move the (?P<color>\w+) (?P<shape>\w+) to (?P<pos>.+)"],
@@ -36,8 +38,9 @@ PROMPTS = {
 
 
 def parse_prompt(prompt: str) -> tuple[str, dict[str, str]]:
-    matches = [(task, m.groupdict()) for task, patterns in PROMPTS.items() for p in patterns
-               if (m := re.fullmatch(p, prompt))]
+    matches = [
+        (task, m.groupdict()) for task, patterns in PROMPTS.items() for p in patterns if (m := re.fullmatch(p, prompt))
+    ]
     assert len(matches) == 1, f"prompt {prompt!r} matches {len(matches)} templates"
     return matches[0]
 
@@ -196,8 +199,9 @@ def test_grammar_coverage():
 
 
 def test_other_grid_sizes_and_subsets():
-    config = SceneConfig(size=40, grid=4, min_shapes=2, max_shapes=5, colors=["red", "blue", "white"],
-                         shapes=["circle", "triangle"])
+    config = SceneConfig(
+        size=40, grid=4, min_shapes=2, max_shapes=5, colors=["red", "blue", "white"], shapes=["circle", "triangle"]
+    )
     for seed in range(40):
         f = check_example(make_example(seed, config), config)
         assert f.get("shape", "circle") in ("circle", "triangle")

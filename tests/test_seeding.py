@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from editr1.seeding import derive_seed, per_sample_rand, per_sample_randn
@@ -31,7 +30,13 @@ def test_derive_seed_stable_and_order_sensitive():
 
 
 def test_derive_seed_range():
-    seeds = [derive_seed(base, step, i, s) for base in (0, 42, 2**40) for step in range(5) for i in range(8) for s in (1, 2, 3, 4)]
+    seeds = [
+        derive_seed(base, step, i, s)
+        for base in (0, 42, 2**40)
+        for step in range(5)
+        for i in range(8)
+        for s in (1, 2, 3, 4)
+    ]
     assert all(0 <= s < 2**63 for s in seeds)
     assert len(set(seeds)) == len(seeds)  # no collisions in a small grid
     assert 0 <= derive_seed(-1, 2**70, -(2**65)) < 2**63  # negative / oversized parts are masked, not errors

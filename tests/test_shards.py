@@ -64,8 +64,16 @@ def test_make_shards_command_options_config_and_errors(tmp_path, capsys):
     cli_main(["make-shards", str(src), str(tmp_path / "a" / "e-%02d.tar"), "--metadata-file", "meta.jsonl"])
     assert "wrote 3 samples to 1 shards" in capsys.readouterr().out
     cfg = tmp_path / "shards.yaml"
-    cfg.write_text(json.dumps({"folder": str(src), "pattern": str(tmp_path / "b" / "e-%02d.tar"), "maxcount": 2,
-                               "metadata_file": "meta.jsonl"}))
+    cfg.write_text(
+        json.dumps(
+            {
+                "folder": str(src),
+                "pattern": str(tmp_path / "b" / "e-%02d.tar"),
+                "maxcount": 2,
+                "metadata_file": "meta.jsonl",
+            }
+        )
+    )
     cli_main(["make-shards", "--config", str(cfg)])
     assert "wrote 3 samples to 2 shards" in capsys.readouterr().out
     bad = [
@@ -101,23 +109,41 @@ def write_tar(path: Path, members: dict[str, bytes]) -> None:
 
 def test_bad_records_are_skipped_with_reasons(tmp_path):
     good = json.dumps({"prompt": "make it red"}).encode()
-    write_tar(tmp_path / "bad.tar", {
-        "a.json": good, "a.src.png": _png(),                               # good
-        "b.json": b"{nope", "b.src.png": _png(),                           # malformed json
-        "c.json": json.dumps({"prompt": "  "}).encode(), "c.src.png": _png(),  # empty prompt
-        "d.json": json.dumps({"prompt": "x" * 5000}).encode(), "d.src.png": _png(),  # overlong
-        "e.json": good,                                                    # no source image
-        "f.json": good, "f.src.png": b"\x89PNG\r\n\x1a\n garbage",         # corrupt image
-        "g.json": good, "g.src.png": _png(), "g.tgt.png": b"not an image",  # bad target
-        "h.src.png": _png(),                                               # no json
-        "i.json": json.dumps({"prompt": "palette"}).encode(), "i.src.png": _png(mode="P"),  # palette: converted
-    })
+    write_tar(
+        tmp_path / "bad.tar",
+        {
+            "a.json": good,
+            "a.src.png": _png(),  # good
+            "b.json": b"{nope",
+            "b.src.png": _png(),  # malformed json
+            "c.json": json.dumps({"prompt": "  "}).encode(),
+            "c.src.png": _png(),  # empty prompt
+            "d.json": json.dumps({"prompt": "x" * 5000}).encode(),
+            "d.src.png": _png(),  # overlong
+            "e.json": good,  # no source image
+            "f.json": good,
+            "f.src.png": b"\x89PNG\r\n\x1a\n garbage",  # corrupt image
+            "g.json": good,
+            "g.src.png": _png(),
+            "g.tgt.png": b"not an image",  # bad target
+            "h.src.png": _png(),  # no json
+            "i.json": json.dumps({"prompt": "palette"}).encode(),
+            "i.src.png": _png(mode="P"),  # palette: converted
+        },
+    )
     items = read_all(str(tmp_path / "bad.tar"))
     kept = [it["prompt"] for it in items if "skipped" not in it]
     reasons = Counter(it["skipped"] for it in items if "skipped" in it)
     assert kept == ["make it red", "palette"]
-    assert reasons == {"malformed_json": 1, "empty_prompt": 1, "overlong_prompt": 1, "missing_image_field": 1,
-                       "unreadable_image": 1, "target_unreadable_image": 1, "missing_json": 1}
+    assert reasons == {
+        "malformed_json": 1,
+        "empty_prompt": 1,
+        "overlong_prompt": 1,
+        "missing_image_field": 1,
+        "unreadable_image": 1,
+        "target_unreadable_image": 1,
+        "missing_json": 1,
+    }
     batch = collate_prompts(items)
     assert batch["prompt"] == kept and sum(batch["skipped"].values()) == 7
 
@@ -128,7 +154,11 @@ def test_truncated_shard_is_counted_and_the_rest_still_read(tmp_path):
     first = Path(out["shards"][0])
     first.write_bytes(first.read_bytes()[:700])  # cut mid-member
     items = read_all([str(p) for p in out["shards"]], shuffle=False)
-    assert [it["prompt"] for it in items if "skipped" not in it][-3:] == ["edit number 3", "edit number 4", "edit number 5"]
+    assert [it["prompt"] for it in items if "skipped" not in it][-3:] == [
+        "edit number 3",
+        "edit number 4",
+        "edit number 5",
+    ]
     assert any(it.get("skipped") == "unreadable_shard" for it in items)
 
 
@@ -144,7 +174,9 @@ def test_epochs_reorder_shards_the_same_way_on_every_rank():
     for epoch in range(3):
         parts = [ds.shards_for(epoch, r, 2, w, 3) for r in range(2) for w in range(3)]
         assert sorted(sum(parts, [])) == sorted(ds.urls)
-    assert ds.shards_for(0, 0, 2, 0, 3) != ds.shards_for(1, 0, 2, 0, 3) or ds.shards_for(0, 1, 2, 0, 3) != ds.shards_for(1, 1, 2, 0, 3)
+    assert ds.shards_for(0, 0, 2, 0, 3) != ds.shards_for(1, 0, 2, 0, 3) or ds.shards_for(
+        0, 1, 2, 0, 3
+    ) != ds.shards_for(1, 1, 2, 0, 3)
 
 
 def _rank_reads(rank: int, world: int, port: int, urls: str, out: str) -> None:

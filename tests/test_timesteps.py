@@ -21,9 +21,7 @@ KEYS = torch.tensor(
 # first 5 of each permutation: sample 0 → σ[1, 5, 3, 0, 4] = [0.9, 0.1, 0.55, 1.0, 0.3]
 #                              sample 1 → σ[0, 2, 4, 5, 3] = [1.0, 0.75, 0.3, 0.1, 0.55]
 # returned as (count, batch): row j = every sample's timestep at round j
-EXPECTED_ROLLOUT = torch.tensor(
-    [[0.9, 1.0], [0.1, 0.75], [0.55, 0.3], [1.0, 0.1], [0.3, 0.55]]
-)
+EXPECTED_ROLLOUT = torch.tensor([[0.9, 1.0], [0.1, 0.75], [0.55, 0.3], [1.0, 0.1], [0.3, 0.55]])
 
 
 # ---------------------------------------------------------------------------------------------- num_train_timesteps

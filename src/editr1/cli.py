@@ -13,6 +13,7 @@ FLUX.1-Kontext built in code, synthetic scenes and the verifiable scene reward, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import sys
 from collections.abc import Callable, Sequence
@@ -119,13 +120,14 @@ def check_renamed_keys(args: list[str]) -> None:
 
     keys: list[str] = []
     for i, a in enumerate(args):
-        path = args[i + 1] if a in ("-c", "--config") and i + 1 < len(args) else (
-            a.split("=", 1)[1] if a.startswith("--config=") else None)
+        path = (
+            args[i + 1]
+            if a in ("-c", "--config") and i + 1 < len(args)
+            else (a.split("=", 1)[1] if a.startswith("--config=") else None)
+        )
         if path is not None and Path(path).is_file():
-            try:
+            with contextlib.suppress(yaml.YAMLError):  # jsonargparse reports the file's syntax error itself
                 keys += _flat_keys(yaml.safe_load(Path(path).read_text()) or {})
-            except yaml.YAMLError:
-                pass  # jsonargparse reports the file's syntax error itself
         elif a.startswith("--"):
             keys.append(a[2:].split("=", 1)[0])
     for key in keys:
@@ -189,8 +191,15 @@ def _description(component: Callable) -> str | None:
     return "\n".join(text).strip() or None
 
 
-def function_cli(component: Callable, args: Sequence[str], prog: str, *, description: str | None = None,
-                 as_positional: bool = True, user_errors: tuple[type[Exception], ...] = ()):
+def function_cli(
+    component: Callable,
+    args: Sequence[str],
+    prog: str,
+    *,
+    description: str | None = None,
+    as_positional: bool = True,
+    user_errors: tuple[type[Exception], ...] = (),
+):
     """Run ``component`` (a documented function, or a dataclass to build) as a command through jsonargparse
     and return what it returns. Its parameters are the options (the required ones positional when
     ``as_positional``), the docstring's ``Args:`` lines their help; ``--config FILE`` and
@@ -203,9 +212,15 @@ def function_cli(component: Callable, args: Sequence[str], prog: str, *, descrip
     dashed = sorted("--" + n.replace("_", "-") for n in names if "_" in n)
     epilog = f"Options can also be spelled with dashes (e.g. {dashed[0]})." if dashed else None
     try:
-        return auto_cli(component, args=_underscored(args, names), as_positional=as_positional, prog=prog,
-                        description=description or _description(component), epilog=epilog,
-                        formatter_class=HelpFormatter)
+        return auto_cli(
+            component,
+            args=_underscored(args, names),
+            as_positional=as_positional,
+            prog=prog,
+            description=description or _description(component),
+            epilog=epilog,
+            formatter_class=HelpFormatter,
+        )
     except user_errors as e:
         raise SystemExit(f"{prog}: error: {e.args[0] if len(e.args) == 1 else e}") from None
 
@@ -233,8 +248,10 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> EditR1CLI | Non
         _run_verb(raw[0], raw[1:])
         return None
     if run and raw and not raw[0].startswith("-") and raw[0] not in SUBCOMMANDS:
-        raise SystemExit(f"{PROG}: error: unknown command {raw[0]!r}; the commands are "
-                         f"{', '.join([*SUBCOMMANDS, *VERBS])} (`{PROG} COMMAND --help` for each)")
+        raise SystemExit(
+            f"{PROG}: error: unknown command {raw[0]!r}; the commands are "
+            f"{', '.join([*SUBCOMMANDS, *VERBS])} (`{PROG} COMMAND --help` for each)"
+        )
     check_renamed_keys(raw[1:] if raw[:1] and raw[0] in SUBCOMMANDS else raw)
     if not run:
         argv = list(args or [])

@@ -61,7 +61,9 @@ def scene_batch(config: SceneConfig, split: str, seeds: list[int]) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- VAE
-def train_vae(policy: FluxKontextPolicy, steps: int, batch: int = 32, lr: float = 5e-3, seed: int = 0, log=print) -> dict:
+def train_vae(
+    policy: FluxKontextPolicy, steps: int, batch: int = 32, lr: float = 5e-3, seed: int = 0, log=print
+) -> dict:
     """Train the VAE as a deterministic autoencoder of scene images (the posterior mode is decoded,
     as ``encode_images`` uses it), then normalise its latents."""
     vae = policy.vae
@@ -135,7 +137,10 @@ def train_editor(
         opt.step()
         sched.step()
         if step % 200 == 0 or step == steps - 1:
-            log(f"edit step {step:5d}  loss {loss.item():.4f}  lr {sched.get_last_lr()[0]:.2e}  {time.perf_counter() - start:.0f}s")
+            log(
+                f"edit step {step:5d}  loss {loss.item():.4f}  lr {sched.get_last_lr()[0]:.2e}  "
+                f"{time.perf_counter() - start:.0f}s"
+            )
         if eval_every and (step + 1) % eval_every == 0:
             r = evaluate(policy, "heldout", count=64)
             history.append({"step": step + 1, **r})
@@ -174,10 +179,12 @@ def load_vae(policy: FluxKontextPolicy, path: str) -> None:
     from safetensors import safe_open
 
     with safe_open(path, "pt") as f:
-        state = {k[len("vae."):]: f.get_tensor(k) for k in f.keys() if k.startswith("vae.")}
+        state = {k[len("vae.") :]: f.get_tensor(k) for k in f.keys() if k.startswith("vae.")}  # noqa: SIM118 - safe_open has no __iter__
         meta = f.metadata()
     policy.vae.load_state_dict(state)
-    policy.vae.register_to_config(shift_factor=float(meta["shift_factor"]), scaling_factor=float(meta["scaling_factor"]))
+    policy.vae.register_to_config(
+        shift_factor=float(meta["shift_factor"]), scaling_factor=float(meta["scaling_factor"])
+    )
 
 
 @dataclass
@@ -226,8 +233,11 @@ def main(argv: list[str] | None = None) -> None:
         metrics.update(train_vae(policy, args.vae_steps, seed=args.seed))
     metrics["after_vae"] = evaluate(policy, "heldout", min(64, args.eval_count))
     print("after the VAE stage:", metrics["after_vae"])
-    metrics.update(train_editor(policy, args.editor_steps, batch=args.batch, lr=args.lr, seed=args.seed,
-                                eval_every=args.eval_every))
+    metrics.update(
+        train_editor(
+            policy, args.editor_steps, batch=args.batch, lr=args.lr, seed=args.seed, eval_every=args.eval_every
+        )
+    )
     for split in ("heldout", "unseen"):
         metrics[split] = evaluate(policy, split, args.eval_count)
         print(split, metrics[split])

@@ -83,7 +83,7 @@ def edit_images(
         idx = torch.arange(s, min(s + batch_size, n))
         c = cond.select(group_index[idx])
         noise = per_sample_randn(policy.latent_shape(), seeds[s : s + batch_size], device=policy.device)
-        x0 = sample(lambda x, t: policy.velocity(x, t, c), noise, sigmas, solver, first_order_second_to_last)
+        x0 = sample(lambda x, t, c=c: policy.velocity(x, t, c), noise, sigmas, solver, first_order_second_to_last)
         images = policy.decode(x0)
         x0_chunks.append(x0)
         image_chunks.append(images)
@@ -92,7 +92,7 @@ def edit_images(
     for _ in range(len(x0_chunks), min_chunks):  # idle passes, one sample each
         c = padded.select([0])
         noise = torch.zeros((1, *policy.latent_shape()), device=policy.device)
-        sample(lambda x, t: policy.velocity(x, t, c), noise, sigmas, solver, first_order_second_to_last)
+        sample(lambda x, t, c=c: policy.velocity(x, t, c), noise, sigmas, solver, first_order_second_to_last)
     if not x0_chunks:  # nothing of our own to edit: the idle calls above were all
         x0 = torch.zeros((0, *policy.latent_shape()), device=policy.device)
         return Edits(x0, torch.zeros((0, 3, policy.height, policy.width)), cond, sigmas)

@@ -44,7 +44,11 @@ def diffusers_lora_state(state_dict: dict[str, torch.Tensor], adapter: str = "de
 def write_lora(out_dir: str | Path, state: dict[str, torch.Tensor], lora: dict, pipeline: str) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    metadata = {"r": int(lora["r"]), "lora_alpha": float(lora["lora_alpha"]), "target_modules": list(lora["target_modules"])}
+    metadata = {
+        "r": int(lora["r"]),
+        "lora_alpha": float(lora["lora_alpha"]),
+        "target_modules": list(lora["target_modules"]),
+    }
     _pipeline_class(pipeline).save_lora_weights(
         out, transformer_lora_layers=state, transformer_lora_adapter_metadata=metadata, safe_serialization=True
     )
@@ -58,7 +62,9 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, adapter: str 
     ck = torch.load(checkpoint, map_location="cpu", weights_only=True)
     extra = ck.get("editr1") or {}
     if "lora" not in extra or "pipeline" not in extra:
-        raise ValueError(f"{checkpoint} is not an editr1 checkpoint with LoRA settings (written by editr1 >= this version)")
+        raise ValueError(
+            f"{checkpoint} is not an editr1 checkpoint with LoRA settings (written by editr1 >= this version)"
+        )
     if adapter not in extra.get("adapters", []):
         raise ValueError(f"{checkpoint} has adapters {extra.get('adapters')}, not {adapter!r}")
     return write_lora(out_dir, diffusers_lora_state(ck["state_dict"], adapter), extra["lora"], extra["pipeline"])
@@ -70,8 +76,11 @@ def export_module(module, out_dir: str | Path, adapter: str = "default") -> Path
     for name, param in module.named_parameters():
         if ".lora_" in name:
             state[name] = param.full_tensor() if hasattr(param, "full_tensor") else param
-    lora = {"r": module.lora_settings.rank, "lora_alpha": module.lora_settings.alpha,
-            "target_modules": module.lora_settings.target_modules}
+    lora = {
+        "r": module.lora_settings.rank,
+        "lora_alpha": module.lora_settings.alpha,
+        "target_modules": module.lora_settings.target_modules,
+    }
     if getattr(module, "global_rank", 0) != 0:
         return None
     return write_lora(out_dir, diffusers_lora_state(state, adapter), lora, type(module.policy.pipe).__name__)
@@ -97,8 +106,13 @@ def export_lora_main(args: list[str]) -> None:
 
     from editr1.cli import function_cli
 
-    function_cli(export_lora, args, "editr1 export-lora", description=__doc__,
-                 user_errors=(OSError, ValueError, KeyError, pickle.UnpicklingError))
+    function_cli(
+        export_lora,
+        args,
+        "editr1 export-lora",
+        description=__doc__,
+        user_errors=(OSError, ValueError, KeyError, pickle.UnpicklingError),
+    )
 
 
 def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -119,10 +133,12 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     state = {}
     with safe_open(str(p), framework="pt") as f:
         raw_meta = (f.metadata() or {}).get("lora_adapter_metadata")
-        for key in f.keys():
+        for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
             if not key.startswith("transformer."):
-                raise ValueError(f"{p}: weight {key!r} is not for the transformer (text-encoder LoRAs are not supported)")
-            state[key[len("transformer."):]] = f.get_tensor(key)
+                raise ValueError(
+                    f"{p}: weight {key!r} is not for the transformer (text-encoder LoRAs are not supported)"
+                )
+            state[key[len("transformer.") :]] = f.get_tensor(key)
     meta = {}
     if raw_meta:
         meta = {k.split(".", 1)[1]: v for k, v in json.loads(raw_meta).items() if k.startswith("transformer.")}
@@ -140,12 +156,18 @@ def load_lora(policy, path: str | Path, settings, adapters: list[str]) -> None:
     if meta:
         r, alpha = int(meta.get("r", settings.rank)), float(meta.get("lora_alpha", settings.alpha))
         if r != settings.rank or abs(alpha - settings.alpha) > 1e-6:
-            raise ValueError(f"{path}: LoRA rank {r}, alpha {alpha}; this run's lora settings are rank "
-                             f"{settings.rank}, alpha {settings.alpha} — set model.lora to match")
+            raise ValueError(
+                f"{path}: LoRA rank {r}, alpha {alpha}; this run's lora settings are rank "
+                f"{settings.rank}, alpha {settings.alpha} — set model.lora to match"
+            )
     for name in adapters:
         params = lora_lib.adapter_parameters(policy.transformer, name)
         missing, unexpected = set(params) - set(state), set(state) - set(params)
         if missing or unexpected:
-            raise ValueError(f"{path} does not fit this model's LoRA layout: missing {sorted(missing)[:3]}, "
-                             f"unexpected {sorted(unexpected)[:3]} (check model.lora.target_modules and the base model)")
-        lora_lib.load_adapter_state(policy.transformer, name, {k: v.to(p.dtype) for k, p in params.items() for v in [state[k]]})
+            raise ValueError(
+                f"{path} does not fit this model's LoRA layout: missing {sorted(missing)[:3]}, "
+                f"unexpected {sorted(unexpected)[:3]} (check model.lora.target_modules and the base model)"
+            )
+        lora_lib.load_adapter_state(
+            policy.transformer, name, {k: v.to(p.dtype) for k, p in params.items() for v in [state[k]]}
+        )

@@ -46,8 +46,14 @@ warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 warnings.filterwarnings("ignore", message=r".*no pre-optimization state was saved.*")
 
 __all__ = [
-    "EditR1Module", "EfficiencySettings", "EvalSettings", "NFTSettings", "OldPolicySettings", "OptimSettings",
-    "RolloutSettings", "SFTSettings",
+    "EditR1Module",
+    "EfficiencySettings",
+    "EvalSettings",
+    "NFTSettings",
+    "OldPolicySettings",
+    "OptimSettings",
+    "RolloutSettings",
+    "SFTSettings",
 ]
 
 
@@ -216,26 +222,50 @@ class EditR1Module(L.LightningModule):
         targets = policy.preprocess(batch["target"]) if batch.get("target") is not None else None
         ids = group_ids(keys)
         k = cfg.group_size
-        seeds = [sample_seed(int(self.seed), ROLLOUT_NOISE, self.rollouts_done, ids, k, i) for i in range(len(keys) * k)]
+        seeds = [
+            sample_seed(int(self.seed), ROLLOUT_NOISE, self.rollouts_done, ids, k, i) for i in range(len(keys) * k)
+        ]
 
         def chunk_ready(index: torch.Tensor, images: torch.Tensor) -> None:
             g = (index // k).tolist()
-            on_chunk(RewardInputs(
-                sources=sources[index // k], edits=images, instructions=[prompts[i] for i in g],
-                requirements=[requirements[i] for i in g],
-                targets=None if targets is None else targets[index // k], source_ids=g,
-            ))
+            on_chunk(
+                RewardInputs(
+                    sources=sources[index // k],
+                    edits=images,
+                    instructions=[prompts[i] for i in g],
+                    requirements=[requirements[i] for i in g],
+                    targets=None if targets is None else targets[index // k],
+                    source_ids=g,
+                )
+            )
 
         min_prompts = int(self.reduce(len(prompts), "max")) if self.sharded else 0
         with policy.adapter(adapters.OLD):
             out = edit_images(
-                policy, sources, prompts, seeds, steps=cfg.steps, solver=cfg.solver, batch_size=cfg.batch_size,
-                group_size=k, first_order_second_to_last=cfg.first_order_second_to_last,
-                on_chunk=chunk_ready if on_chunk is not None else None, min_prompts=min_prompts,
+                policy,
+                sources,
+                prompts,
+                seeds,
+                steps=cfg.steps,
+                solver=cfg.solver,
+                batch_size=cfg.batch_size,
+                group_size=k,
+                first_order_second_to_last=cfg.first_order_second_to_last,
+                on_chunk=chunk_ready if on_chunk is not None else None,
+                min_prompts=min_prompts,
             )
         ro = Rollout(
-            prompts=prompts, requirements=requirements, keys=keys, sources=sources, targets=targets, cond=out.cond,
-            x0=out.x0, edits=out.images, sigmas=out.sigmas, group_size=k, index=self.rollouts_done,
+            prompts=prompts,
+            requirements=requirements,
+            keys=keys,
+            sources=sources,
+            targets=targets,
+            cond=out.cond,
+            x0=out.x0,
+            edits=out.images,
+            sigmas=out.sigmas,
+            group_size=k,
+            index=self.rollouts_done,
             base_seed=int(self.seed),
         )
         self.rollouts_done += 1
@@ -278,12 +308,24 @@ class EditR1Module(L.LightningModule):
             return None
         metrics = obj.metrics(self, work, sums)
         main = metrics[obj.main_metric]
-        metrics.update({"grad_norm": float(grad_norm), "lr": float(opt.param_groups[0]["lr"]),
-                        "time/train_s": time.perf_counter() - start})
+        metrics.update(
+            {
+                "grad_norm": float(grad_norm),
+                "lr": float(opt.param_groups[0]["lr"]),
+                "time/train_s": time.perf_counter() - start,
+            }
+        )
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=max(work.rows, 1))
         if obj.progress_bar is not None:
-            self.log(obj.progress_bar + "_bar", metrics[obj.progress_bar], prog_bar=True, on_step=True,
-                     on_epoch=False, batch_size=max(work.rows, 1), logger=False)
+            self.log(
+                obj.progress_bar + "_bar",
+                metrics[obj.progress_bar],
+                prog_bar=True,
+                on_step=True,
+                on_epoch=False,
+                batch_size=max(work.rows, 1),
+                logger=False,
+            )
         return torch.tensor(main)
 
     def _zero_gradient_step(self) -> None:
@@ -318,7 +360,10 @@ class EditR1Module(L.LightningModule):
                     f"(optim.max_nonfinite_steps = {limit}); stopped. Last good state saved to {path}. "
                     "Lower the learning rate, check the rewards, or resume from an earlier checkpoint."
                 )
-            warnings.warn(f"step skipped: non-finite gradient norm ({float(norm)}); {self.nonfinite_in_a_row} in a row")
+            warnings.warn(
+                f"step skipped: non-finite gradient norm ({float(norm)}); {self.nonfinite_in_a_row} in a row",
+                stacklevel=2,
+            )
             return None
         self.nonfinite_in_a_row = 0
         opt.step()
@@ -349,18 +394,39 @@ class EditR1Module(L.LightningModule):
         if n == 0:  # every row of this batch was unreadable (counted by the callbacks as missing)
             if min_prompts > 0:  # sharded, and the others edit: make the same sharded calls, keep nothing
                 with self.policy.adapter(ADAPTERS[cfg.adapter]):
-                    edit_images(self.policy, torch.zeros(0, 3, self.policy.height, self.policy.width), [], [],
-                                steps=cfg.steps, solver=cfg.solver, batch_size=cfg.batch_size,
-                                first_order_second_to_last=self.rollout_settings.first_order_second_to_last,
-                                min_prompts=min_prompts)
-            return {"sources": None, "edits": None, "targets": None, "prompts": [], "requirements": [], "keys": [],
-                    "tasks": [], "meta": []}
+                    edit_images(
+                        self.policy,
+                        torch.zeros(0, 3, self.policy.height, self.policy.width),
+                        [],
+                        [],
+                        steps=cfg.steps,
+                        solver=cfg.solver,
+                        batch_size=cfg.batch_size,
+                        first_order_second_to_last=self.rollout_settings.first_order_second_to_last,
+                        min_prompts=min_prompts,
+                    )
+            return {
+                "sources": None,
+                "edits": None,
+                "targets": None,
+                "prompts": [],
+                "requirements": [],
+                "keys": [],
+                "tasks": [],
+                "meta": [],
+            }
         sources = self.policy.preprocess(batch["image"])
         seeds = [derive_seed(int(self.seed), EVAL_NOISE, key_hash(k)) for k in batch["key"]]
         with self.policy.adapter(ADAPTERS[cfg.adapter]):
             edits = edit_images(
-                self.policy, sources, list(batch["prompt"]), seeds, steps=cfg.steps, solver=cfg.solver,
-                batch_size=cfg.batch_size, first_order_second_to_last=self.rollout_settings.first_order_second_to_last,
+                self.policy,
+                sources,
+                list(batch["prompt"]),
+                seeds,
+                steps=cfg.steps,
+                solver=cfg.solver,
+                batch_size=cfg.batch_size,
+                first_order_second_to_last=self.rollout_settings.first_order_second_to_last,
                 min_prompts=min_prompts,
             ).images
         targets = self.policy.preprocess(batch["target"]) if batch.get("target") is not None else None
@@ -403,8 +469,11 @@ class EditR1Module(L.LightningModule):
             "nonfinite": [self.nonfinite_in_a_row, self.nonfinite_total],
             "adapters": adapters.adapter_names(self.policy.transformer),
             # what `editr1 export-lora` needs to write a diffusers LoRA without building the model
-            "lora": {"r": self.lora_settings.rank, "lora_alpha": float(self.lora_settings.alpha),
-                     "target_modules": list(self.lora_settings.target_modules)},
+            "lora": {
+                "r": self.lora_settings.rank,
+                "lora_alpha": float(self.lora_settings.alpha),
+                "target_modules": list(self.lora_settings.target_modules),
+            },
             "pipeline": type(self.policy.pipe).__name__,
         }
 
@@ -412,7 +481,9 @@ class EditR1Module(L.LightningModule):
         extra = checkpoint.get("editr1", {})
         expected = adapters.adapter_names(self.policy.transformer)
         if extra.get("adapters") is not None and sorted(extra["adapters"]) != expected:
-            raise ValueError(f"checkpoint has adapters {extra['adapters']}, this run has {expected} (the `ema` setting?)")
+            raise ValueError(
+                f"checkpoint has adapters {extra['adapters']}, this run has {expected} (the `ema` setting?)"
+            )
         lora_keys = {k for k in self.state_dict() if "lora_" in k}
         missing = lora_keys - set(checkpoint["state_dict"])
         if missing:

@@ -24,7 +24,22 @@ POSITIONS_3X3: tuple[tuple[str, ...], ...] = (
     ("left", "center", "right"),
     ("bottom left", "bottom", "bottom right"),
 )
-TEMPLATE_WORDS = "make the change color of to remove add a at move background row column".split()
+TEMPLATE_WORDS = [
+    "make",
+    "the",
+    "change",
+    "color",
+    "of",
+    "to",
+    "remove",
+    "add",
+    "a",
+    "at",
+    "move",
+    "background",
+    "row",
+    "column",
+]
 
 
 def vocabulary() -> list[str]:

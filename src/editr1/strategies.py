@@ -19,24 +19,32 @@ from datetime import timedelta
 from typing import Any
 
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 
 class FSDP2Strategy(ModelParallelStrategy):
     """Args:
-        shard: shard the policy with FSDP2 (``False``: replicate it, all-reduce LoRA gradients).
-        save_distributed_checkpoint: ``False`` (default) writes one file on rank 0 with the adapters
-            gathered whole; ``True`` writes Lightning's sharded checkpoint folder.
-        process_group_backend: ``nccl`` / ``gloo``; default from the device.
-        timeout: collective timeout.
+    shard: shard the policy with FSDP2 (``False``: replicate it, all-reduce LoRA gradients).
+    save_distributed_checkpoint: ``False`` (default) writes one file on rank 0 with the adapters
+        gathered whole; ``True`` writes Lightning's sharded checkpoint folder.
+    process_group_backend: ``nccl`` / ``gloo``; default from the device.
+    timeout: collective timeout.
     """
 
-    def __init__(self, shard: bool = True, save_distributed_checkpoint: bool = False,
-                 process_group_backend: str | None = None, timeout: timedelta | None = default_pg_timeout) -> None:
-        super().__init__(data_parallel_size="auto", tensor_parallel_size=1,
-                         save_distributed_checkpoint=save_distributed_checkpoint,
-                         process_group_backend=process_group_backend, timeout=timeout)
+    def __init__(
+        self,
+        shard: bool = True,
+        save_distributed_checkpoint: bool = False,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+    ) -> None:
+        super().__init__(
+            data_parallel_size="auto",
+            tensor_parallel_size=1,
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+        )
         self.shard = shard
 
     def lightning_module_state_dict(self) -> dict[str, Any]:

@@ -42,11 +42,19 @@ class FakeJudge:
                 text = next(p["text"] for p in content if p["type"] == "text")
                 n_images = sum(p["type"] == "image_url" for p in content)
                 reply = fake.reply(text, n_images)
-                return self._json(200, {
-                    "id": "chatcmpl-fake", "object": "chat.completion", "created": 0, "model": "fake-judge-1",
-                    "system_fingerprint": "fp_test",
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}],
-                })
+                return self._json(
+                    200,
+                    {
+                        "id": "chatcmpl-fake",
+                        "object": "chat.completion",
+                        "created": 0,
+                        "model": "fake-judge-1",
+                        "system_fingerprint": "fp_test",
+                        "choices": [
+                            {"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}
+                        ],
+                    },
+                )
 
             def _json(self, code, obj):
                 data = json.dumps(obj).encode()

@@ -196,7 +196,9 @@ def decide(
 def _check_pool(pool: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
     pool = torch.as_tensor(pool, device=rewards.device)
     if pool.shape != rewards.shape[:1] or pool.dtype not in (torch.int32, torch.int64) or (pool < 0).any():
-        raise ValueError(f"pool must be ({rewards.shape[0]},) non-negative integer ids, got {tuple(pool.shape)} {pool.dtype}")
+        raise ValueError(
+            f"pool must be ({rewards.shape[0]},) non-negative integer ids, got {tuple(pool.shape)} {pool.dtype}"
+        )
     return pool.long()
 
 

@@ -64,7 +64,8 @@ class BenchmarkEvaluation(Callback):
             raise ValueError(f"benchmark.protocol must be none, imgedit or gedit, got {protocol!r}")
         if judge is not None and not isinstance(judge, TextJudge):
             raise TypeError(
-                f"benchmark.judge must be a TextJudge (LocalJudge, ServedJudge), got {type(judge).__name__}")
+                f"benchmark.judge must be a TextJudge (LocalJudge, ServedJudge), got {type(judge).__name__}"
+            )
         if max_attempts < 1:
             raise ValueError(f"benchmark.max_attempts must be >= 1, got {max_attempts}")
         self.protocol_name = protocol
@@ -87,9 +88,14 @@ class BenchmarkEvaluation(Callback):
         from editr1.data.datamodule import EditDataModule
         from editr1.evaluation.benchmark import make_protocol
 
-        self.protocol = make_protocol(self.protocol_name, self.max_attempts, rubric_dir=self.rubric_dir,
-                                      prompts_json=self.prompts_json, sc_prompt_file=self.sc_prompt_file,
-                                      pq_prompt_file=self.pq_prompt_file)
+        self.protocol = make_protocol(
+            self.protocol_name,
+            self.max_attempts,
+            rubric_dir=self.rubric_dir,
+            prompts_json=self.prompts_json,
+            sc_prompt_file=self.sc_prompt_file,
+            pq_prompt_file=self.pq_prompt_file,
+        )
         dm = getattr(trainer, "datamodule", None)
         if isinstance(dm, EditDataModule):
             ds = dm.dataset("test")
@@ -141,8 +147,9 @@ class BenchmarkEvaluation(Callback):
             path.parent.mkdir(parents=True, exist_ok=True)
             edit = tensor_to_image(outputs["edits"][i])
             edit.save(path)
-            samples.append(Sample(key, cat, outputs["prompts"][i], batch["image"][i], edit, lang,
-                                  bool(meta.get("intersection"))))
+            samples.append(
+                Sample(key, cat, outputs["prompts"][i], batch["image"][i], edit, lang, bool(meta.get("intersection")))
+            )
             files.append(rel)
             self.written += 1
         if not samples and not lines:
@@ -193,10 +200,14 @@ class BenchmarkEvaluation(Callback):
         return {
             "protocol": self.protocol_name,
             "judge": self.judge.info() if judged else None,
-            "judge_calls": {k: v for k, v in sorted(counts.items())},
-            "policy": {"pipeline": type(getattr(pl_module.policy, "pipe", None)).__name__,
-                       "adapter": pl_module.evaluation.adapter, "steps": pl_module.evaluation.steps,
-                       "solver": pl_module.evaluation.solver, "seed": pl_module.seed},
+            "judge_calls": dict(sorted(counts.items())),
+            "policy": {
+                "pipeline": type(getattr(pl_module.policy, "pipe", None)).__name__,
+                "adapter": pl_module.evaluation.adapter,
+                "steps": pl_module.evaluation.steps,
+                "solver": pl_module.evaluation.solver,
+                "seed": pl_module.seed,
+            },
             "samples": written + missing,
             "edits_written": written,
             "judged": int(totals["samples"]),
@@ -206,8 +217,14 @@ class BenchmarkEvaluation(Callback):
             "formula": parts.formula,
             "headline": headline if judged else None,
             # categories that had samples but not one judged: the overall above is over the others only
-            "categories_without_scores": sorted({c for t in tables.values() for c, row in t["rows"].items()
-                                                 if row["samples"] == 0 and row["failed"] + row["missing"] > 0}),
+            "categories_without_scores": sorted(
+                {
+                    c
+                    for t in tables.values()
+                    for c, row in t["rows"].items()
+                    if row["samples"] == 0 and row["failed"] + row["missing"] > 0
+                }
+            ),
             "tables": tables if judged else {},
             "max_attempts": self.max_attempts,
             "output_dir": str(self.out),
@@ -225,8 +242,9 @@ class BenchmarkEvaluation(Callback):
             for cat, row in table["rows"].items():
                 for col in table["columns"]:
                     if row[col] == row[col]:
-                        pl_module.log(f"{prefix}{tag}/{cat}_{col}", float(row[col]), sync_dist=False,
-                                      rank_zero_only=True)
+                        pl_module.log(
+                            f"{prefix}{tag}/{cat}_{col}", float(row[col]), sync_dist=False, rank_zero_only=True
+                        )
         from editr1.evaluation.benchmark import summary_markdown
 
         add_text(trainer, f"{prefix}/table", summary_markdown(summary), pl_module.global_step)

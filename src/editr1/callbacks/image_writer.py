@@ -20,7 +20,9 @@ class ImageWriter(BasePredictionWriter):
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir)
 
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx) -> None:
+    def write_on_batch_end(
+        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
+    ) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         lines = []
         for i, key in enumerate(prediction["keys"]):

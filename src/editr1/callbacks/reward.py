@@ -85,8 +85,10 @@ class RewardCallback(Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         saved = (state_dict.get("filter") or {}).get("group_by", "key")
         if state_dict.get("banned") and saved != self.filter.group_by:
-            raise ValueError(f"the checkpoint's bans name groups by {saved!r}, this run groups by {self.filter.group_by!r} "
-                             "(reward.filter.group_by): resume with the same setting")
+            raise ValueError(
+                f"the checkpoint's bans name groups by {saved!r}, this run groups by {self.filter.group_by!r} "
+                "(reward.filter.group_by): resume with the same setting"
+            )
         self.banned = set(state_dict.get("banned", []))
         self.counts = Counter(state_dict.get("counts", {}))
 
@@ -96,8 +98,10 @@ class RewardCallback(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.on_failure == "zero" and trainer.is_global_zero:
-            log.warning("reward.on_failure is 'zero' (the reference code's behaviour): edits the reward model could "
-                        "not judge score 0.0 and are trained on; counted as reward/failed_as_zero")
+            log.warning(
+                "reward.on_failure is 'zero' (the reference code's behaviour): edits the reward model could "
+                "not judge score 0.0 and are trained on; counted as reward/failed_as_zero"
+            )
         # rows the data source rejected when it was read (before any batch) count as skipped data too
         dm = getattr(trainer, "datamodule", None)
         rows = dm.skipped_rows("train") if hasattr(dm, "skipped_rows") else {}
@@ -106,7 +110,9 @@ class RewardCallback(Callback):
                 self.counts[f"data_skipped/{reason}"] += n
 
     # --------------------------------------------------------------------------- training
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, batch_idx: int
+    ) -> None:
         self._count_skipped_rows(pl_module, batch)
         if pl_module.objective.needs != "rollouts":
             return  # e.g. the supervised objective: no rollouts, no reward
@@ -151,9 +157,16 @@ class RewardCallback(Callback):
             prompts = distributed.gather_lists([] if ro is None else ro.prompts, world=world)
             pool = pool_index(prompts).to(everything.device)
         decision_all = decide(
-            everything, std_mode=std_mode, adv_clip=adv_clip, rule=f.rule, mean_threshold=f.mean_threshold,
-            std_threshold=f.std_threshold, nan_policy=f.nan_policy, step_std=global_std(everything),
-            ban_rule=f.ban_rule, pool=pool,
+            everything,
+            std_mode=std_mode,
+            adv_clip=adv_clip,
+            rule=f.rule,
+            mean_threshold=f.mean_threshold,
+            std_threshold=f.std_threshold,
+            nan_policy=f.nan_policy,
+            step_std=global_std(everything),
+            ban_rule=f.ban_rule,
+            pool=pool,
         )
         local = slice(offset, offset + rewards.shape[0])
         decision = type(decision_all)(**{k: v[local] for k, v in vars(decision_all).items()})
@@ -186,7 +199,9 @@ class RewardCallback(Callback):
     def _drop_banned(self, batch: dict) -> None:
         if not self.banned:
             return
-        keep = [i for i, (k, p) in enumerate(zip(batch["key"], batch["prompt"])) if self._ban_id(k, p) not in self.banned]
+        keep = [
+            i for i, (k, p) in enumerate(zip(batch["key"], batch["prompt"])) if self._ban_id(k, p) not in self.banned
+        ]
         self.counts["banned_prompts_skipped"] += len(batch["key"]) - len(keep)
         for f in ("image", "prompt", "requirement", "task", "key"):
             batch[f] = [batch[f][i] for i in keep]
@@ -276,8 +291,10 @@ class RewardCallback(Callback):
             return
         sel = torch.tensor(keep)
         inputs = RewardInputs(
-            sources=outputs["sources"][sel], edits=outputs["edits"][sel],
-            instructions=[outputs["prompts"][i] for i in keep], requirements=[outputs["requirements"][i] for i in keep],
+            sources=outputs["sources"][sel],
+            edits=outputs["edits"][sel],
+            instructions=[outputs["prompts"][i] for i in keep],
+            requirements=[outputs["requirements"][i] for i in keep],
             targets=None if outputs["targets"] is None else outputs["targets"][sel],
         )
         rewards = self.model.score(inputs).float().reshape(-1)
@@ -312,5 +329,5 @@ class RewardCallback(Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if trainer.is_global_zero and self.counts:
-            summary = {k: v for k, v in sorted(self.counts.items())}
+            summary = dict(sorted(self.counts.items()))
             log.info("editr1 run summary: %s", json.dumps(summary))

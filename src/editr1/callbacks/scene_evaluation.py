@@ -80,8 +80,9 @@ class SceneEvaluation(Callback):
                 log.info("SceneEvaluation: no held-out shape/colour pairs, skipping the unseen split")
                 continue
             with pl_module.policy.adapter(adapter):
-                res = evaluate_scenes(pl_module.policy, scenes, split, self.count, self.group_size, self.steps,
-                                      self.solver, self.seed)
+                res = evaluate_scenes(
+                    pl_module.policy, scenes, split, self.count, self.group_size, self.steps, self.solver, self.seed
+                )
             out[split] = res.summary()
             step = trainer.global_step
             for tb in tensorboards(trainer) if trainer.is_global_zero else []:
@@ -114,7 +115,8 @@ class SceneEvaluation(Callback):
 
     def table(self) -> str:
         lines = [
-            f"Held-out scenes: {self.count} prompts x {self.group_size} edits, {self.solver} {self.steps} steps, fixed seeds",
+            f"Held-out scenes: {self.count} prompts x {self.group_size} edits, {self.solver} {self.steps} steps, "
+            "fixed seeds",
             f"{'split':<8} {'identity':>8} {'ceiling':>8} {'before':>8} {'after':>8} {'change':>8}",
         ]
         for split in self.splits:
@@ -122,6 +124,8 @@ class SceneEvaluation(Callback):
             a = self.results.get("after", {}).get(split)
             if b is None or a is None:
                 continue
-            lines.append(f"{split:<8} {a['identity']:8.3f} {a['ceiling']:8.3f} {b['mean']:8.3f} {a['mean']:8.3f} "
-                         f"{a['mean'] - b['mean']:+8.3f}")
+            lines.append(
+                f"{split:<8} {a['identity']:8.3f} {a['ceiling']:8.3f} {b['mean']:8.3f} {a['mean']:8.3f} "
+                f"{a['mean'] - b['mean']:+8.3f}"
+            )
         return "\n".join(lines)

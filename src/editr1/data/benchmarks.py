@@ -39,7 +39,9 @@ class ImgEditDataset(Dataset):
     """ImgEdit Basic: ``path`` is ``basic_edit.json`` or the folder holding it; ``image_root`` (default:
     that folder) holds the original images at each row's ``id``."""
 
-    def __init__(self, path: str | Path, image_root: str | Path | None = None, metadata_file: str = "basic_edit.json") -> None:
+    def __init__(
+        self, path: str | Path, image_root: str | Path | None = None, metadata_file: str = "basic_edit.json"
+    ) -> None:
         path = Path(path)
         meta = path / metadata_file if path.is_dir() else path
         if not meta.is_file():
@@ -56,7 +58,11 @@ class ImgEditDataset(Dataset):
         self.rows: list[tuple[str, str, str, Path | None]] = []
         self.skipped_rows: Counter = Counter()
         for key, row in data.items():
-            if not isinstance(row, dict) or not isinstance(row.get("id"), str) or not isinstance(row.get("edit_type"), str):
+            if (
+                not isinstance(row, dict)
+                or not isinstance(row.get("id"), str)
+                or not isinstance(row.get("edit_type"), str)
+            ):
                 self.skipped_rows["bad_row"] += 1
                 continue
             prompt, reason = check_prompt(row.get("prompt"))
@@ -119,8 +125,17 @@ class GEditDataset(Dataset):
                 if reason is not None:
                     self.skipped_rows[reason] += 1
                     continue
-                self.rows.append({"file": f, "row": i, "key": str(cols["key"][i]), "task": str(cols["task_type"][i]),
-                                  "prompt": prompt, "language": lang, "intersection": bool(cols["Intersection_exist"][i])})
+                self.rows.append(
+                    {
+                        "file": f,
+                        "row": i,
+                        "key": str(cols["key"][i]),
+                        "task": str(cols["task_type"][i]),
+                        "prompt": prompt,
+                        "language": lang,
+                        "intersection": bool(cols["Intersection_exist"][i]),
+                    }
+                )
         if self.skipped_rows:
             log.warning("%s: skipped %d rows: %s", path, sum(self.skipped_rows.values()), dict(self.skipped_rows))
         if not self.rows:
@@ -147,7 +162,9 @@ class GEditDataset(Dataset):
         r = self.rows[index]
         data = self._image_bytes(r["file"], r["row"])
         image = load_image(bytes(data)) if data else "missing_image_bytes"
-        return _item(image, r["prompt"], r["task"], r["key"], {"language": r["language"], "intersection": r["intersection"]})
+        return _item(
+            image, r["prompt"], r["task"], r["key"], {"language": r["language"], "intersection": r["intersection"]}
+        )
 
     def __getstate__(self) -> dict:  # pyarrow tables are reopened in each worker
         state = dict(self.__dict__)

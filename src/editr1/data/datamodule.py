@@ -57,8 +57,14 @@ def collate_prompts(items: list[dict]) -> dict:
         if "skipped" in item:
             skipped[item["skipped"]] += 1
             if "key" in item and not (item.get("meta") or {}).get("padding"):
-                missing.append({"key": item["key"], "task": item.get("task", ""), "meta": item.get("meta") or {},
-                                "reason": item["skipped"]})
+                missing.append(
+                    {
+                        "key": item["key"],
+                        "task": item.get("task", ""),
+                        "meta": item.get("meta") or {},
+                        "reason": item["skipped"],
+                    }
+                )
         else:
             good.append(item)
     batch: dict = {f: [item.get(f) for item in good] for f in FIELDS}
@@ -81,8 +87,7 @@ class EvalSampler(DistributedSampler):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
 
     def __iter__(self):
-        n = len(self.dataset)
-        indices = list(range(self.total_size))  # i >= n: padding (PaddedView wraps it around)
+        indices = list(range(self.total_size))  # i >= len(dataset): padding (PaddedView wraps it around)
         return iter(indices[self.rank : self.total_size : self.num_replicas])
 
 
@@ -156,7 +161,7 @@ class EditDataModule(L.LightningDataModule):
         test_path: str | None = None,
         test_format: Literal["jsonl", "imgedit", "gedit"] = "jsonl",
         test_images: str | None = None,
-        test_languages: list[str] = ["en"],
+        test_languages: list[str] = ["en"],  # noqa: B006 - jsonargparse shows list defaults; never mutated
         predict_path: str | None = None,
         predict_instruction: str | None = None,
         metadata_file: str = "train_metadata.jsonl",
@@ -231,8 +236,14 @@ class EditDataModule(L.LightningDataModule):
             return self.dataset("val")
         ds: Dataset | None
         if split == "train" and self.shards is not None:
-            ds = ShardEditDataset(self.shards, shuffle=self.shuffle, seed=self._order_seed(), repeat=True,
-                                  load_targets=self.targets != "ignore", require_targets=self.targets == "require")
+            ds = ShardEditDataset(
+                self.shards,
+                shuffle=self.shuffle,
+                seed=self._order_seed(),
+                repeat=True,
+                load_targets=self.targets != "ignore",
+                require_targets=self.targets == "require",
+            )
             log.info("train data: %d shards", len(ds.urls))
         elif split == "test" and self.test_format == "imgedit":
             ds = ImgEditDataset(folder, self.test_images)
@@ -244,13 +255,22 @@ class EditDataModule(L.LightningDataModule):
             ds = ImageFolderDataset(folder, self.predict_instruction)
             log.info("predict data: %d images from %s", len(ds), folder)
         elif folder is not None:
-            ds = JsonlEditDataset(folder, self.metadata_file, load_targets=self.targets != "ignore",
-                                  require_targets=split == "train" and self.targets == "require")
+            ds = JsonlEditDataset(
+                folder,
+                self.metadata_file,
+                load_targets=self.targets != "ignore",
+                require_targets=split == "train" and self.targets == "require",
+            )
             have, rows = ds.targets_present()
             if self.targets == "auto" and 0 < have < rows:
                 ds.load_targets = False
-                log.warning("%s: %d of %d rows have a target; targets are not used (data.targets: require trains "
-                            "only on the rows that have one)", folder, have, rows)
+                log.warning(
+                    "%s: %d of %d rows have a target; targets are not used (data.targets: require trains "
+                    "only on the rows that have one)",
+                    folder,
+                    have,
+                    rows,
+                )
             log.info("%s data: %d prompts from %s", split, len(ds), folder)
         elif self.path is not None or self.shards is not None:
             ds = None  # real training data without a validation folder: no validation
@@ -260,7 +280,6 @@ class EditDataModule(L.LightningDataModule):
             ds = SceneDataset(self.scenes, "heldout", start=0, length=self.val_size)
         self._datasets[split] = ds
         return ds
-
 
     def skipped_rows(self, split: Literal["train", "val", "test", "predict"]) -> dict[str, int]:
         """The rows the data source of ``split`` rejected when it was read, by reason (``malformed_json``,
@@ -279,8 +298,13 @@ class EditDataModule(L.LightningDataModule):
         progress = self.trainer.fit_loop.epoch_loop.batch_progress
         batches = progress.current.processed
         total = progress.total.processed
-        return {"epoch": self.trainer.current_epoch, "batches": batches, "stream_batches": total,
-                "seed": self._order_seed(), "batch_size": self.batch_size}
+        return {
+            "epoch": self.trainer.current_epoch,
+            "batches": batches,
+            "stream_batches": total,
+            "seed": self._order_seed(),
+            "batch_size": self.batch_size,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if not state:
@@ -307,8 +331,13 @@ class EditDataModule(L.LightningDataModule):
                 ds.bind(self.trainer.global_rank, self.trainer.world_size)
             if split == "train" and self._resume is not None:
                 ds.resume(self._resume["stream_batches"], self.batch_size)
-            return DataLoader(ds, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate_prompts,
-                              persistent_workers=self.num_workers > 0)
+            return DataLoader(
+                ds,
+                batch_size=self.batch_size,
+                num_workers=self.num_workers,
+                collate_fn=collate_prompts,
+                persistent_workers=self.num_workers > 0,
+            )
         sampler = None
         if split == "train":
             # Our own DistributedSampler (world size 1 included): the same seeded permutation whatever the
@@ -316,8 +345,9 @@ class EditDataModule(L.LightningDataModule):
             # prompts on 1 rank or many. Lightning keeps a DistributedSampler it is given.
             world = self.trainer.world_size if self.trainer is not None else 1
             rank = self.trainer.global_rank if self.trainer is not None else 0
-            sampler = ResumableSampler(ds, num_replicas=world, rank=rank, shuffle=shuffle, seed=self._order_seed(),
-                                       drop_last=True)
+            sampler = ResumableSampler(
+                ds, num_replicas=world, rank=rank, shuffle=shuffle, seed=self._order_seed(), drop_last=True
+            )
             if self._resume is not None:
                 sampler.resume(self._resume["epoch"], self._resume["batches"] * self.batch_size)
             shuffle = False

@@ -121,7 +121,13 @@ def read_metadata(folder: str | Path, filename: str = "train_metadata.jsonl") ->
             else:
                 records.append(rec)
     if skipped:
-        log.warning("%s: skipped %d of %d rows: %s", meta, sum(skipped.values()), len(records) + sum(skipped.values()), dict(skipped))
+        log.warning(
+            "%s: skipped %d of %d rows: %s",
+            meta,
+            sum(skipped.values()),
+            len(records) + sum(skipped.values()),
+            dict(skipped),
+        )
     if not records:
         raise ValueError(f"{meta} has no usable row (skipped: {dict(skipped) or 'file is empty'})")
     return records, skipped
@@ -143,8 +149,13 @@ class JsonlEditDataset(Dataset):
     """Map-style dataset over a UniWorld-format folder. An unreadable image yields
     ``{"skipped": reason}``, which the collate function drops and counts."""
 
-    def __init__(self, folder: str | Path, filename: str = "train_metadata.jsonl", load_targets: bool = True,
-                 require_targets: bool = False) -> None:
+    def __init__(
+        self,
+        folder: str | Path,
+        filename: str = "train_metadata.jsonl",
+        load_targets: bool = True,
+        require_targets: bool = False,
+    ) -> None:
         self.records, self.skipped_rows = read_metadata(folder, filename)
         if require_targets:  # only the rows with a target (supervised training); the others are counted
             without = sum(r.target is None for r in self.records)

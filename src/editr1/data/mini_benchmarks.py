@@ -18,8 +18,13 @@ from pathlib import Path
 from editr1.data.scenes import SceneConfig, make_example, sample_edit
 
 IMGEDIT_OF = {"recolor": "alter", "remove": "remove", "add": "add", "move": "action", "background": "background"}
-GEDIT_OF = {"recolor": "color_alter", "remove": "subject-remove", "add": "subject-add", "move": "motion_change",
-            "background": "background_change"}
+GEDIT_OF = {
+    "recolor": "color_alter",
+    "remove": "subject-remove",
+    "add": "subject-add",
+    "move": "motion_change",
+    "background": "background_change",
+}
 # samples per scene task: unequal on purpose
 COUNTS = {"recolor": 3, "remove": 2, "add": 1}
 
@@ -60,7 +65,9 @@ def write_gedit_mini(folder: str | Path) -> Path:
 
     root = Path(folder)
     root.mkdir(parents=True, exist_ok=True)
-    rows = {c: [] for c in ("key", "task_type", "instruction", "instruction_language", "input_image", "Intersection_exist")}
+    rows = {
+        c: [] for c in ("key", "task_type", "instruction", "instruction_language", "input_image", "Intersection_exist")
+    }
     examples = _examples(COUNTS, start=1000)
     for i, ex in enumerate(examples + examples[:1]):
         buf = io.BytesIO()
@@ -73,7 +80,9 @@ def write_gedit_mini(folder: str | Path) -> Path:
         rows["input_image"].append({"bytes": buf.getvalue(), "path": None})
         rows["Intersection_exist"].append(i % 2 == 0)
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    table = pa.table({k: (pa.array(v, type=image_type) if k == "input_image" else pa.array(v)) for k, v in rows.items()})
+    table = pa.table(
+        {k: (pa.array(v, type=image_type) if k == "input_image" else pa.array(v)) for k, v in rows.items()}
+    )
     path = root / "train-00000-of-00001.parquet"
     pq.write_table(table, path)
     return path
@@ -85,11 +94,13 @@ def main(argv: list[str] | None = None) -> None:
 
     from editr1.cli import HelpFormatter
 
-    parser = ArgumentParser(prog="python -m editr1.data.mini_benchmarks", description=__doc__,
-                            formatter_class=HelpFormatter)
+    parser = ArgumentParser(
+        prog="python -m editr1.data.mini_benchmarks", description=__doc__, formatter_class=HelpFormatter
+    )
     parser.add_argument("--config", action=ActionConfigFile, help="a file with the options (folder: ...)")
-    folder = parser.add_argument("folder", type=str, help="where imgedit_mini/ and gedit_mini/ are written "
-                                 "(default: data/benchmarks)")
+    folder = parser.add_argument(
+        "folder", type=str, help="where imgedit_mini/ and gedit_mini/ are written (default: data/benchmarks)"
+    )
     # A positional that may be left out and still be read from --config (nargs="?" would put its default
     # over the file's value): a set default, and not required.
     parser.set_defaults(folder="data/benchmarks")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import torch
@@ -45,8 +45,7 @@ REQUIREMENTS: dict[str, str] = {
     "else stays exactly as it was.",
     "move": "Only the named object moves to the named position, keeping its shape, colour and size, and "
     "its old place becomes plain background; everything else stays exactly as it was.",
-    "background": "Only the background colour changes; every object keeps its shape, colour, size and "
-    "position.",
+    "background": "Only the background colour changes; every object keeps its shape, colour, size and position.",
 }
 MIN_CELL = 6  # px per grid cell, so a 4 px shape keeps a 1 px margin and shapes stay distinguishable
 MAX_ATTEMPTS = 200
@@ -174,7 +173,7 @@ def position_phrase(row: int, col: int, grid: int) -> str:
     return f"row {row + 1} column {col + 1}"
 
 
-@lru_cache(maxsize=None)
+@cache
 def shape_mask(shape: str, side: int) -> np.ndarray:
     """A (side, side) bool mask of ``shape`` (hard edges; pixel centres tested against the outline)."""
     c = (np.arange(side) + 0.5) - side / 2  # pixel-centre offsets from the box centre
@@ -278,11 +277,7 @@ def _draw(rng: random.Random, config: SceneConfig, split: str) -> SceneEdit | No
 
     if task == "recolor":
         pool = [
-            (s, a, b)
-            for s in config.shapes
-            for a in fg
-            for b in fg
-            if a != b and allowed(s, a) and result_ok(s, b)
+            (s, a, b) for s in config.shapes for a in fg for b in fg if a != b and allowed(s, a) and result_ok(s, b)
         ]
         if not pool:
             return None
@@ -371,7 +366,9 @@ class SceneDataset(torch.utils.data.Dataset):
         return make_example(self.start + index, self.config, self.split)
 
 
-def export_folder(out_dir: str, count: int, config: SceneConfig | None = None, split: str = "train", start: int = 0) -> None:
+def export_folder(
+    out_dir: str, count: int, config: SceneConfig | None = None, split: str = "train", start: int = 0
+) -> None:
     """Write ``count`` scene examples as a UniWorld-format folder (``images/`` + ``train_metadata.jsonl``
     with ``prompt``, ``image``, ``requirement``, ``target`` and ``task``)."""
     import json
@@ -386,7 +383,9 @@ def export_folder(out_dir: str, count: int, config: SceneConfig | None = None, s
         src, tgt = f"images/{split}-{seed:06d}.png", f"images/{split}-{seed:06d}-target.png"
         ex["image"].save(root / src)
         ex["target"].save(root / tgt)
-        lines.append({"prompt": ex["prompt"], "image": src, "requirement": ex["requirement"], "target": tgt, "task": ex["task"]})
+        lines.append(
+            {"prompt": ex["prompt"], "image": src, "requirement": ex["requirement"], "target": tgt, "task": ex["task"]}
+        )
     with (root / "train_metadata.jsonl").open("w", encoding="utf-8") as f:
         for line in lines:
             f.write(json.dumps(line) + "\n")

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -120,8 +119,15 @@ class ShardEditDataset(IterableDataset):
         require_targets: skip (and count) samples without a ``tgt`` image.
     """
 
-    def __init__(self, urls: str | list[str], shuffle: bool = True, seed: int = 0, repeat: bool = True,
-                 load_targets: bool = True, require_targets: bool = False) -> None:
+    def __init__(
+        self,
+        urls: str | list[str],
+        shuffle: bool = True,
+        seed: int = 0,
+        repeat: bool = True,
+        load_targets: bool = True,
+        require_targets: bool = False,
+    ) -> None:
         self.urls = expand_urls(urls)
         self.shuffle = shuffle
         self.seed = seed
@@ -172,7 +178,7 @@ class ShardEditDataset(IterableDataset):
         while True:
             errors: list[str] = []
 
-            def handler(exn: Exception) -> bool:
+            def handler(exn: Exception, errors: list[str] = errors) -> bool:
                 errors.append(f"{type(exn).__name__}: {exn}")
                 return True  # keep going with the next shard
 
@@ -193,8 +199,9 @@ class ShardEditDataset(IterableDataset):
             yield {"skipped": "unreadable_shard"}
 
 
-def write_shards(folder: str | Path, pattern: str, maxcount: int = 1000,
-                 metadata_file: str = "train_metadata.jsonl") -> dict:
+def write_shards(
+    folder: str | Path, pattern: str, maxcount: int = 1000, metadata_file: str = "train_metadata.jsonl"
+) -> dict:
     """Convert a UniWorld-format folder into tar shards (``pattern`` like ``out/edits-%06d.tar``).
 
     Image bytes are copied as they are (no re-encoding). Rows the folder reader skips are counted.
@@ -239,8 +246,10 @@ def make_shards(folder: str, pattern: str, maxcount: int = 1000, metadata_file: 
         raise ValueError(f"maxcount must be at least 1, got {maxcount}")
     out = write_shards(folder, pattern, maxcount, metadata_file)
     skipped = sum(out["skipped"].values())
-    print(f"wrote {out['samples']} samples to {len(out['shards'])} shards"
-          + (f"; skipped {skipped} rows: {out['skipped']}" if skipped else ""))
+    print(
+        f"wrote {out['samples']} samples to {len(out['shards'])} shards"
+        + (f"; skipped {skipped} rows: {out['skipped']}" if skipped else "")
+    )
     if out["shards"]:
         first, last = out["shards"][0], out["shards"][-1]
         print(f"train with: --data.shards '{_brace(first, last, len(out['shards']))}'")

@@ -111,7 +111,8 @@ def load_imgedit_rubrics(rubric_dir: str | None = None, prompts_json: str | None
             criteria = [c.strip() for c in fields["criteria"].split("|")] if "criteria" in fields else None
             if criteria is not None and (len(criteria) != 3 or not all(criteria)):
                 raise ValueError(
-                    f"{f}: '# criteria:' must name three criteria separated by |, got {fields['criteria']!r}")
+                    f"{f}: '# criteria:' must name three criteria separated by |, got {fields['criteria']!r}"
+                )
             rubrics[imgedit_type(f.stem)] = Rubric(text, criteria)
     for name, r in rubrics.items():
         if "<edit_prompt>" not in r.text:
@@ -149,8 +150,15 @@ class SampleResult:
 
     def to_json(self) -> dict:
         scores = {k: (None if not math.isfinite(v) else v) for k, v in self.scores.items()}
-        return {"key": self.key, "category": self.category, **self.extra, "scores": scores, "failure": self.failure,
-                "attempts": self.attempts, "answers": self.answers}
+        return {
+            "key": self.key,
+            "category": self.category,
+            **self.extra,
+            "scores": scores,
+            "failure": self.failure,
+            "attempts": self.attempts,
+            "answers": self.answers,
+        }
 
 
 @dataclass
@@ -228,8 +236,10 @@ class ImgEditProtocol(BenchmarkProtocol):
     """ImgEdit Basic: a rubric per edit type, three 1–5 criteria, overall = mean of the type means."""
 
     name = "imgedit"
-    formula = ("sample = mean of its three 1-5 criteria; type = mean of its samples; "
-               "overall = unweighted mean of the type means")
+    formula = (
+        "sample = mean of its three 1-5 criteria; type = mean of its samples; "
+        "overall = unweighted mean of the type means"
+    )
 
     def __init__(self, rubric_dir: str | None = None, prompts_json: str | None = None, max_attempts: int = 3) -> None:
         self.rubrics = load_imgedit_rubrics(rubric_dir, prompts_json)
@@ -238,8 +248,9 @@ class ImgEditProtocol(BenchmarkProtocol):
         self.categories = known + sorted(t for t in self.rubrics if t not in IMGEDIT_TYPES)
 
     @classmethod
-    def from_options(cls, max_attempts: int = 3, rubric_dir: str | None = None, prompts_json: str | None = None,
-                     **_: Any) -> ImgEditProtocol:
+    def from_options(
+        cls, max_attempts: int = 3, rubric_dir: str | None = None, prompts_json: str | None = None, **_: Any
+    ) -> ImgEditProtocol:
         return cls(rubric_dir, prompts_json, max_attempts)
 
     def category(self, task: str) -> str:
@@ -282,8 +293,15 @@ class ImgEditProtocol(BenchmarkProtocol):
     def summary(self, results: dict[str, dict]) -> SummaryParts:
         r = results["all"]
         rows = {c: {"score": r[f"category/{c}"], **_row_counts(r, c)} for c in self.categories}
-        tables = {"ImgEdit Basic": {"id": None, "columns": ["score"], "rows": rows, "overall": {"score": r["macro"]},
-                                    "totals": _totals(r)}}
+        tables = {
+            "ImgEdit Basic": {
+                "id": None,
+                "columns": ["score"],
+                "rows": rows,
+                "overall": {"score": r["macro"]},
+                "totals": _totals(r),
+            }
+        }
         return SummaryParts(tables, {"overall": r["macro"], "micro": r["micro"]}, self.formula, r)
 
 
@@ -293,12 +311,19 @@ class GEditProtocol(BenchmarkProtocol):
     ``<lang>/intersection``)."""
 
     name = "gedit"
-    formula = ("SC = min of the two 0-10 scores of the call with both images; PQ = min of the two of the call "
-               "with the edit; O = sqrt(SC*PQ) per sample; G_SC, G_PQ, G_O = unweighted means over the groups")
+    formula = (
+        "SC = min of the two 0-10 scores of the call with both images; PQ = min of the two of the call "
+        "with the edit; O = sqrt(SC*PQ) per sample; G_SC, G_PQ, G_O = unweighted means over the groups"
+    )
     subsets = ("fullset", "intersection")
 
-    def __init__(self, sc_prompt_file: str | None = None, pq_prompt_file: str | None = None, max_attempts: int = 3,
-                 groups: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        sc_prompt_file: str | None = None,
+        pq_prompt_file: str | None = None,
+        max_attempts: int = 3,
+        groups: list[str] | None = None,
+    ) -> None:
         self.sc_prompt, _ = read_prompt_file(sc_prompt_file or builtin_prompt("gedit", "sc.txt"))
         self.pq_prompt, _ = read_prompt_file(pq_prompt_file or builtin_prompt("gedit", "pq.txt"))
         if "<instruction>" not in self.sc_prompt:
@@ -307,8 +332,9 @@ class GEditProtocol(BenchmarkProtocol):
         self.categories = list(groups or GEDIT_GROUPS)
 
     @classmethod
-    def from_options(cls, max_attempts: int = 3, sc_prompt_file: str | None = None, pq_prompt_file: str | None = None,
-                     **_: Any) -> GEditProtocol:
+    def from_options(
+        cls, max_attempts: int = 3, sc_prompt_file: str | None = None, pq_prompt_file: str | None = None, **_: Any
+    ) -> GEditProtocol:
         return cls(sc_prompt_file, pq_prompt_file, max_attempts)
 
     def category(self, task: str) -> str:
@@ -331,18 +357,25 @@ class GEditProtocol(BenchmarkProtocol):
             sc_j, pq_j = judged[2 * i], judged[2 * i + 1]
             sc, pq, o = viescore_sample(sc_j.value, pq_j.value)
             failures = [f"{n}:{j.failure}" for n, j in (("sc", sc_j), ("pq", pq_j)) if j.value is None]
-            out.append(SampleResult(
-                s.key, s.category, {"SC": sc, "PQ": pq, "O": o}, ",".join(failures) or None,
-                sc_j.attempts + pq_j.attempts, [{"sc": sc_j.answers, "pq": pq_j.answers}],
-                {"prompt": s.prompt, "language": s.language, "intersection": s.intersection},
-            ))
+            out.append(
+                SampleResult(
+                    s.key,
+                    s.category,
+                    {"SC": sc, "PQ": pq, "O": o},
+                    ",".join(failures) or None,
+                    sc_j.attempts + pq_j.attempts,
+                    [{"sc": sc_j.answers, "pq": pq_j.answers}],
+                    {"prompt": s.prompt, "language": s.language, "intersection": s.intersection},
+                )
+            )
         return out
 
     def metrics(self, device: Any, languages: list[str]) -> dict[str, GEditScore]:
         """``<lang>/fullset`` and ``<lang>/intersection`` per language, in the order of ``languages`` (the
         first language's full set gives the summary's totals)."""
-        return {f"{lang}/{subset}": GEditScore(self.categories).to(device)
-                for lang in languages for subset in self.subsets}
+        return {
+            f"{lang}/{subset}": GEditScore(self.categories).to(device) for lang in languages for subset in self.subsets
+        }
 
     def metric_keys(self, meta: dict) -> list[str]:
         lang = meta.get("language", "en")
@@ -357,11 +390,17 @@ class GEditProtocol(BenchmarkProtocol):
         headline: dict = {}
         for key, r in results.items():
             lang, subset = key.split("/")
-            rows = {c: {"SC": r[f"SC/{c}"], "PQ": r[f"PQ/{c}"], "O": r[f"O/{c}"], **_row_counts(r, c)}
-                    for c in self.categories}
+            rows = {
+                c: {"SC": r[f"SC/{c}"], "PQ": r[f"PQ/{c}"], "O": r[f"O/{c}"], **_row_counts(r, c)}
+                for c in self.categories
+            }
             tables[f"GEdit-Bench-{lang.upper()} {subset}"] = {
-                "id": key, "columns": ["SC", "PQ", "O"], "rows": rows,
-                "overall": {"SC": r["G_SC"], "PQ": r["G_PQ"], "O": r["G_O"]}, "totals": _totals(r)}
+                "id": key,
+                "columns": ["SC", "PQ", "O"],
+                "rows": rows,
+                "overall": {"SC": r["G_SC"], "PQ": r["G_PQ"], "O": r["G_O"]},
+                "totals": _totals(r),
+            }
             headline[key] = {"G_SC": r["G_SC"], "G_PQ": r["G_PQ"], "G_O": r["G_O"]}
         first = next(k for k in results if k.endswith("/fullset"))  # the first language's full set
         return SummaryParts(tables, headline, self.formula, results[first])
@@ -386,15 +425,21 @@ def summary_markdown(summary: dict) -> str:
     """The summary as Markdown tables (one per category table)."""
     judge = summary.get("judge") or {}
     lines = [f"# {summary['protocol']} results", ""]
-    lines.append(f"- judge: {judge.get('model', 'none (edits written, not judged)')}"
-                 + (f" ({judge.get('kind')})" if judge else ""))
-    lines.append(f"- samples: {summary['samples']}, judged: {summary['judged']}, failed: {summary['failed']}, "
-                 f"missing: {summary['missing']}")
+    lines.append(
+        f"- judge: {judge.get('model', 'none (edits written, not judged)')}"
+        + (f" ({judge.get('kind')})" if judge else "")
+    )
+    lines.append(
+        f"- samples: {summary['samples']}, judged: {summary['judged']}, failed: {summary['failed']}, "
+        f"missing: {summary['missing']}"
+    )
     lines.append(f"- formula: {summary['formula']}")
     if summary.get("categories_without_scores"):
         empty = ", ".join(summary["categories_without_scores"])
-        lines.append(f"- **not comparable to a full run**: no judged sample in {empty} "
-                     "(the overall is over the other categories)")
+        lines.append(
+            f"- **not comparable to a full run**: no judged sample in {empty} "
+            "(the overall is over the other categories)"
+        )
     lines.append("")
     for title, table in summary["tables"].items():
         heads = table["columns"]
@@ -403,11 +448,16 @@ def summary_markdown(summary: dict) -> str:
         lines.append("| category | " + " | ".join(heads) + " | samples | failed | missing |")
         lines.append("|---" * (len(heads) + 4) + "|")
         for name, row in table["rows"].items():
-            lines.append(f"| {name} | " + " | ".join(_fmt(row.get(h)) for h in heads)
-                         + f" | {row['samples']:.0f} | {row['failed']:.0f} | {row['missing']:.0f} |")
+            lines.append(
+                f"| {name} | "
+                + " | ".join(_fmt(row.get(h)) for h in heads)
+                + f" | {row['samples']:.0f} | {row['failed']:.0f} | {row['missing']:.0f} |"
+            )
         overall = " | ".join(f"**{_fmt(table['overall'].get(h))}**" for h in heads)
         totals = table["totals"]
-        lines.append(f"| **overall (mean of categories)** | {overall} | {totals['samples']:.0f} | "
-                     f"{totals['failed']:.0f} | {totals['missing']:.0f} |")
+        lines.append(
+            f"| **overall (mean of categories)** | {overall} | {totals['samples']:.0f} | "
+            f"{totals['failed']:.0f} | {totals['missing']:.0f} |"
+        )
         lines.append("")
     return "\n".join(lines)

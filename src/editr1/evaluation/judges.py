@@ -80,8 +80,12 @@ class TextJudge(ABC):
         pass
 
 
-def ask_parsed(judge: TextJudge, requests: Sequence[JudgeRequest],
-               parse: Callable[[str], Any] | Sequence[Callable[[str], Any]], max_attempts: int = 3) -> list[Judged]:
+def ask_parsed(
+    judge: TextJudge,
+    requests: Sequence[JudgeRequest],
+    parse: Callable[[str], Any] | Sequence[Callable[[str], Any]],
+    max_attempts: int = 3,
+) -> list[Judged]:
     """Ask every request; ask again (up to ``max_attempts`` in all) only those whose answer is missing
     or does not parse. ``parse`` (one for all, or one per request) returns ``None`` for an answer it
     rejects."""
@@ -148,8 +152,15 @@ class LocalJudge(TextJudge):
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self.max_pixels = max_pixels
-        self.model = MLLMJudge(pretrained_model_name_or_path, revision, torch_dtype, quantization, trust_remote_code,
-                               tiny, local_files_only)
+        self.model = MLLMJudge(
+            pretrained_model_name_or_path,
+            revision,
+            torch_dtype,
+            quantization,
+            trust_remote_code,
+            tiny,
+            local_files_only,
+        )
 
     def to(self, device: torch.device | str) -> LocalJudge:
         self.model.load(device)
@@ -160,9 +171,16 @@ class LocalJudge(TextJudge):
         commit = None
         if m.model is not None:
             commit = getattr(m.model.config, "_commit_hash", None)
-        return {"kind": "local", "model": m.name, "revision": m.revision, "commit": commit,
-                "dtype": str(m.dtype).replace("torch.", ""), "quantization": m.quantization,
-                "decoding": "greedy (temperature 0)", "max_new_tokens": self.max_new_tokens}
+        return {
+            "kind": "local",
+            "model": m.name,
+            "revision": m.revision,
+            "commit": commit,
+            "dtype": str(m.dtype).replace("torch.", ""),
+            "quantization": m.quantization,
+            "decoding": "greedy (temperature 0)",
+            "max_new_tokens": self.max_new_tokens,
+        }
 
     def generate(self, requests: Sequence[JudgeRequest]) -> list[str | None]:
         m = self.model
@@ -248,8 +266,16 @@ class ServedJudge(TextJudge):
         with self._lock:
             if self._client is None:  # made on first use (the key is read then)
                 self._client = OpenAIClient(
-                    self.base_url, self.api_key_env, self.timeout, self.max_retries, self.retry_backoff,
-                    self.max_concurrency, counts=self.counts, lock=self._lock, refused=JudgeConfigError, label="judge",
+                    self.base_url,
+                    self.api_key_env,
+                    self.timeout,
+                    self.max_retries,
+                    self.retry_backoff,
+                    self.max_concurrency,
+                    counts=self.counts,
+                    lock=self._lock,
+                    refused=JudgeConfigError,
+                    label="judge",
                 )
             return self._client
 
@@ -260,13 +286,24 @@ class ServedJudge(TextJudge):
             client.close()
 
     def info(self) -> dict[str, Any]:
-        served = [{"model": m, "system_fingerprint": f, "answers": n} for (m, f), n in sorted(self.reported.items(), key=str)]
-        return {"kind": "served", "model": self.model, "base_url": self.base_url, "served_as": served,
-                "temperature": 0.0, "seed": self.seed, "max_tokens": self.max_tokens}
+        served = [
+            {"model": m, "system_fingerprint": f, "answers": n} for (m, f), n in sorted(self.reported.items(), key=str)
+        ]
+        return {
+            "kind": "served",
+            "model": self.model,
+            "base_url": self.base_url,
+            "served_as": served,
+            "temperature": 0.0,
+            "seed": self.seed,
+            "max_tokens": self.max_tokens,
+        }
 
     def payload(self, request: JudgeRequest) -> dict:
-        images = [{"type": "image_url", "image_url": {"url": data_url(limit_pixels(im, self.max_pixels), self.image_format)}}
-                  for im in request.images]
+        images = [
+            {"type": "image_url", "image_url": {"url": data_url(limit_pixels(im, self.max_pixels), self.image_format)}}
+            for im in request.images
+        ]
         text = [{"type": "text", "text": request.text}]
         body = {
             "model": self.model,

@@ -22,8 +22,17 @@ from torchmetrics import Metric
 
 IMGEDIT_TYPES = ("add", "adjust", "extract", "replace", "remove", "background", "style", "hybrid", "action")
 GEDIT_GROUPS = (
-    "background_change", "color_alter", "material_alter", "motion_change", "ps_human", "style_change",
-    "subject-add", "subject-remove", "subject-replace", "text_change", "tone_transfer",
+    "background_change",
+    "color_alter",
+    "material_alter",
+    "motion_change",
+    "ps_human",
+    "style_change",
+    "subject-add",
+    "subject-remove",
+    "subject-replace",
+    "text_change",
+    "tone_transfer",
 )
 
 
@@ -120,7 +129,9 @@ class CategoryMean(Metric):
             self.missing[self._index[c]] += 1
 
     def compute(self) -> dict[str, float]:
-        per = torch.where(self.counts > 0, self.sums / self.counts.clamp(min=1), torch.full_like(self.sums, float("nan")))
+        per = torch.where(
+            self.counts > 0, self.sums / self.counts.clamp(min=1), torch.full_like(self.sums, float("nan"))
+        )
         present = self.counts > 0
         out = {f"category/{c}": float(per[i]) for i, c in enumerate(self.categories)}
         out["macro"] = float(per[present].mean()) if present.any() else float("nan")
@@ -168,8 +179,14 @@ class GEditScore(Metric):
 
     def compute(self) -> dict[str, float]:
         sc, pq, o = self.sc.compute(), self.pq.compute(), self.o.compute()
-        out = {"G_SC": sc["macro"], "G_PQ": pq["macro"], "G_O": o["macro"], "failed": o["failed"],
-               "samples": o["samples"], "missing": o["missing"]}
+        out = {
+            "G_SC": sc["macro"],
+            "G_PQ": pq["macro"],
+            "G_O": o["macro"],
+            "failed": o["failed"],
+            "samples": o["samples"],
+            "missing": o["missing"],
+        }
         for name, res in (("SC", sc), ("PQ", pq), ("O", o)):
             out.update({f"{name}/{k.split('/', 1)[1]}": v for k, v in res.items() if k.startswith("category/")})
         out.update({k: v for k, v in o.items() if k.startswith(("samples/", "failed/", "missing/"))})

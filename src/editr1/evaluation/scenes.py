@@ -62,11 +62,13 @@ def evaluate_scenes(
     targets = policy.preprocess([e["target"] for e in examples])
     prompts = [e["prompt"] for e in examples]
     seeds = [derive_seed(seed, EVAL_NOISE, start + i, k) for i in range(count) for k in range(group_size)]
-    edits = edit_images(policy, sources, prompts, seeds, steps=steps, solver=solver, batch_size=batch_size,
-                        group_size=group_size).images
+    edits = edit_images(
+        policy, sources, prompts, seeds, steps=steps, solver=solver, batch_size=batch_size, group_size=group_size
+    ).images
     rewards = scene_reward(edits, targets.repeat_interleave(group_size, 0), sources.repeat_interleave(group_size, 0))
-    round_trip = torch.cat([policy.decode(policy.encode_images(targets[s : s + batch_size]))
-                            for s in range(0, count, batch_size)])
+    round_trip = torch.cat(
+        [policy.decode(policy.encode_images(targets[s : s + batch_size])) for s in range(0, count, batch_size)]
+    )
     return SceneEvalResult(
         split=split,
         rewards=rewards.view(count, group_size).cpu(),

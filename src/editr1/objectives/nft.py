@@ -70,8 +70,9 @@ class NFTObjective(Objective):
         if nft.normalize == "reference":
             n_local = ro.x0.shape[0]
             order = per_sample_rand(1, [ro.sample_seed(TRAIN_SHUFFLE, i) for i in range(n_local)])[:, 0].argsort()
-            weights = reference_sample_weights(exp.decision.train_mask.flatten().cpu(), order, nft.micro_batch_size,
-                                               module.world_size)
+            weights = reference_sample_weights(
+                exp.decision.train_mask.flatten().cpu(), order, nft.micro_batch_size, module.world_size
+            )
             weights = weights[torch.tensor(idx, dtype=torch.long)].to(module.device)
         r = exp.decision.r.flatten().to(module.device)
         return Work(count=len(idx), rows=ro.num_groups, data=_Step(ro, idx, r, ts, weights))
@@ -101,8 +102,19 @@ class NFTObjective(Objective):
                     with policy.adapter(None):
                         v_ref = policy.velocity(x_t, t, cond)
             v_theta = policy.velocity(x_t, t, cond)
-            out = nft_loss(v_theta, v_old, x_t, x0, t, r, beta=nft.beta, adv_clip=nft.adv_clip, v_ref=v_ref,
-                           kl_weight=nft.kl_weight, weights=w)
+            out = nft_loss(
+                v_theta,
+                v_old,
+                x_t,
+                x0,
+                t,
+                r,
+                beta=nft.beta,
+                adv_clip=nft.adv_clip,
+                v_ref=v_ref,
+                kl_weight=nft.kl_weight,
+                weights=w,
+            )
             if w is None:
                 factor = 0.0 if idle else b * scale
             else:  # out.loss is the w-weighted mean: times Σw gives Σ w·(policy + λ·kl)

@@ -52,13 +52,17 @@ class SFTObjective(Objective):
         prompts, keys = list(batch["prompt"]), list(batch["key"])
         n = len(prompts)
         if module.sharded and distributed.any_process(n == 0, world=world, device=device):  # on every rank at once
-            raise RuntimeError("a process has no readable row in this batch: sharded supervised training needs "
-                               "every process to train; use more rows per process (data.batch_size) or shard: false")
+            raise RuntimeError(
+                "a process has no readable row in this batch: sharded supervised training needs "
+                "every process to train; use more rows per process (data.batch_size) or shard: false"
+            )
         if n == 0:  # every row of this batch was unreadable (counted): take part in the step, train nothing
             return Work(count=0, can_idle=False)
         with torch.no_grad():  # sharded encoders: equal calls on every process
             min_prompts = int(distributed.reduce(n, "max", world=world, device=device)) if module.sharded else 0
-            cond = encode_padded(policy, policy.preprocess(batch["image"]), prompts, min_prompts).select(torch.arange(n))
+            cond = encode_padded(policy, policy.preprocess(batch["image"]), prompts, min_prompts).select(
+                torch.arange(n)
+            )
             x0 = policy.encode_images(policy.preprocess(batch["target"]))
         ids = group_ids(keys)
         step = module.global_step

@@ -5,4 +5,12 @@ from editr1.policies.flux_kontext import FluxKontextPolicy, TinyFlux
 from editr1.policies.lora import LoraSettings
 from editr1.policies.qwen_image_edit import QwenImageEditPolicy, TinyQwenImage
 
-__all__ = ["Condition", "EditPolicy", "FluxKontextPolicy", "LoraSettings", "QwenImageEditPolicy", "TinyFlux", "TinyQwenImage"]
+__all__ = [
+    "Condition",
+    "EditPolicy",
+    "FluxKontextPolicy",
+    "LoraSettings",
+    "QwenImageEditPolicy",
+    "TinyFlux",
+    "TinyQwenImage",
+]

@@ -70,11 +70,13 @@ def load_component_weights(pipe, path: str, components: Sequence[str]) -> dict[s
 
     path = resolve_asset(path)
     with safe_open(path, "pt") as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
         meta = f.metadata() or {}
     unknown = sorted(k for k in state if k.split(".", 1)[0] not in components)
     if unknown or not state:
-        raise ValueError(f"{path}: keys must be '<component>.<param>', component in {tuple(components)}; got {unknown[:3]}")
+        raise ValueError(
+            f"{path}: keys must be '<component>.<param>', component in {tuple(components)}; got {unknown[:3]}"
+        )
     for name in components:
         prefix = name + "."
         sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
@@ -199,10 +201,13 @@ class EditPolicy(nn.Module, ABC):
         from torch.distributed.fsdp import fully_shard
 
         for root in self.shard_roots():
-            blocks = _largest_module_lists(root) if root is not self.transformer else [
-                m for name in ("transformer_blocks", "single_transformer_blocks")
-                for m in getattr(root, name, [])
-            ]
+            blocks = (
+                _largest_module_lists(root)
+                if root is not self.transformer
+                else [
+                    m for name in ("transformer_blocks", "single_transformer_blocks") for m in getattr(root, name, [])
+                ]
+            )
             for block in blocks:
                 fully_shard(block, mesh=mesh)
             fully_shard(root, mesh=mesh)

@@ -188,7 +188,7 @@ class FluxKontextPolicy(EditPolicy):
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         self._check_images(images)
-        x = (images.to(self.device, self.vae.dtype) * 2 - 1)
+        x = images.to(self.device, self.vae.dtype) * 2 - 1
         latents = self.vae.encode(x).latent_dist.mode()
         latents = (latents - self.vae.config.shift_factor) * self.vae.config.scaling_factor
         n, c, h, w = latents.shape
@@ -227,4 +227,3 @@ class FluxKontextPolicy(EditPolicy):
     def sigmas(self, num_steps: int) -> torch.Tensor:
         """The pipeline's schedule: ``linspace(1, 1/n, n)`` time-shifted by the resolution's μ, then 0."""
         return shifted_sigmas(self.pipe.scheduler.config, self.latent_shape()[0], num_steps)
-

@@ -71,9 +71,7 @@ def add_adapters(model: nn.Module, settings: LoraSettings, names: list[str]) -> 
             inject_adapter_in_model(config, model, adapter_name=name)
     _LAYERS.pop(model, None)
     if not list(_tuner_layers(model)):
-        raise ValueError(
-            f"LoRA target_modules {settings.target_modules} matched no module of {type(model).__name__}"
-        )
+        raise ValueError(f"LoRA target_modules {settings.target_modules} matched no module of {type(model).__name__}")
     with torch.no_grad():
         for pname, p in model.named_parameters():
             if "lora_" in pname and p.dtype != torch.float32:

@@ -76,8 +76,13 @@ def build_tiny_pipeline(cfg: TinyQwenImage, variant: str = "edit"):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         text_encoder, processor = build_tiny_judge(
-            TinyJudge(hidden=cfg.text_hidden, layers=cfg.text_layers, vision_hidden=cfg.vision_hidden,
-                      seed=cfg.seed, warmup_steps=0)
+            TinyJudge(
+                hidden=cfg.text_hidden,
+                layers=cfg.text_layers,
+                vision_hidden=cfg.vision_hidden,
+                seed=cfg.seed,
+                warmup_steps=0,
+            )
         )
         r = cfg.head_dim // 8
         transformer = QwenImageTransformer2DModel(

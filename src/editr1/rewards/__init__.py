@@ -5,4 +5,12 @@ from editr1.rewards.mllm import LocalMLLMReward, MLLMJudge
 from editr1.rewards.scenes import SceneReward, scene_reward
 from editr1.rewards.served import ServedMLLMReward
 
-__all__ = ["LocalMLLMReward", "MLLMJudge", "RewardInputs", "RewardModel", "SceneReward", "ServedMLLMReward", "scene_reward"]
+__all__ = [
+    "LocalMLLMReward",
+    "MLLMJudge",
+    "RewardInputs",
+    "RewardModel",
+    "SceneReward",
+    "ServedMLLMReward",
+    "scene_reward",
+]

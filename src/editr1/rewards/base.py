@@ -37,7 +37,7 @@ class RewardInputs:
         if self.source_ids is not None and len(self.source_ids) != n:
             raise ValueError(f"RewardInputs: {n} edits but {len(self.source_ids)} source ids")
 
-    def select(self, start: int, stop: int) -> "RewardInputs":
+    def select(self, start: int, stop: int) -> RewardInputs:
         """Edits ``start:stop``."""
         return RewardInputs(
             sources=self.sources[start:stop],
@@ -85,6 +85,6 @@ class RewardModel(ABC):
     def close(self) -> None:
         """Release connections or threads (called when training ends)."""
 
-    def to(self, device: torch.device | str) -> "RewardModel":  # noqa: D401 - torch-like
+    def to(self, device: torch.device | str) -> RewardModel:  # noqa: D401 - torch-like
         """Move any model weights to ``device`` (a no-op for rewards without weights)."""
         return self

@@ -92,8 +92,9 @@ class OpenAIClient:
         key = os.environ.get(api_key_env) if api_key_env else None
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         limits = httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency)
-        self._client = httpx.Client(base_url=base_url.rstrip("/") + "/", headers=headers, timeout=timeout,
-                                    limits=limits)
+        self._client = httpx.Client(
+            base_url=base_url.rstrip("/") + "/", headers=headers, timeout=timeout, limits=limits
+        )
 
     def post(self, path: str, body: dict, parse: Callable[[Any], T]) -> T | None:
         """POST ``body`` as JSON to ``path`` and return ``parse`` of the JSON answer, or ``None`` when every

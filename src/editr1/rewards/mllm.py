@@ -104,10 +104,15 @@ class MLLMJudge:
             if self.quantization == "8bit":
                 quant = BitsAndBytesConfig(load_in_8bit=True)
             elif self.quantization == "4bit":
-                quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=self.dtype)
+                quant = BitsAndBytesConfig(
+                    load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=self.dtype
+                )
             model = AutoModelForImageTextToText.from_pretrained(
-                self.path, dtype=self.dtype, quantization_config=quant,
-                device_map={"": str(device)} if quant is not None else None, **kwargs,
+                self.path,
+                dtype=self.dtype,
+                quantization_config=quant,
+                device_map={"": str(device)} if quant is not None else None,
+                **kwargs,
             )
             if quant is None:
                 model.to(device)
@@ -140,8 +145,10 @@ class MLLMJudge:
         tok = self.processor.tokenizer
         with self._lock, torch.no_grad():
             batch = self._batch(texts, images)
-            ids = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-        return tok.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+            ids = self.model.generate(
+                **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
+            )
+        return tok.batch_decode(ids[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
 
     def chat_text(self, messages: list[dict]) -> str:
         if self.model is None:
@@ -187,7 +194,13 @@ class LocalMLLMReward(RewardModel):
         self.batch_size = batch_size
         self.max_pixels = max_pixels
         self.judge = MLLMJudge(
-            pretrained_model_name_or_path, revision, torch_dtype, quantization, trust_remote_code, tiny, local_files_only
+            pretrained_model_name_or_path,
+            revision,
+            torch_dtype,
+            quantization,
+            trust_remote_code,
+            tiny,
+            local_files_only,
         )
         self.digit_masses: list[float] = []  # since the last step_stats()
 

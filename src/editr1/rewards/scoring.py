@@ -27,8 +27,10 @@ def digit_token_ids(tokenizer) -> list[int]:
     for d in DIGITS:
         enc = tokenizer.encode(d, add_special_tokens=False)
         if len(enc) != 1:
-            raise ValueError(f"the judge's tokenizer splits the digit {d!r} into {len(enc)} tokens {enc}; "
-                             "the implicit score needs one token per digit")
+            raise ValueError(
+                f"the judge's tokenizer splits the digit {d!r} into {len(enc)} tokens {enc}; "
+                "the implicit score needs one token per digit"
+            )
         ids.append(int(enc[0]))
     if len(set(ids)) != len(ids):
         raise ValueError(f"digit tokens are not distinct: {ids}")

@@ -91,7 +91,9 @@ class ServedMLLMReward(RewardModel):
         missing_digits: MissingDigits = "renormalize",
     ) -> None:
         if max_concurrency < 1 or max_retries < 0 or timeout <= 0 or not 1 <= top_logprobs <= 20:
-            raise ValueError("served reward: need max_concurrency >= 1, max_retries >= 0, timeout > 0, 1 <= top_logprobs <= 20")
+            raise ValueError(
+                "served reward: need max_concurrency >= 1, max_retries >= 0, timeout > 0, 1 <= top_logprobs <= 20"
+            )
         if image_format.lower() not in ("png", "jpeg", "jpg"):
             raise ValueError(f"image_format must be png or jpeg, got {image_format!r}")
         self.base_url = base_url
@@ -106,8 +108,10 @@ class ServedMLLMReward(RewardModel):
         self.max_pixels = max_pixels
         self.image_format = image_format
         if digit_tokens not in ("pooled", "plain") or missing_digits not in ("renormalize", "fail"):
-            raise ValueError(f"digit_tokens must be pooled|plain and missing_digits renormalize|fail, got "
-                             f"{digit_tokens!r}, {missing_digits!r}")
+            raise ValueError(
+                f"digit_tokens must be pooled|plain and missing_digits renormalize|fail, got "
+                f"{digit_tokens!r}, {missing_digits!r}"
+            )
         self.digit_tokens = digit_tokens
         self.missing_digits = missing_digits
         self.digit_masses: list[float] = []  # since the last step_stats()
@@ -131,9 +135,16 @@ class ServedMLLMReward(RewardModel):
         with self._lock:
             if self._client is None:  # made on first use, on a worker thread (the key is read then)
                 self._client = OpenAIClient(
-                    self.base_url, self.api_key_env, self.timeout, self.max_retries, self.retry_backoff,
-                    self.max_concurrency, counts=self.counts, lock=self._count_lock,
-                    refused=RewardServerError, label="reward server",
+                    self.base_url,
+                    self.api_key_env,
+                    self.timeout,
+                    self.max_retries,
+                    self.retry_backoff,
+                    self.max_concurrency,
+                    counts=self.counts,
+                    lock=self._count_lock,
+                    refused=RewardServerError,
+                    label="reward server",
                 )
             return self._client
 
@@ -202,14 +213,16 @@ class ServedMLLMReward(RewardModel):
     def _judge(self, client: OpenAIClient, source_url: str, edit_url: str, text: str) -> float:
         payload = {
             "model": self.model,
-            "messages": [{
-                "role": "user",
-                "content": [
-                    {"type": "image_url", "image_url": {"url": source_url}},
-                    {"type": "image_url", "image_url": {"url": edit_url}},
-                    {"type": "text", "text": text},
-                ],
-            }],
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": source_url}},
+                        {"type": "image_url", "image_url": {"url": edit_url}},
+                        {"type": "text", "text": text},
+                    ],
+                }
+            ],
             "max_tokens": 1,
             "temperature": 0.0,
             "logprobs": True,

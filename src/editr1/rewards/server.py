@@ -263,7 +263,11 @@ class RewardServer:
             batch = judge.processor(text=[text], images=[images] if images else None, return_tensors="pt")
             batch = {k: v.to(judge.device) for k, v in batch.items()}
             out = judge.model.generate(
-                **batch, max_new_tokens=max_tokens, do_sample=False, output_scores=True, return_dict_in_generate=True,
+                **batch,
+                max_new_tokens=max_tokens,
+                do_sample=False,
+                output_scores=True,
+                return_dict_in_generate=True,
                 pad_token_id=judge.processor.tokenizer.pad_token_id,
             )
         new = out.sequences[0, batch["input_ids"].shape[1] :].tolist()
@@ -303,7 +307,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not key:
             return True
         given = self.headers.get("Authorization", "")
-        return hmac.compare_digest(given.encode("utf-8"), f"Bearer {key}".encode("utf-8"))
+        return hmac.compare_digest(given.encode("utf-8"), f"Bearer {key}".encode())
 
     def do_GET(self) -> None:  # noqa: N802 - stdlib name
         if not self._authorised():
@@ -383,7 +387,9 @@ def serve_reward(
             raise SystemExit(f"serve-reward: environment variable {api_key_env} is empty or unset")
     judge = MLLMJudge(model, revision, torch_dtype, quantization, trust_remote_code, local_files_only=local_files_only)
     judge.load(device)
-    limits = Limits(max_request_bytes=int(max_request_mb * 1024 * 1024), max_image_pixels=max_image_pixels, max_batch=max_batch)
+    limits = Limits(
+        max_request_bytes=int(max_request_mb * 1024 * 1024), max_image_pixels=max_image_pixels, max_batch=max_batch
+    )
     server = RewardServer(judge, host, port, api_key, served_model_name, limits)
     print(f"editr1 serve-reward: {server.model_name} at {server.url}", flush=True)
     server.serve_forever()

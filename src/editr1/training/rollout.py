@@ -27,7 +27,9 @@ def group_ids(keys: list[str]) -> list[tuple[int, int]]:
     return out
 
 
-def sample_seed(base_seed: int, stream: int, index: int, ids: list[tuple[int, int]], group_size: int, sample: int, *extra: int) -> int:
+def sample_seed(
+    base_seed: int, stream: int, index: int, ids: list[tuple[int, int]], group_size: int, sample: int, *extra: int
+) -> int:
     """Seed of sample ``sample`` (flat index over G·K) of rollout ``index`` for one kind of draw."""
     g, k = divmod(sample, group_size)
     h, occ = ids[g]
