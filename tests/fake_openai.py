@@ -31,7 +31,9 @@ def completion(top: list[tuple[str, float]], chosen: str | None = None) -> dict:
 class FakeOpenAI:
     """Each request takes the next step of ``script`` (the last step repeats). A step is one of
     ``("ok", top)``, ``("ok_chosen", top, chosen)``, ``("status", code)``, ``("slow", seconds, top)``,
-    ``("malformed",)``, ``("no_logprobs",)``. Requests are recorded in ``self.requests``."""
+    ``("malformed",)``, ``("no_logprobs",)``, ``("json", body)`` (any JSON-serialisable body, sent as is with
+    status 200; Python's ``json`` writes NaN and Infinity as the bare words ``NaN``/``Infinity``) or
+    ``("raw", data)`` (these bytes as the body). Requests are recorded in ``self.requests``."""
 
     def __init__(self, script: list[tuple]) -> None:
         self.script = list(script)
@@ -64,6 +66,10 @@ class FakeOpenAI:
                     payload = completion([("3", -0.1)])
                     payload["choices"][0]["logprobs"] = None
                     return self._json(200, payload)
+                if kind == "json":
+                    return self._json(200, step[1])
+                if kind == "raw":
+                    return self._raw(200, step[1])
                 if kind == "ok_chosen":
                     return self._json(200, completion(step[1], step[2]))
                 return self._json(200, completion(step[1]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import socket
 import threading
 import time
@@ -158,3 +159,29 @@ def test_bad_settings_are_refused():
         OpenAIClient("http://127.0.0.1:1/v1", max_retries=-1)
     with pytest.raises(ValueError, match="max_concurrency"):
         OpenAIClient("http://127.0.0.1:1/v1", max_concurrency=0)
+
+
+@pytest.mark.parametrize(
+    "step, parse",
+    [
+        (("ok", TOP), lambda data: data["choices"][0]["message"].strip()),  # AttributeError: a dict has no strip
+        (
+            ("ok", TOP),
+            lambda data: math.exp(data["choices"][0]["logprobs"]["content"][0]["logprob"] * -10_000),
+        ),  # OverflowError
+        (("raw", b"[" * 100_000), content),  # RecursionError while decoding
+        (("json", {"choices": "not a list"}), content),  # TypeError
+        (("raw", b"\xff\xfe"), content),  # not UTF-8
+    ],
+)
+def test_any_bad_answer_is_malformed_and_never_raises(step, parse, caplog):
+    caplog.set_level(logging.DEBUG, logger="editr1.rewards.http")
+    with FakeOpenAI([step]) as fake:
+        c = make(fake.url, max_retries=1)
+        assert c.post("chat/completions", BODY, parse) is None
+        c.close()
+    assert c.counts == Counter(
+        {"requests": 2, "retries": 1, "errors/malformed_response": 2, "failed/malformed_response": 1}
+    )
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "malformed answer" in warnings[0].getMessage()  # once, then at debug level

@@ -37,9 +37,9 @@ def test_expected_score_from_top_logprobs_renormalises_over_digits_present():
     top = [("4", math.log(0.6)), ("yes", math.log(0.15)), ("1", math.log(0.2))]
     assert expected_score_from_top_logprobs(top) == pytest.approx((0.25 * 1 + 0.75 * 4) / 5)
     # " 3" and "3" are both the digit 3 and add up; "7" and "10" are not digits 0-5.
-    top = [(" 3", math.log(0.3)), ("3", math.log(0.3)), ("7", math.log(0.2)), ("0", math.log(0.2)), ("10", -0.1)]
+    top = [(" 3", math.log(0.3)), ("3", math.log(0.3)), ("7", math.log(0.2)), ("0", math.log(0.2)), ("10", -10.0)]
     assert expected_score_from_top_logprobs(top) == pytest.approx((0.6 * 3) / 0.8 / 5)
-    assert math.isnan(expected_score_from_top_logprobs([("yes", -0.1), ("no", -2.0)]))
+    assert math.isnan(expected_score_from_top_logprobs([("yes", -0.1), ("no", -2.5)]))
     assert math.isnan(expected_score_from_top_logprobs([]))
 
 
@@ -96,3 +96,48 @@ def test_digit_tokens_pooled_or_plain_and_missing_digits_renormalize_or_fail():
         score_top_logprobs(top, digit_tokens="spaces")
     with pytest.raises(ValueError, match="missing_digits"):
         score_top_logprobs(top, missing_digits="zero")
+
+
+@pytest.mark.parametrize(
+    "pair, why",
+    [
+        ((3, -0.1), "token"),  # an integer token (no .strip())
+        ((None, -0.1), "token"),
+        (("3", "-0.1"), "logprob"),  # a string, not a number
+        (("3", None), "logprob"),
+        (("3", True), "logprob"),  # JSON true is not a number here
+        (("3", 1000.0), "log-probability"),  # math.exp would overflow
+        (("3", 0.5), "log-probability"),  # a probability above 1
+        (("3", float("nan")), "log-probability"),
+        (("3", float("inf")), "log-probability"),
+    ],
+)
+def test_malformed_token_logprob_pairs_raise_value_error_never_a_number(pair, why):
+    from editr1.rewards.scoring import digit_probabilities, score_top_logprobs
+
+    top = [("4", math.log(0.5)), pair]
+    with pytest.raises(ValueError, match=why):
+        digit_probabilities(top)
+    with pytest.raises(ValueError, match=why):
+        score_top_logprobs(top, digit_tokens="plain")
+
+
+def test_valid_edge_logprobs_are_accepted():
+    from editr1.rewards.scoring import score_top_logprobs
+
+    # -inf is probability 0; 0 is probability 1; a float32 rounding error just above 0 counts as 0
+    s, mass = score_top_logprobs([("5", 0.0), ("1", float("-inf")), ("word", -30.0)])
+    assert s == pytest.approx(1.0) and mass == pytest.approx(1.0)
+    s, mass = score_top_logprobs([("2", 1e-7)])
+    assert s == pytest.approx(0.4) and mass == pytest.approx(1.0)
+    s, mass = score_top_logprobs([("2", -1e300), ("3", -(2**70))])  # integers are numbers; exp underflows to 0
+    assert math.isnan(s) and mass == 0.0
+
+
+def test_returned_probabilities_above_one_in_total_are_malformed():
+    from editr1.rewards.scoring import score_top_logprobs
+
+    with pytest.raises(ValueError, match="sum"):
+        score_top_logprobs([("4", math.log(0.7)), ("5", math.log(0.6))])
+    with pytest.raises(ValueError, match="sum"):  # non-digit tokens count towards the total too
+        score_top_logprobs([("4", math.log(0.7)), ("Sure", math.log(0.6))])

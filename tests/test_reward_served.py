@@ -138,6 +138,56 @@ def test_missing_logprobs_is_a_failure_not_a_zero():
     assert torch.isnan(s).all() and c.stats()["failed/malformed_response"] == 2
 
 
+def answer(entries: list[dict], chosen: dict | None = None) -> dict:
+    """A chat-completion body whose first token has these ``top_logprobs`` entries (anything JSON holds)."""
+    first = dict(chosen or {"token": "4", "logprob": -0.5}, top_logprobs=entries)
+    return {"choices": [{"index": 0, "message": {"content": "4"}, "logprobs": {"content": [first]}}]}
+
+
+@pytest.mark.parametrize(
+    "step",
+    [
+        ("json", answer([{"token": 4, "logprob": -0.5}, {"token": "1", "logprob": -1.6}])),  # an integer token
+        ("json", answer([{"token": ["4"], "logprob": -0.5}])),
+        ("json", answer([{"token": "4", "logprob": "-0.5"}])),  # a string logprob
+        ("json", answer([{"token": "4", "logprob": True}])),
+        ("json", answer([{"token": "4", "logprob": -0.5}], chosen={"token": "4", "logprob": None})),
+        ("ok", [("4", 1000.0), ("1", -1.6)]),  # exp overflows
+        ("ok", [("4", 0.5), ("1", -1.6)]),  # a positive log-probability
+        ("ok", [("4", float("nan")), ("1", -1.6)]),  # the bare word NaN, which Python's json reads
+        ("ok", [("4", float("inf")), ("1", -1.6)]),
+        ("ok", [("4", math.log(0.9)), ("5", math.log(0.9))]),  # probabilities summing to 1.8
+        ("json", answer([{"token": "4", "logprob": -0.5}] * 2 + ["not an entry"])),
+        ("json", answer({"token": "4", "logprob": -0.5})),  # an object where a list belongs
+        ("json", {"choices": {"0": 1}}),
+        ("json", [1, 2, 3]),
+        ("raw", b"[" * 100_000),  # nested too deep for json
+        ("raw", b"\xff\xfe not utf-8"),
+    ],
+)
+def test_malformed_answers_are_nan_and_counted_never_a_crash_or_a_number(step):
+    with FakeOpenAI([step]) as fake:
+        c = client(fake.url, max_retries=1)
+        s = c.score(inputs(2))
+        c.close()
+    assert torch.isnan(s).all()
+    assert c.stats() == {
+        "requests": 4.0,
+        "retries": 2.0,
+        "errors/malformed_response": 4.0,
+        "failed/malformed_response": 2.0,
+    }
+    assert c.step_stats() == {}  # no digit mass is reported for an answer that was not read
+
+
+def test_a_log_probability_rounded_just_above_zero_still_scores():
+    with FakeOpenAI([("ok", [("4", 2e-7), ("1", -30.0)])]) as fake:
+        c = client(fake.url)
+        s = c.score(inputs(1))
+        c.close()
+    assert s.tolist() == pytest.approx([0.8])
+
+
 def test_digits_missing_from_top_logprobs_is_nan_without_retrying():
     with FakeOpenAI([("ok", [("yes", -0.1), ("no", -2.5)])]) as fake:
         c = client(fake.url)
@@ -182,7 +232,7 @@ def test_plain_digit_tokens_ignore_space_variants():
 
 
 def test_wrong_chosen_token_still_scores_from_the_digits_present():
-    top = [("Sure", -0.2), ("5", math.log(0.3)), ("3", math.log(0.1))]
+    top = [("Sure", math.log(0.5)), ("5", math.log(0.3)), ("3", math.log(0.1))]
     with FakeOpenAI([("ok_chosen", top, "Sure")]) as fake:
         c = client(fake.url)
         s = c.score(inputs(2))

@@ -20,6 +20,7 @@ token; it is never logged. The client is synchronous and safe to share between t
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -29,8 +30,13 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-# What a parser may raise for an answer it rejects: the request is retried, then counted malformed.
-PARSE_ERRORS = (ValueError, KeyError, IndexError, TypeError)
+log = logging.getLogger(__name__)
+
+# What reading an answer may raise when the answer is bad: the request is retried, then counted malformed.
+# Beyond a parser's own ValueError: the shape errors Python raises on JSON of the wrong shape (KeyError,
+# IndexError, TypeError, AttributeError), arithmetic on absurd numbers (OverflowError) and JSON nested
+# too deep to decode (RecursionError). A server's answer never crashes the caller.
+PARSE_ERRORS = (ValueError, KeyError, IndexError, TypeError, AttributeError, ArithmeticError, RecursionError)
 
 
 def retryable(status: int) -> bool:
@@ -126,14 +132,24 @@ class OpenAIClient:
                 else:
                     try:
                         return parse(response.json())  # a body that is not JSON raises ValueError too
-                    except PARSE_ERRORS:
+                    except PARSE_ERRORS as exc:
                         reason = "malformed_response"
+                        self._malformed(exc)
             self._count(f"errors/{reason}")
         self._count(f"failed/{reason}")
         return None
 
     def close(self) -> None:
         self._client.close()
+
+    def _malformed(self, exc: BaseException) -> None:
+        """Say why an answer was rejected: a warning the first time, then at debug level."""
+        with self._lock:
+            first = not self.counts["errors/malformed_response"]
+        message = str(exc)[:200] if not isinstance(exc, RecursionError) else "JSON nested too deep"
+        (log.warning if first else log.debug)(
+            "%s %s: malformed answer (%s: %s)", self.label, self.base_url, type(exc).__name__, message
+        )
 
     def _count(self, key: str) -> None:
         with self._lock:

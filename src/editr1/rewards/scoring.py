@@ -5,7 +5,10 @@ restricted to the six digit tokens (their ids come from the tokenizer, never har
 that returns top-k log-probabilities gives the same value after renormalising over the digits present
 (``missing_digits="renormalize"``), or none when a digit is missing (``"fail"``). The digits' share of
 the returned probability (the *digit mass*) says how much the judge's answer was a digit at all.
-Pure functions; no model here.
+
+Pairs from a server are untrusted: a token that is not a string, a log-probability that is not a
+number, is NaN or is above 0 (a probability above 1), or returned probabilities that add up to more
+than 1 raise ``ValueError`` — a malformed answer, never a score. Pure functions; no model here.
 """
 
 from __future__ import annotations
@@ -19,6 +22,11 @@ import torch
 DIGITS = tuple(str(d) for d in range(6))
 DigitTokens = Literal["pooled", "plain"]
 MissingDigits = Literal["renormalize", "fail"]
+
+# Float rounding may put the log-probability of a near-certain token a hair above 0: up to this much
+# is read as log 1; more is not a log-probability. Likewise for the total of the returned probabilities.
+LOGPROB_SLACK = 1e-5
+MASS_SLACK = 1e-3
 
 
 def digit_token_ids(tokenizer) -> list[int]:
@@ -51,22 +59,46 @@ def expected_score_from_logits(logits: torch.Tensor, digit_ids: list[int]) -> to
     return torch.where(torch.isfinite(sub).all(dim=-1), score, torch.full_like(score, float("nan")))
 
 
+def checked_pair(token, logprob) -> tuple[str, float]:
+    """One ``(token, logprob)`` pair as ``(str, float <= 0)``; ``ValueError`` for anything else (a token
+    that is not a string; a logprob that is not a real number, NaN, or above 0 beyond rounding).
+    ``-inf`` is a valid log-probability (probability 0)."""
+    if not isinstance(token, str):
+        raise ValueError(f"malformed top_logprobs entry: token {token!r} is not a string")
+    if isinstance(logprob, bool) or not isinstance(logprob, (int, float)):
+        raise ValueError(f"malformed top_logprobs entry: logprob {logprob!r} of {token!r} is not a number")
+    try:
+        value = float(logprob)
+    except OverflowError:  # an integer too large for a float
+        value = math.inf if logprob > 0 else -math.inf
+    if not value <= LOGPROB_SLACK:  # NaN, +inf, or a probability above 1
+        raise ValueError(f"malformed top_logprobs entry: logprob {value} of {token!r} is not a log-probability")
+    return token, min(value, 0.0)
+
+
 def digit_probabilities(top: Iterable[tuple[str, float]], digit_tokens: DigitTokens = "pooled") -> list[float | None]:
     """Probability of each digit 0–5 among ``(token, logprob)`` pairs of the first answer token; ``None``
     where the digit is not among them.
 
     ``pooled``: tokens are matched after stripping whitespace ("3" and " 3" both count as 3; their
     probabilities add up). ``plain``: only the six tokens "0"…"5" themselves (the reference code reads
-    just those six ids).
+    just those six ids). Raises ``ValueError`` for a malformed pair (see :func:`checked_pair`) or when
+    the pairs' probabilities add up to more than 1.
     """
     if digit_tokens not in ("pooled", "plain"):
         raise ValueError(f"digit_tokens must be 'pooled' or 'plain', got {digit_tokens!r}")
     mass: list[float | None] = [None] * len(DIGITS)
-    for token, logprob in top:
+    total = 0.0
+    for pair in top:
+        token, logprob = checked_pair(*pair)
+        p = math.exp(logprob)
+        total += p
         t = token.strip() if digit_tokens == "pooled" else token
-        if t in DIGITS and logprob is not None and math.isfinite(logprob):
+        if t in DIGITS:
             d = int(t)
-            mass[d] = (mass[d] or 0.0) + math.exp(logprob)
+            mass[d] = (mass[d] or 0.0) + p
+    if total > 1.0 + MASS_SLACK:
+        raise ValueError(f"malformed top_logprobs: the probabilities returned sum to {total:.4f}, above 1")
     return mass
 
 

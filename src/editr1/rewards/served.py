@@ -6,8 +6,10 @@ HTTP goes through :class:`editr1.rewards.http.OpenAIClient` (``httpx``, pooled c
 on background threads with bounded concurrency, so ``submit`` returns at once and scoring one rollout
 chunk overlaps generating the next. Transport failures (connection refused, timeouts, HTTP 408/409/429/
 5xx, a malformed body) are retried with exponential backoff a bounded number of times; a sample that
-still fails is NaN and counted by reason — never a silent 0. Configuration errors (HTTP 400/401/403/404)
-stop the run with the server's message.
+still fails is NaN and counted by reason — never a silent 0. An answer that is not a valid log-probability
+list (a token that is not a string, a logprob that is not a number or is above 0, probabilities summing past 1)
+is malformed like a body that is not JSON. Configuration errors (HTTP 400/401/403/404) stop the run with
+the server's message.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from editr1.rewards.base import RewardInputs, RewardModel
 from editr1.rewards.http import OpenAIClient, error_message, retryable
 from editr1.rewards.mllm import judge_images
 from editr1.rewards.prompts import load_template, render
-from editr1.rewards.scoring import DigitTokens, MissingDigits, score_top_logprobs
+from editr1.rewards.scoring import DigitTokens, MissingDigits, checked_pair, score_top_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +39,19 @@ class RewardServerError(RuntimeError):
 
 
 def top_logprobs_of(response: Any) -> list[tuple[str, float]]:
-    """``(token, logprob)`` pairs of the first answer token of a chat-completion JSON body; raises
-    ValueError when it carries none."""
+    """``(token, logprob)`` pairs of the first answer token of a chat-completion JSON body, each checked
+    (a string token, a log-probability <= 0: :func:`~editr1.rewards.scoring.checked_pair`); raises
+    ValueError when the body carries none or carries a malformed one."""
     try:
         first = response["choices"][0]["logprobs"]["content"][0]
-        pairs = {t["token"]: float(t["logprob"]) for t in (first.get("top_logprobs") or [])}
-        pairs.setdefault(first["token"], float(first["logprob"]))  # the chosen token, if the list left it out
-    except (KeyError, IndexError, TypeError, ValueError, AttributeError):
-        raise ValueError("no_logprobs") from None
+        entries = first.get("top_logprobs") or []
+        if not isinstance(entries, list):
+            raise TypeError("top_logprobs is not a list")
+        pairs = dict(checked_pair(t["token"], t["logprob"]) for t in entries)
+        token, logprob = checked_pair(first["token"], first["logprob"])
+    except (KeyError, IndexError, TypeError, AttributeError) as exc:
+        raise ValueError(f"no_logprobs: {type(exc).__name__}: {exc}") from None
+    pairs.setdefault(token, logprob)  # the chosen token, if the list left it out
     return list(pairs.items())
 
 
@@ -228,12 +235,19 @@ class ServedMLLMReward(RewardModel):
             "logprobs": True,
             "top_logprobs": self.top_logprobs,
         }
-        top = client.post("chat/completions", payload, top_logprobs_of)  # None: failed, counted by reason
-        if top is None:
+        # Reading and scoring the answer is the parse step: a malformed one (a token that is not a string, a
+        # logprob above 0, probabilities summing past 1, ...) raises ValueError there, so it is retried and
+        # then counted as failed/malformed_response; None: failed, counted by reason.
+        scored = client.post("chat/completions", payload, self._read)
+        if scored is None:
             return float("nan")
-        value, mass = score_top_logprobs(top, self.digit_tokens, self.missing_digits)
+        value, mass = scored
         with self._count_lock:
             self.digit_masses.append(mass)
         if value != value:  # NaN: a well-formed answer; retrying will not help
             self._count("failed/no_digits" if mass == 0 else "failed/missing_digits")
         return value
+
+    def _read(self, response: Any) -> tuple[float, float]:
+        """(score, digit mass) of one chat-completion body; ValueError when it is malformed."""
+        return score_top_logprobs(top_logprobs_of(response), self.digit_tokens, self.missing_digits)
