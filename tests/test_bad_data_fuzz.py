@@ -4,7 +4,9 @@ counted under its reason."""
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import random
 import struct
 import zlib
@@ -52,9 +54,13 @@ def _image(kind: str, path: Path, rng: random.Random) -> None:
         path.write_text("this is text, not pixels")
     elif kind == "bomb":
         _bomb_png(path)
+    elif kind == "exif":  # a phone photo stored sideways: EXIF orientation 6 turns it upright, 10 wide
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        Image.new("RGB", (12, 10), (rng.randrange(256), 9, 9)).save(path, "JPEG", exif=exif)
 
 
-GOOD_IMAGES = ["rgb", "cmyk", "palette", "alpha", "gray16"]
+GOOD_IMAGES = ["rgb", "cmyk", "palette", "alpha", "gray16", "exif"]
 BAD_ROWS = {  # kind -> reason it is counted under
     "malformed_json": "malformed_json",
     "not_an_object": "not_an_object",
@@ -65,6 +71,9 @@ BAD_ROWS = {  # kind -> reason it is counted under
     "missing_file": "missing_image_file",
     "outside": "image_outside_folder",
     "bad_requirement": "bad_requirement",
+    "nul_path": "image_path_nul_byte",
+    "long_path": "image_path_too_long",
+    "symlink_loop": "image_symlink_loop",
 }
 BAD_IMAGES = {"truncated": "unreadable_image", "not_an_image": "unreadable_image", "bomb": "image_too_large"}
 
@@ -73,7 +82,7 @@ def test_fuzzed_folder_trains_on_every_good_record_once(tmp_path):
     rng = random.Random(0)
     root = tmp_path / "data"
     (root / "images").mkdir(parents=True)
-    lines, good, expected = [], set(), Counter()
+    lines, good, expected, sideways = [], set(), Counter(), set()
     kinds = GOOD_IMAGES * 8 + list(BAD_ROWS) * 4 + list(BAD_IMAGES) * 4
     rng.shuffle(kinds)
     for i, kind in enumerate(kinds):
@@ -83,6 +92,8 @@ def test_fuzzed_folder_trains_on_every_good_record_once(tmp_path):
             _image(kind, root / name, rng)
             if kind in GOOD_IMAGES:
                 good.add(f"edit {i}")
+                if kind == "exif":
+                    sideways.add(f"edit {i}")
             else:
                 expected[BAD_IMAGES[kind]] += 1
             lines.append(json.dumps(row))
@@ -107,10 +118,18 @@ def test_fuzzed_folder_trains_on_every_good_record_once(tmp_path):
             lines.append(json.dumps({**row, "image": "../../etc/passwd"}))
         elif kind == "bad_requirement":
             lines.append(json.dumps({**row, "requirement": {"a": 1}}))
+        elif kind == "nul_path":
+            lines.append(json.dumps({**row, "image": name + "\x00"}))
+        elif kind == "long_path":
+            lines.append(json.dumps({**row, "image": "images/" + "n" * 300 + ".png"}))
+        elif kind == "symlink_loop":
+            os.symlink(f"{i}.loop.png", root / f"images/{i}.loop.png")
+            lines.append(json.dumps({**row, "image": f"images/{i}.loop.png"}))
     lines.insert(7, "")  # blank lines are ignored, not counted
-    (root / "train_metadata.jsonl").write_text("\n".join(lines))
+    # a byte-order mark (Windows editors write one) must not cost the first row
+    (root / "train_metadata.jsonl").write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode())
 
-    # 40 good rows + 12 rows whose image fails when read = 52 items: batches of 4 cover the epoch exactly
+    # 48 good rows + 12 rows whose image fails when read = 60 items: batches of 4 cover the epoch exactly
     dm = EditDataModule(path=str(root), batch_size=4, shuffle=True)
     dm.setup("fit")
     seen, skipped = [], Counter(dm.skipped_rows("train"))
@@ -118,6 +137,8 @@ def test_fuzzed_folder_trains_on_every_good_record_once(tmp_path):
         seen += batch["prompt"]
         skipped.update(batch["skipped"])
         assert all(im.mode == "RGB" for im in batch["image"])
+        sizes = {p: im.size for p, im in zip(batch["prompt"], batch["image"])}
+        assert all(size == ((10, 12) if p in sideways else (12, 10)) for p, size in sizes.items()), sizes
     assert sorted(seen) == sorted(good)  # every good record exactly once
     assert skipped == expected  # every bad one under its reason
 
@@ -139,3 +160,70 @@ def test_rows_rejected_when_read_are_logged_as_skipped_data(tmp_path):
     trainer.fit(small_module(), datamodule=dm)
     assert cb.counts["data_skipped/malformed_json"] == 1 and cb.counts["data_skipped/empty_prompt"] == 1
     assert float(trainer.callback_metrics["data/skipped"]) == 2
+
+
+# ------------------------------------------------------------------------------------------ evaluation loaders
+def _phone_jpeg() -> bytes:
+    """12 wide x 10 tall as stored, EXIF orientation 6: 10 wide x 12 tall upright."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.new("RGB", (12, 10), (200, 9, 9)).save(buf, "JPEG", exif=exif)
+    return buf.getvalue()
+
+
+def test_imgedit_loader_counts_unusable_paths_and_turns_phone_photos_upright(tmp_path):
+    from editr1.data.benchmarks import ImgEditDataset
+
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "img" / "ok.png")
+    (tmp_path / "img" / "phone.jpg").write_bytes(_phone_jpeg())
+    os.symlink("loop.png", tmp_path / "img" / "loop.png")
+    ids = {
+        "ok": "img/ok.png",
+        "phone": "img/phone.jpg",
+        "nul": "img/ok.png\x00",
+        "long": "img/" + "n" * 300 + ".png",
+        "loop": "img/loop.png",
+        "absent": "img/absent.png",
+        "outside": "../x.png",
+    }
+    meta = {k: {"id": v, "prompt": f"edit {k}", "edit_type": "add"} for k, v in ids.items()}
+    # a byte-order mark before the JSON is read past
+    (tmp_path / "basic_edit.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(meta).encode())
+    ds = ImgEditDataset(tmp_path / "basic_edit.json")
+    items = {it["key"]: it for it in (ds[i] for i in range(len(ds)))}
+    assert items["ok"]["image"].size == (8, 8) and items["phone"]["image"].size == (10, 12)
+    assert {k: it["skipped"] for k, it in items.items() if "skipped" in it} == {
+        "nul": "image_path_nul_byte",
+        "long": "image_path_too_long",
+        "loop": "image_symlink_loop",
+        "absent": "missing_image_file",
+        "outside": "image_outside_root",
+    }
+    assert all(it["task"] == "add" for it in items.values())  # counted as missing in their category
+
+
+def test_image_folder_lists_links_it_cannot_follow_as_skipped_and_gedit_bytes_are_upright(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from editr1.data.benchmarks import GEditDataset, ImageFolderDataset
+
+    folder = tmp_path / "f"
+    folder.mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "a.png")
+    (folder / "phone.jpg").write_bytes(_phone_jpeg())
+    os.symlink("loop.png", folder / "loop.png")
+    os.symlink("absent.png", folder / "dangling.png")
+    (folder / "sub.png").mkdir()  # a folder is not an image
+    ds = ImageFolderDataset(folder, "make it red")
+    items = {it["key"]: it for it in (ds[i] for i in range(len(ds)))}
+    assert sorted(items) == ["a", "dangling", "loop", "phone"]
+    assert items["phone"]["image"].size == (10, 12)
+    assert items["loop"]["skipped"] == "image_symlink_loop" and items["dangling"]["skipped"] == "missing_image_file"
+
+    row = {"key": ["k"], "task_type": ["t"], "instruction": ["brighten"], "instruction_language": ["en"]}
+    table = pa.table({**row, "input_image": [{"bytes": _phone_jpeg()}], "Intersection_exist": [False]})
+    pq.write_table(table, tmp_path / "g.parquet")
+    assert GEditDataset(tmp_path / "g.parquet")[0]["image"].size == (10, 12)

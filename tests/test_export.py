@@ -171,3 +171,25 @@ def test_predict_a_folder_of_images_with_one_instruction_and_a_lora(tmp_path, mo
         written[run] = {line["key"]: np.asarray(Image.open(out / line["file"])) for line in lines}
     assert written["base"]["one"].shape == (32, 32, 3)
     assert np.abs(written["base"]["one"].astype(int) - written["with_lora"]["one"]).max() > 0  # the LoRA was applied
+
+
+def test_exported_lora_file_gets_the_mode_every_other_output_gets(tmp_path):
+    """safetensors writes through a private temporary file (mode 0600); the export must not keep that mode."""
+    import os
+    import stat
+
+    from editr1.export import write_lora
+
+    state = {"a.lora_A.weight": torch.zeros(2, 4), "a.lora_B.weight": torch.zeros(4, 2)}
+    settings = {"r": 2, "lora_alpha": 4, "target_modules": ["a"]}
+    previous = os.umask(0o002)  # a group-shared folder
+    try:
+        path = write_lora(tmp_path / "lora", state, settings, "FluxKontextPipeline")
+        probe = tmp_path / "lora" / "probe"
+        with open(probe, "w"):
+            pass
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == stat.S_IMODE(probe.stat().st_mode) == 0o664
+    with safe_open(str(path), "pt") as f:
+        assert torch.equal(f.get_tensor("transformer.a.lora_B.weight"), state["a.lora_B.weight"])

@@ -3,7 +3,9 @@ robust image loading, and the map-style dataset."""
 
 from __future__ import annotations
 
+import io
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -207,3 +209,97 @@ def test_dataset_skips_unreadable_images(folder):
     (folder / "images" / "t.png").write_bytes(b"garbage")
     assert ds[2] == {"skipped": "target_unreadable_image"}
     assert JsonlEditDataset(folder, load_targets=False)[2]["prompt"] == "add a hat"
+
+
+# ------------------------------------------------------------------------------- bad paths, BOM, EXIF
+def _bad_path_folder(root: Path) -> Path:
+    """A folder whose rows name paths that make the OS refuse: a NUL byte, an over-long name, symlink loops."""
+    _save(root / "images" / "a.png")
+    os.symlink("loop.png", root / "images" / "loop.png")  # points at itself
+    os.symlink("pong.png", root / "images" / "ping.png")  # a loop of two
+    os.symlink("ping.png", root / "images" / "pong.png")
+    long_name = "images/" + "x" * 300 + ".png"
+    rows = [
+        {"prompt": "good", "image": "images/a.png"},
+        {"prompt": "nul", "image": "images/a\x00.png"},
+        {"prompt": "long", "image": long_name},
+        {"prompt": "long dir", "image": "x" * 300 + "/a.png"},
+        {"prompt": "loop", "image": "images/loop.png"},
+        {"prompt": "loop2", "image": "images/ping.png"},
+        {"prompt": "loop dir", "image": "images/loop.png/a.png"},
+        {"prompt": "t nul", "image": "images/a.png", "target": "\x00"},
+        {"prompt": "t long", "image": "images/a.png", "target": long_name},
+        {"prompt": "t loop", "image": "images/a.png", "target": "images/pong.png"},
+    ]
+    _write(root, rows)
+    return root
+
+
+BAD_PATHS = {
+    "image_path_nul_byte": 1,
+    "image_path_too_long": 2,
+    "image_symlink_loop": 3,
+    "target_path_nul_byte": 1,
+    "target_path_too_long": 1,
+    "target_symlink_loop": 1,
+}
+
+
+def test_unusable_paths_are_skipped_and_counted_not_raised(tmp_path):
+    root = _bad_path_folder(tmp_path / "d")
+    records, skipped = read_metadata(root)
+    assert [r.prompt for r in records] == ["good"]
+    assert skipped == Counter(BAD_PATHS)
+    ds = JsonlEditDataset(root)
+    assert len(ds) == 1 and ds.skipped_rows == Counter(BAD_PATHS)
+    for line in ['{"prompt": "x", "image": "images/a.png\\u0000"}', json.dumps({"prompt": "x", "image": "y" * 5000})]:
+        assert isinstance(parse_line(line, root), str)
+
+
+def test_a_byte_order_mark_does_not_cost_the_first_row(tmp_path):
+    _save(tmp_path / "images" / "a.png")
+    rows = [json.dumps({"prompt": f"edit {i}", "image": "images/a.png"}) for i in range(2)]
+    (tmp_path / "train_metadata.jsonl").write_bytes(b"\xef\xbb\xbf" + "\n".join(rows).encode())
+    records, skipped = read_metadata(tmp_path)
+    assert [r.prompt for r in records] == ["edit 0", "edit 1"] and not skipped
+
+
+def exif_jpeg(path: Path | None = None, orientation: int = 6, size=(32, 16)) -> bytes:
+    """A JPEG stored ``size`` wide, left half red and right half blue, whose EXIF says ``orientation``."""
+    img = Image.new("RGB", size, (255, 0, 0))
+    img.paste((0, 0, 255), (size[0] // 2, 0, size[0], size[1]))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", exif=exif, quality=95)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(buf.getvalue())
+    return buf.getvalue()
+
+
+def assert_upright(img: Image.Image) -> None:
+    """What :func:`exif_jpeg` stores, shown as orientation 6 says: turned 90° clockwise, red on top."""
+    assert img.size == (16, 32) and img.mode == "RGB"
+    top, bottom = img.getpixel((8, 4)), img.getpixel((8, 28))
+    assert top[0] > 200 and top[2] < 60 and bottom[2] > 200 and bottom[0] < 60, (top, bottom)
+
+
+def test_load_image_applies_exif_orientation_and_keeps_the_size_guard(tmp_path, monkeypatch):
+    data = exif_jpeg(tmp_path / "phone.jpg")
+    assert Image.open(tmp_path / "phone.jpg").size == (32, 16)  # as stored
+    assert_upright(load_image(tmp_path / "phone.jpg"))
+    assert_upright(load_image(data))  # encoded bytes (shards, GEdit parquet) too
+    assert load_image(exif_jpeg(orientation=1)).size == (32, 16)
+    monkeypatch.setattr(jsonl, "MAX_IMAGE_PIXELS", 32 * 16 - 1)
+    assert load_image(tmp_path / "phone.jpg") == "image_too_large"
+    assert load_image(data) == "image_too_large"
+
+
+def test_dataset_items_are_upright(tmp_path):
+    exif_jpeg(tmp_path / "images" / "phone.jpg")
+    exif_jpeg(tmp_path / "images" / "target.jpg")
+    _write(tmp_path, [{"prompt": "brighten", "image": "images/phone.jpg", "target": "images/target.jpg"}])
+    item = JsonlEditDataset(tmp_path)[0]
+    assert_upright(item["image"])
+    assert_upright(item["target"])

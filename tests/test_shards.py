@@ -9,6 +9,7 @@ import tarfile
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -243,3 +244,57 @@ def test_require_targets_skips_samples_without_a_target():
     with_tgt = dict(sample, **{"tgt.png": buf.getvalue()})
     assert decode_sample(with_tgt, load_targets=False, require_targets=False)["target"] is None
     assert decode_sample(with_tgt, require_targets=True)["target"].size == (8, 8)
+
+
+def test_make_shards_skips_and_counts_rows_whose_images_the_folder_reader_would_skip(tmp_path, capsys, monkeypatch):
+    from editr1.data import jsonl
+    from test_jsonl import assert_upright, exif_jpeg
+
+    src = make_folder(tmp_path / "d", 3)
+    images = src / "images"
+    (images / "text.png").write_text("not an image")
+    noise = np.random.default_rng(0).integers(0, 256, (20, 20, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(images / "truncated.png")
+    (images / "truncated.png").write_bytes((images / "truncated.png").read_bytes()[:600])
+    (images / "big.png").write_bytes(_png(size=(40, 40)))  # over the (lowered) pixel limit
+    exif_jpeg(images / "phone.jpg")  # good: read back upright
+    os.symlink("loop.png", images / "loop.png")
+    rows = {
+        "unreadable": {"image": "images/text.png"},
+        "truncated": {"image": "images/truncated.png"},
+        "big": {"image": "images/big.png"},
+        "bad target": {"image": "images/0.png", "target": "images/text.png"},
+        "big target": {"image": "images/0.png", "target": "images/big.png"},
+        "phone": {"image": "images/phone.jpg", "target": "images/phone.jpg"},
+        "loop": {"image": "images/loop.png"},
+        "nul": {"image": "images/0.png\x00"},
+        "long": {"image": "images/" + "x" * 300 + ".png"},
+    }
+    with (src / "train_metadata.jsonl").open("a") as f:
+        f.writelines("\n" + json.dumps({"prompt": p, **r}) for p, r in rows.items())
+    monkeypatch.setattr(jsonl, "MAX_IMAGE_PIXELS", 30 * 30)
+    expected = {
+        "unreadable_image": 2,
+        "image_too_large": 1,
+        "target_unreadable_image": 1,
+        "target_image_too_large": 1,
+        "image_symlink_loop": 1,
+        "image_path_nul_byte": 1,
+        "image_path_too_long": 1,
+    }
+    cli_main(["make-shards", str(src), str(tmp_path / "s" / "e-%02d.tar"), "--maxcount", "2"])
+    printed = capsys.readouterr().out
+    assert "wrote 4 samples to 2 shards; skipped 8 rows: {" in printed
+    assert all(f"'{reason}': {n}" in printed for reason, n in expected.items()), printed
+    assert write_shards(src, str(tmp_path / "again" / "e-%02d.tar"))["skipped"] == expected
+    items = read_all(str(tmp_path / "s" / "e-{00..01}.tar"), shuffle=False)
+    assert [it["prompt"] for it in items] == ["edit number 0", "edit number 1", "edit number 2", "phone"]
+    assert_upright(items[3]["image"])
+    assert_upright(items[3]["target"])
+    # nothing usable at all: an error, and no empty shard left behind
+    (src / "train_metadata.jsonl").write_text(
+        "\n".join(json.dumps({"prompt": "x", **rows[k]}) for k in ("big", "loop"))
+    )
+    with pytest.raises(ValueError, match="no usable row"):
+        write_shards(src, str(tmp_path / "none" / "e-%02d.tar"))
+    assert not list((tmp_path / "none").glob("*.tar"))

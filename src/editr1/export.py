@@ -11,6 +11,7 @@ by rank 0).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -55,7 +56,23 @@ def write_lora(out_dir: str | Path, state: dict[str, torch.Tensor], lora: dict, 
     path = out / "pytorch_lora_weights.safetensors"
     if not path.is_file():
         raise RuntimeError(f"diffusers did not write {path}")
+    # safetensors (0.8) creates the file with mode 0600 whatever the umask: give it the mode open() gives
+    # every other output, so the group can read it when the umask lets it
+    os.chmod(path, 0o666 & ~_umask())
     return path
+
+
+def _umask() -> int:
+    """The process's umask; read from /proc where it can be (setting it to read it back is not thread-safe)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)  # restrictive while it is read, should another thread create a file meanwhile
+    os.umask(mask)
+    return mask
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, adapter: str = "default") -> Path:

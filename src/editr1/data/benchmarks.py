@@ -17,16 +17,28 @@ from __future__ import annotations
 
 import json
 import logging
+import stat
 from collections import Counter
 from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from editr1.data.jsonl import _inside, check_prompt, load_image
+from editr1.data.jsonl import check_file, check_prompt, load_image, locate
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def _load(path: Path | str, outside: str = "image_outside_root"):
+    """The image at ``path`` (a :func:`~editr1.data.jsonl.locate` result), or why not: ``outside`` when the
+    path leads out of its root, ``missing_image_file``, or a path the OS refuses (NUL byte, over-long name,
+    symlink loop) named like ``image_symlink_loop``."""
+    if isinstance(path, Path):
+        path = check_file(path)
+    if isinstance(path, str):
+        return {"outside_folder": outside, "missing_file": "missing_image_file"}.get(path, "image_" + path)
+    return load_image(path)
 
 
 def _item(image, prompt: str, task: str, key: str, meta: dict) -> dict:
@@ -50,12 +62,12 @@ class ImgEditDataset(Dataset):
         if not self.root.is_dir():
             raise FileNotFoundError(f"ImgEdit image root {self.root} does not exist")
         try:
-            data = json.loads(meta.read_text(encoding="utf-8"))
+            data = json.loads(meta.read_text(encoding="utf-8-sig"))  # a BOM is not JSON
         except json.JSONDecodeError as exc:
             raise ValueError(f"{meta} is not valid JSON: {exc}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{meta}: expected a JSON object keyed by sample id")
-        self.rows: list[tuple[str, str, str, Path | None]] = []
+        self.rows: list[tuple[str, str, str, str]] = []
         self.skipped_rows: Counter = Counter()
         for key, row in data.items():
             if (
@@ -69,7 +81,7 @@ class ImgEditDataset(Dataset):
             if reason is not None:
                 self.skipped_rows[reason] += 1
                 continue
-            self.rows.append((str(key), prompt, row["edit_type"], _inside(self.root, row["id"])))
+            self.rows.append((str(key), prompt, row["edit_type"], row["id"]))  # the path is checked when read
         if self.skipped_rows:
             log.warning("%s: skipped %d rows: %s", meta, sum(self.skipped_rows.values()), dict(self.skipped_rows))
         if not self.rows:
@@ -82,8 +94,8 @@ class ImgEditDataset(Dataset):
         return [r[2] for r in self.rows]
 
     def __getitem__(self, index: int) -> dict:
-        key, prompt, task, image_path = self.rows[index]
-        image = load_image(image_path) if image_path is not None else "image_outside_root"
+        key, prompt, task, image_id = self.rows[index]
+        image = _load(locate(self.root, image_id))
         return _item(image, prompt, task, key, {"language": "en", "intersection": False})
 
 
@@ -184,7 +196,7 @@ class ImageFolderDataset(Dataset):
         if reason is not None:
             raise ValueError(f"the instruction is not usable ({reason}): {instruction!r}")
         self.prompt = prompt
-        self.files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        self.files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and _listed(p))
         if not self.files:
             raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {root}")
         stems = Counter(p.stem for p in self.files)
@@ -194,4 +206,13 @@ class ImageFolderDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> dict:
-        return _item(load_image(self.files[index]), self.prompt, "", self.keys[index], {})
+        return _item(_load(self.files[index]), self.prompt, "", self.keys[index], {})
+
+
+def _listed(path: Path) -> bool:
+    """A regular file, or a link that cannot be followed (a loop, a dangling link: read, it is counted as
+    skipped rather than silently left out); never a folder or a FIFO (reading one would block)."""
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except OSError:
+        return True

@@ -6,21 +6,27 @@ A folder holds ``images/`` and ``train_metadata.jsonl``, one JSON object a line:
 
 with optional ``"target"`` (an image path, for supervised warm-up) and ``"task"`` (a category).
 Bad rows are skipped and counted with their reason; a folder with no usable row is an error before
-training starts. Images are read lazily; one that cannot be read is skipped and counted too.
+training starts. Images are read lazily; one that cannot be read is skipped and counted too. A path the
+OS refuses (a NUL byte, an over-long name, a symlink loop) is a skipped row like any other; images are
+turned upright as their EXIF orientation says (phone photos); a byte-order mark before the first row is
+read past.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
+import stat
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
-from editr1.images import ImageTooLarge, decode_image
+from editr1.images import ImageTooLarge, decode_image, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +62,11 @@ def parse_line(line: str, root: Path) -> EditRecord | str:
     image = obj.get("image")
     if not isinstance(image, str) or not image.strip():
         return "missing_image_field"
-    image_path = _inside(root, image)
-    if image_path is None:
-        return "image_outside_folder"
-    if not image_path.is_file():
-        return "missing_image_file"
+    image_path = locate(root, image)
+    if isinstance(image_path, str):
+        return {"outside_folder": "image_outside_folder", "missing_file": "missing_image_file"}.get(
+            image_path, "image_" + image_path
+        )
     requirement = obj.get("requirement", "")
     if requirement is None:
         requirement = ""
@@ -70,9 +76,11 @@ def parse_line(line: str, root: Path) -> EditRecord | str:
     if obj.get("target") is not None:
         if not isinstance(obj["target"], str):
             return "bad_target"
-        target_path = _inside(root, obj["target"])
-        if target_path is None or not target_path.is_file():
+        target_path = locate(root, obj["target"])
+        if target_path in ("outside_folder", "missing_file"):
             return "missing_target_file"
+        if isinstance(target_path, str):
+            return "target_" + target_path
     task = obj.get("task", "")
     return EditRecord(prompt, image_path, requirement.strip(), target_path, str(task) if task is not None else "")
 
@@ -89,13 +97,43 @@ def check_prompt(prompt) -> tuple[str, str | None]:
     return prompt, None
 
 
-def _inside(root: Path, rel: str) -> Path | None:
-    path = (root / rel).resolve()
-    try:
-        path.relative_to(root.resolve())
-    except ValueError:
-        return None
+def resolve_inside(root: Path, rel: str) -> Path | str:
+    """``root / rel`` with its symlinks resolved, or why that path cannot be used: ``outside_folder``
+    (it leads out of ``root``), ``path_nul_byte``, ``path_too_long``, ``symlink_loop`` or ``unreadable_path``
+    (the OS refused it otherwise). Whether the file exists is not checked (see :func:`locate`)."""
+    if "\x00" in rel:
+        return "path_nul_byte"
+    try:  # realpath, unlike Path.resolve on Python < 3.13, does not raise on symlink loops
+        path, base = Path(os.path.realpath(root / rel)), Path(os.path.realpath(root))
+    except (OSError, ValueError, RuntimeError):
+        return "unreadable_path"
+    if not path.is_relative_to(base):
+        return "outside_folder"
     return path
+
+
+_STAT_ERRORS = {errno.ELOOP: "symlink_loop", errno.ENAMETOOLONG: "path_too_long"}
+
+
+def locate(root: Path, rel: str) -> Path | str:
+    """The regular file ``root / rel`` (symlinks resolved), or why not: a :func:`resolve_inside` or a
+    :func:`check_file` reason."""
+    path = resolve_inside(root, rel)
+    return path if isinstance(path, str) else check_file(path)
+
+
+def check_file(path: Path) -> Path | str:
+    """``path`` when it is a regular file (symlinks followed), or why not: ``missing_file`` (absent, or not a
+    regular file), ``symlink_loop``, ``path_too_long`` or ``unreadable_path``."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            return "missing_file"
+        return _STAT_ERRORS.get(exc.errno, "unreadable_path")
+    except ValueError:  # a NUL byte
+        return "path_nul_byte"
+    return path if stat.S_ISREG(mode) else "missing_file"
 
 
 def read_metadata(folder: str | Path, filename: str = "train_metadata.jsonl") -> tuple[list[EditRecord], Counter]:
@@ -111,7 +149,7 @@ def read_metadata(folder: str | Path, filename: str = "train_metadata.jsonl") ->
         raise FileNotFoundError(f"{meta} not found: a data folder needs images/ and {filename}")
     records: list[EditRecord] = []
     skipped: Counter = Counter()
-    with meta.open("r", encoding="utf-8", errors="replace") as f:
+    with meta.open("r", encoding="utf-8-sig", errors="replace") as f:  # a leading BOM is not row text
         for line in f:
             if not line.strip():
                 continue
@@ -134,15 +172,24 @@ def read_metadata(folder: str | Path, filename: str = "train_metadata.jsonl") ->
 
 
 def load_image(source: Path | bytes) -> Image.Image | str:
-    """An RGB image from a file or from encoded bytes, or the reason it cannot be used."""
+    """An RGB image from a file or from encoded bytes, upright as its EXIF orientation says (phone photos),
+    or the reason it cannot be used."""
     try:
-        return decode_image(source, MAX_IMAGE_PIXELS)
+        return decode_image(source, MAX_IMAGE_PIXELS, convert=_upright_rgb)
     except ImageTooLarge:
         return "image_too_large"
     except FileNotFoundError:
         return "missing_image_file"
     except (OSError, ValueError, SyntaxError):
         return "unreadable_image"
+
+
+def _upright_rgb(img: Image.Image) -> Image.Image:
+    """EXIF orientation applied, then RGB; the pixel limit holds for the turned image too."""
+    img = ImageOps.exif_transpose(img)
+    if img.width * img.height > MAX_IMAGE_PIXELS:
+        raise ImageTooLarge(f"image of {img.width}x{img.height} exceeds {MAX_IMAGE_PIXELS} pixels")
+    return to_rgb(img)
 
 
 class JsonlEditDataset(Dataset):

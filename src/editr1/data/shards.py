@@ -204,27 +204,64 @@ def write_shards(
 ) -> dict:
     """Convert a UniWorld-format folder into tar shards (``pattern`` like ``out/edits-%06d.tar``).
 
-    Image bytes are copied as they are (no re-encoding). Rows the folder reader skips are counted.
-    Returns ``{"samples": n, "shards": [paths], "skipped": {reason: count}}``.
+    Image bytes are copied as they are (no re-encoding), after the folder reader's checks: rows it skips,
+    and rows whose image or target it could not decode (or that exceed its pixel limit), are counted.
+    Returns ``{"samples": n, "shards": [paths], "skipped": {reason: count}}``; no usable row is an error.
     """
     if "%" not in pattern:
         raise ValueError(f"pattern needs a %d-style shard number, e.g. out/edits-%06d.tar; got {pattern!r}")
     records, skipped = read_metadata(folder, metadata_file)
     Path(pattern % 0).parent.mkdir(parents=True, exist_ok=True)
     written: list[str] = []
-    with wds.ShardWriter(pattern, maxcount=maxcount, verbose=0) as sink:
+    sink, samples = None, 0  # the writer is opened at the first usable row: no empty shard when there is none
+    try:
         for i, rec in enumerate(records):
-            sample = {
-                "__key__": f"{i:09d}",
-                "json": json.dumps({"prompt": rec.prompt, "requirement": rec.requirement, "task": rec.task}).encode(),
-                f"src.{_ext(rec.image)}": rec.image.read_bytes(),
-            }
-            if rec.target is not None:
-                sample[f"tgt.{_ext(rec.target)}"] = rec.target.read_bytes()
+            sample = _sample(rec, f"{i:09d}")
+            if isinstance(sample, str):
+                skipped[sample] += 1
+                continue
+            if sink is None:
+                sink = wds.ShardWriter(pattern, maxcount=maxcount, verbose=0)
             sink.write(sample)
+            samples += 1
             if sink.fname and (not written or written[-1] != sink.fname):
                 written.append(sink.fname)
-    return {"samples": len(records), "shards": written, "skipped": dict(skipped)}
+    finally:
+        if sink is not None:
+            sink.close()
+    if not samples:
+        raise ValueError(f"{folder}: no usable row to write (skipped: {dict(skipped)})")
+    return {"samples": samples, "shards": written, "skipped": dict(skipped)}
+
+
+def _sample(rec, key: str) -> dict | str:
+    """The shard sample of one record, or why it is skipped (the reasons the folder reader gives)."""
+    src = _checked_bytes(rec.image)
+    if isinstance(src, str):
+        return src
+    sample = {
+        "__key__": key,
+        "json": json.dumps({"prompt": rec.prompt, "requirement": rec.requirement, "task": rec.task}).encode(),
+        f"src.{_ext(rec.image)}": src,
+    }
+    if rec.target is not None:
+        tgt = _checked_bytes(rec.target)
+        if isinstance(tgt, str):
+            return "target_" + tgt
+        sample[f"tgt.{_ext(rec.target)}"] = tgt
+    return sample
+
+
+def _checked_bytes(path: Path) -> bytes | str:
+    """The file's bytes if :func:`~editr1.data.jsonl.load_image` decodes them within its limits, else its reason."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return "missing_image_file"
+    except OSError:
+        return "unreadable_image"
+    image = load_image(data)
+    return image if isinstance(image, str) else data
 
 
 def _ext(path: Path) -> str:
@@ -234,7 +271,8 @@ def _ext(path: Path) -> str:
 
 def make_shards(folder: str, pattern: str, maxcount: int = 1000, metadata_file: str = "train_metadata.jsonl") -> dict:
     """Convert a UniWorld-format folder into WebDataset tar shards and print the ``--data.shards`` pattern
-    to train with. Image bytes are copied as they are; rows the folder reader skips are counted.
+    to train with. Image bytes are copied as they are; rows the folder reader skips (bad rows, images it
+    cannot decode or that exceed its pixel limit) are counted and the counts printed.
 
     Args:
         folder: a UniWorld-format folder (images/ + train_metadata.jsonl).
