@@ -1,0 +1,89 @@
+"""Qwen-Image-Edit specifics beyond the shared policy contract of test_policies.py: resolutions and latent
+sizes by hand, the tiny build's checks and determinism, prompt padding and truncation, encode_multi's errors
+and the scheduler's terminal σ."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline
+
+from editr1.policies import QwenImageEditPolicy, TinyQwenImage
+from editr1.policies.qwen_image_edit import QWEN_SCHEDULER_CONFIG, _hw, build_tiny_pipeline
+
+
+@pytest.fixture(scope="module")
+def policy():
+    return QwenImageEditPolicy(resolution=[32, 48])
+
+
+def test_resolution_forms():
+    assert _hw(64) == (64, 64)
+    assert _hw([32, 48]) == (32, 48) and _hw((16.0, 8)) == (16, 8)
+
+
+def test_latent_sizes_by_hand(policy):
+    # default tiny VAE: two stages, downsampling 2; 2 x 2 packing: (32/2/2)·(48/2/2) tokens of 4·4 channels
+    assert policy.vae_scale_factor == 2 and (policy.latent_h, policy.latent_w) == (16, 24)
+    assert policy.latent_shape() == (8 * 12, 16) and policy.condition_hw == (32, 48)
+    deeper = QwenImageEditPolicy(resolution=32, tiny=TinyQwenImage(vae_dim_mult=[1, 2, 2]))
+    assert deeper.vae_scale_factor == 4 and deeper.latent_shape() == (4 * 4, 16)
+    with pytest.raises(ValueError, match="resolution 36x36 must be a multiple of 8"):
+        QwenImageEditPolicy(resolution=36, tiny=TinyQwenImage(vae_dim_mult=[1, 2, 2]))
+
+
+def test_pipeline_class_follows_the_variant(policy):
+    assert type(policy.pipe) is QwenImageEditPipeline and policy.variant == "edit"
+    assert type(QwenImageEditPolicy(resolution=32, variant="edit_plus").pipe) is QwenImageEditPlusPipeline
+
+
+def test_tiny_settings_and_pipeline_checks():
+    with pytest.raises(ValueError, match="at least two stages"):
+        TinyQwenImage(vae_dim_mult=[1])
+    with pytest.raises(ValueError, match="variant must be one of"):
+        build_tiny_pipeline(TinyQwenImage(), variant="plus")
+    with pytest.raises(ValueError, match="torch_dtype must be one of"):
+        QwenImageEditPolicy(resolution=32, torch_dtype="fp16")
+
+
+def test_tiny_build_is_deterministic_in_its_seed_and_leaves_the_global_generator_alone():
+    torch.manual_seed(11)
+    expected = torch.rand(2)
+    torch.manual_seed(11)
+    a = build_tiny_pipeline(TinyQwenImage(seed=5)).transformer.state_dict()
+    assert torch.equal(torch.rand(2), expected)
+    b = build_tiny_pipeline(TinyQwenImage(seed=5)).transformer.state_dict()
+    c = build_tiny_pipeline(TinyQwenImage(seed=6)).transformer.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a) and not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_prompts_of_different_lengths_are_zero_padded_with_a_mask(policy):
+    short, long = "a", "a much longer prompt with many more words in it"
+    cond = policy.encode(torch.rand(2, 3, 32, 48, generator=torch.Generator().manual_seed(0)), [short, long])
+    mask, embeds = cond["prompt_mask"], cond["prompt_embeds"]
+    lengths = mask.sum(dim=1).tolist()
+    assert lengths[1] - lengths[0] == len(long) - len(short)  # the tiny tokenizer: one token per byte
+    assert lengths[1] == mask.shape[1] and embeds.shape[:2] == mask.shape
+    assert mask[0, : lengths[0]].all() and not mask[0, lengths[0] :].any()  # a prefix, then padding
+    assert torch.equal(embeds[0, lengths[0] :], torch.zeros_like(embeds[0, lengths[0] :]))
+    assert int(cond["num_images"]) == 1 and cond["image_latents"].shape == (2, *policy.latent_shape())
+
+
+def test_prompt_embeddings_are_cut_at_max_sequence_length():
+    p = QwenImageEditPolicy(resolution=32, max_sequence_length=5)
+    cond = p.encode(torch.rand(1, 3, 32, 32), ["a long prompt here"])
+    assert cond["prompt_embeds"].shape[1] == 5 and cond["prompt_mask"].shape == (1, 5)
+
+
+def test_encode_multi_errors(policy):
+    with pytest.raises(ValueError, match="at least one condition image"):
+        policy.encode_multi([], ["x"])
+    with pytest.raises(ValueError, match="2 images but 1 prompts"):
+        policy.encode_multi([torch.rand(2, 3, 32, 48)], ["x"])
+
+
+def test_schedule_ends_at_the_terminal_sigma_then_zero(policy):
+    s = policy.sigmas(3)
+    assert QWEN_SCHEDULER_CONFIG["shift_terminal"] == 0.02
+    assert s.shape == (4,) and float(s[0]) == pytest.approx(1.0) and float(s[-2]) == pytest.approx(0.02, abs=1e-6)
+    assert float(s[-1]) == 0.0
