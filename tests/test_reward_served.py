@@ -34,7 +34,8 @@ def client(url, **kw):
     kw.setdefault("max_retries", 2)
     kw.setdefault("retry_backoff", 0.01)
     kw.setdefault("timeout", 5.0)
-    return ServedMLLMReward(base_url=url, model="judge", prompt=SHORT, **kw)
+    kw.setdefault("model", "editr1-tiny-judge")  # the name RewardServer serves the tiny judge by
+    return ServedMLLMReward(base_url=url, prompt=SHORT, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -248,6 +249,14 @@ def test_configuration_errors_stop_with_the_servers_message():
         c.close()
 
 
+def test_a_model_name_the_server_does_not_serve_stops_with_its_message(server):
+    c = client(server.url, model="Qwen/Qwen2.5-VL-32B-Instruct")
+    with pytest.raises(RewardServerError, match=r"404\): The model `Qwen/Qwen2.5-VL-32B-Instruct` does not exist"):
+        c.score(inputs(1))
+    c.close()
+    assert c.stats() == {"requests": 1.0}  # not retried
+
+
 def test_oversized_request_is_refused_with_a_json_error(local):
     from editr1.rewards.server import Limits
 
@@ -351,7 +360,7 @@ def _outage_fit(local, tmp_path, on_failure: str, restart: bool):
     holder = {"server": RewardServer(local.judge, port=port).start(), "restart": restart}
     reward = ServedMLLMReward(
         base_url=f"http://127.0.0.1:{port}/v1",
-        model="judge",
+        model="editr1-tiny-judge",
         prompt=SHORT,
         max_pixels=56 * 56,
         max_retries=1,

@@ -4,14 +4,22 @@ For users without vLLM, and for the tests. It speaks the subset of the chat-comp
 reward client uses — ``POST /v1/chat/completions`` with images as base64 ``data:`` URLs, greedy
 decoding, ``logprobs`` / ``top_logprobs`` — plus ``GET /v1/models`` and ``GET /health``.
 
-Safe by default: binds 127.0.0.1, JSON only (never pickle), optional bearer token (read from an
-environment variable, compared in constant time), limits on request bytes, images per request and
-pixels per image, no fetching of remote image URLs, and errors as JSON without tracebacks.
-Concurrent one-token requests are batched into one forward pass.
+Why the standard library's ``http.server`` rather than FastAPI + uvicorn or LitServe (both install here):
+what this server must get right is its own logic, which no framework does for it — isolating requests
+inside a batched forward pass, prompt/image/token limits, deep JSON (starlette's ``request.json()``
+raises ``RecursionError`` too), vLLM's error bodies — and uvicorn has no timeout on receiving a request
+either, which a socket timeout gives here. So no new runtime dependency for a fallback server (vLLM is
+the production path); every error is JSON, the standard library's own included.
+
+Safe by default: binds 127.0.0.1, JSON only (never pickle), optional bearer token (from an environment
+variable, compared in constant time), :class:`Limits` on bytes, prompt characters and tokens, images and
+pixels, a socket timeout, no remote image URLs, errors as JSON without tracebacks. One-token requests are
+batched into one forward pass; a failed batch is judged request by request so only the culprit fails.
 """
 
 from __future__ import annotations
 
+import copy
 import hmac
 import json
 import logging
@@ -46,13 +54,38 @@ class RequestError(Exception):
 
 @dataclass
 class Limits:
-    max_request_bytes: int = 32 * 1024 * 1024  # body size
-    max_images: int = 8  # images per request
-    max_image_pixels: int = 16 * 1024 * 1024  # pixels per decoded image
+    """What one request may ask for (over a limit: a 4xx naming it) and how the server batches and waits."""
+
+    max_request_bytes: int = 32 * 1024 * 1024  # body size (413)
+    max_images: int = 8  # images per request (413)
+    max_image_pixels: int = 16 * 1024 * 1024  # pixels per decoded image (413)
+    max_prompt_chars: int = 32_768  # characters of text over all messages (400)
+    max_prompt_tokens: int = 8_192  # tokens of the chat text, an image placeholder once (images: the limits above)
     max_tokens: int = 512  # completion tokens per request
     max_top_logprobs: int = 20  # as vLLM's default max_logprobs
     max_batch: int = 8  # one-token requests per forward pass
     batch_wait_s: float = 0.005  # how long the batcher waits for more requests
+    socket_timeout_s: float = 60.0  # a connection silent this long (headers, body, keep-alive) is closed
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` → ``cuda`` when a GPU is present, else ``cpu``; anything else as given."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def _brief(exc: BaseException) -> str:
+    """An exception's first line, shortened: what a refused request is told (never a traceback)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+def processed(judge: MLLMJudge, texts: list[str], images: list | None, **kwargs) -> dict[str, torch.Tensor]:
+    """The judge's processor batch on its device (call under ``judge._lock``: tokenizers are not thread-safe);
+    a 400 :class:`RequestError` saying why when the processor refuses the input."""
+    try:
+        batch = judge.processor(text=texts, images=images, return_tensors="pt", **kwargs)
+    except Exception as exc:
+        raise RequestError(400, f"the judge's processor refused the request: {_brief(exc)}") from None
+    return {k: v.to(judge.device) for k, v in batch.items()}
 
 
 def decode_data_url(url: str, limits: Limits) -> Image.Image:
@@ -73,20 +106,22 @@ def parse_messages(messages, limits: Limits) -> tuple[list[dict], list[Image.Ima
     """OpenAI chat messages → processor messages (``{"type": "image"}`` parts) and the images."""
     if not isinstance(messages, list) or not messages:
         raise RequestError(400, "messages must be a non-empty list")
-    out, images = [], []
+    out, images, chars = [], [], 0
     for m in messages:
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
             raise RequestError(400, "each message needs a role of system, user or assistant")
         content = m.get("content")
         if isinstance(content, str):
-            out.append({"role": m["role"], "content": [{"type": "text", "text": content}]})
-            continue
+            content = [{"type": "text", "text": content}]
         if not isinstance(content, list):
             raise RequestError(400, "message content must be a string or a list of parts")
         parts = []
         for part in content:
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text" and isinstance(part.get("text"), str):
+                chars += len(part["text"])
+                if chars > (cap := limits.max_prompt_chars):
+                    raise RequestError(400, f"prompt of {chars} characters exceeds max_prompt_chars={cap}")
                 parts.append({"type": "text", "text": part["text"]})
             elif kind == "image_url" and isinstance(part.get("image_url"), dict):
                 if len(images) >= limits.max_images:
@@ -103,7 +138,6 @@ def parse_messages(messages, limits: Limits) -> tuple[list[dict], list[Image.Ima
 class _Job:
     text: str
     images: list[Image.Image]
-    top: int
     future: Future
 
 
@@ -117,8 +151,8 @@ class Batcher:
         self.thread = threading.Thread(target=self._run, name="editr1-reward-batcher", daemon=True)
         self.thread.start()
 
-    def submit(self, text: str, images: list[Image.Image], top: int) -> Future:
-        job = _Job(text, images, top, Future())
+    def submit(self, text: str, images: list[Image.Image]) -> Future:
+        job = _Job(text, images, Future())
         self.jobs.put(job)
         return job.future
 
@@ -126,30 +160,61 @@ class Batcher:
         self.jobs.put(None)
 
     def _run(self) -> None:
-        while True:
-            job = self.jobs.get()
-            if job is None:
-                return
-            batch = [job]
-            deadline = time.monotonic() + self.limits.batch_wait_s
-            while len(batch) < self.limits.max_batch:
-                try:
-                    nxt = self.jobs.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self.jobs.put(None)
-                    break
-                batch.append(nxt)
+        while (batch := self._collect()) is not None:
             try:
-                logits = self.judge.next_token_logits([j.text for j in batch], [j.images for j in batch])
-                logprobs = torch.log_softmax(logits, dim=-1).cpu()
-                for j, lp in zip(batch, logprobs):
-                    j.future.set_result(lp)
-            except Exception as exc:  # every waiting request gets the failure, the server lives on
-                log.exception("judge forward pass failed")
-                for j in batch:
-                    j.future.set_exception(exc)
+                self._answer(batch)
+            except Exception as exc:
+                if len(batch) == 1:
+                    self._fail(batch[0], exc)
+                    continue
+                # one request may have broken the pass (an image the processor refuses): only it should fail
+                log.warning("a batch of %d failed (%s); judging its requests one by one", len(batch), _brief(exc))
+                for job in batch:
+                    try:
+                        self._answer([job])
+                    except Exception as lone:
+                        self._fail(job, lone)
+
+    def _collect(self) -> list[_Job] | None:
+        """The next batch: the first waiting job and whatever arrives within ``batch_wait_s``; None: stop."""
+        job = self.jobs.get()
+        if job is None:
+            return None
+        batch = [job]
+        deadline = time.monotonic() + self.limits.batch_wait_s
+        while len(batch) < self.limits.max_batch:
+            try:
+                nxt = self.jobs.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if nxt is None:
+                self.jobs.put(None)
+                break
+            batch.append(nxt)
+        return batch
+
+    @torch.no_grad()
+    def _answer(self, batch: list[_Job]) -> None:
+        judge, texts, images = self.judge, [j.text for j in batch], [j.images for j in batch]
+        if any(images):
+            logits = judge.next_token_logits(texts, images)
+        else:  # text only: the processor wants images=None
+            with judge._lock:
+                logits = judge.model(**processed(judge, texts, None, padding=True), logits_to_keep=1).logits[:, -1]
+        logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
+        for j, lp in zip(batch, logprobs):
+            j.future.set_result(lp)
+
+    def _fail(self, job: _Job, exc: Exception) -> None:
+        """A request that failed alone: 400 if the processor refuses it (its fault), else the failure (a 500)."""
+        try:
+            with self.judge._lock:
+                processed(self.judge, [job.text], [job.images] if job.images else None)
+        except RequestError as refused:
+            log.info("serve-reward: %s", refused)
+            return job.future.set_exception(refused)
+        log.error("judge forward pass failed", exc_info=exc)
+        job.future.set_exception(exc)
 
 
 class RewardServer:
@@ -171,10 +236,14 @@ class RewardServer:
         if host not in LOOPBACK and not api_key:
             log.warning("serve-reward is listening on %s without an API key: anyone who can reach it can use it", host)
         judge.load(judge.device)
+        # prompt tokens are counted on a copy: a fast tokenizer used by two threads can fail "Already borrowed"
+        try:
+            self._tokenizer, self._tokenizer_lock = copy.deepcopy(judge.processor.tokenizer), threading.Lock()
+        except Exception:  # a tokenizer that cannot be copied is shared, under the judge's lock
+            self._tokenizer, self._tokenizer_lock = judge.processor.tokenizer, judge._lock
         self.batcher = Batcher(judge, self.limits)
-        handler = type("Handler", (_Handler,), {"server_ref": self})
+        handler = type("Handler", (_Handler,), {"server_ref": self, "timeout": self.limits.socket_timeout_s})
         self.httpd = _HTTPServer((host, port), handler)
-        self.httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
 
     @property
@@ -198,28 +267,35 @@ class RewardServer:
         self.httpd.server_close()
         self.batcher.stop()
 
-    # ------------------------------------------------------------------------------- completions
     def complete(self, body: dict) -> dict:
         if not isinstance(body, dict):
             raise RequestError(400, "request body must be a JSON object")
+        model = body.get("model")
+        if model is not None and model != self.model_name:  # vLLM's answer, word for word
+            raise RequestError(404, f"The model `{model}` does not exist.", "NotFoundError")
+        if body.get("stream") not in (None, False):
+            raise RequestError(400, "stream: true is not supported by editr1 serve-reward; send stream: false")
         max_tokens = body.get("max_tokens", body.get("max_completion_tokens", 16))
-        if not isinstance(max_tokens, int) or not 1 <= max_tokens <= self.limits.max_tokens:
+        if type(max_tokens) is not int or not 1 <= max_tokens <= self.limits.max_tokens:
             raise RequestError(400, f"max_tokens must be an integer in [1, {self.limits.max_tokens}]")
-        temperature = body.get("temperature", 0)
-        if temperature not in (0, 0.0, None):
+        if body.get("temperature", 0) not in (0, None):  # 0.0 == 0
             raise RequestError(400, "only greedy decoding is served: temperature must be 0")
-        if body.get("n", 1) != 1:
+        if body.get("n", 1) not in (1, None):
             raise RequestError(400, "n must be 1")
         want_logprobs = bool(body.get("logprobs", False))
         top = body.get("top_logprobs", 0) or 0
-        if not isinstance(top, int) or not 0 <= top <= self.limits.max_top_logprobs:
+        if type(top) is not int or not 0 <= top <= self.limits.max_top_logprobs:
             raise RequestError(400, f"top_logprobs must be an integer in [0, {self.limits.max_top_logprobs}]")
         if top and not want_logprobs:
             raise RequestError(400, "top_logprobs needs logprobs: true")
         messages, images = parse_messages(body.get("messages"), self.limits)
         text = self.judge.chat_text(messages)
+        with self._tokenizer_lock:
+            n_tokens = len(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+        if n_tokens > (cap := self.limits.max_prompt_tokens):
+            raise RequestError(400, f"prompt of {n_tokens} tokens exceeds max_prompt_tokens={cap}")
         if max_tokens == 1:
-            logprobs = self.batcher.submit(text, images, top).result()
+            logprobs = self.batcher.submit(text, images).result()
             token_ids, steps = [int(logprobs.argmax())], [logprobs]
         else:
             token_ids, steps = self._generate(text, images, max_tokens)
@@ -249,19 +325,14 @@ class RewardServer:
             s = tok.decode([i])
             return {"token": s, "logprob": float(logprobs[i]), "bytes": list(s.encode("utf-8"))}
 
-        entry = item(token_id)
-        if top:
-            entry["top_logprobs"] = [item(int(i)) for i in torch.topk(logprobs, top).indices]
-        else:
-            entry["top_logprobs"] = []
-        return entry
+        top_items = [item(int(i)) for i in torch.topk(logprobs, top).indices] if top else []
+        return dict(item(token_id), top_logprobs=top_items)
 
     @torch.no_grad()
     def _generate(self, text: str, images: list[Image.Image], max_tokens: int) -> tuple[list[int], list[torch.Tensor]]:
         judge = self.judge
         with judge._lock:
-            batch = judge.processor(text=[text], images=[images] if images else None, return_tensors="pt")
-            batch = {k: v.to(judge.device) for k, v in batch.items()}
+            batch = processed(judge, [text], [images] if images else None)
             out = judge.model.generate(
                 **batch,
                 max_new_tokens=max_tokens,
@@ -284,23 +355,39 @@ class _Handler(BaseHTTPRequestHandler):
     server_ref: RewardServer
     protocol_version = "HTTP/1.1"
     server_version = "editr1-serve-reward"
+    timeout = 60.0  # socket timeout; the server sets Limits.socket_timeout_s
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - stdlib signature
         log.debug("%s %s", self.address_string(), format % args)
 
-    def _send(self, status: int, payload: dict) -> None:
+    def _send(self, status: int, payload: dict, headers: dict[str, str] | None = None) -> None:
         data = json.dumps(payload).encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        if status >= 400:
-            self.send_header("Connection", "close")
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
+            if status >= 400:
+                self.send_header("Connection", "close")
+                self.close_connection = True
+            self.end_headers()
+            if getattr(self, "command", None) != "HEAD":
+                self.wfile.write(data)
+        except OSError:  # the client went away or stopped reading
             self.close_connection = True
-        self.end_headers()
-        self.wfile.write(data)
 
-    def _error(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
-        self._send(status, {"error": {"message": message, "type": kind, "code": status}})
+    def _error(self, status: int, message: str, kind: str = "invalid_request_error", **headers: str) -> None:
+        self._send(status, {"error": {"message": message, "type": kind, "code": status}}, headers)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The standard library's protocol errors (bad request line, unknown method, ...) as JSON, not HTML."""
+        self._error(code, message or self.responses.get(code, ("error",))[0], "protocol_error")
+
+    def _not_allowed(self) -> None:
+        self._error(405, f"method {self.command} not allowed; use GET or POST", "method_not_allowed", Allow="GET, POST")
+
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = _not_allowed  # noqa: N815 - stdlib names
 
     def _authorised(self) -> bool:
         key = self.server_ref.api_key
@@ -313,26 +400,33 @@ class _Handler(BaseHTTPRequestHandler):
         if not self._authorised():
             return self._error(401, "missing or wrong bearer token", "authentication_error")
         if self.path.rstrip("/") in ("/v1/models", "/models"):
-            return self._send(200, {"object": "list", "data": [{"id": self.server_ref.model_name, "object": "model"}]})
+            model = {"id": self.server_ref.model_name, "object": "model", "created": 0, "owned_by": "editr1"}
+            return self._send(200, {"object": "list", "data": [model]})
         if self.path.rstrip("/") == "/health":
             return self._send(200, {"status": "ok"})
         self._error(404, f"no route {self.path}", "not_found_error")
 
     def do_POST(self) -> None:  # noqa: N802 - stdlib name
+        limits = self.server_ref.limits
         try:
             if not self._authorised():
                 return self._error(401, "missing or wrong bearer token", "authentication_error")
             if self.path.rstrip("/") not in ("/v1/chat/completions", "/chat/completions"):
                 return self._error(404, f"no route {self.path}", "not_found_error")
             length = self.headers.get("Content-Length")
-            if length is None or not length.isdigit():
+            if length is None or not (length.isascii() and length.isdigit()):
                 return self._error(411, "Content-Length is required")
-            if int(length) > self.server_ref.limits.max_request_bytes:
-                return self._error(413, f"request of {length} bytes exceeds {self.server_ref.limits.max_request_bytes}")
-            raw = self.rfile.read(int(length))
+            if int(length) > limits.max_request_bytes:
+                return self._error(413, f"request of {length} bytes exceeds {limits.max_request_bytes}")
+            try:
+                raw = self.rfile.read(int(length))
+            except TimeoutError:
+                return self._error(408, f"request body not received within {limits.socket_timeout_s} s")
             try:
                 body = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError):
+            except RecursionError:
+                return self._error(400, "request body is nested too deeply")
+            except ValueError:  # JSONDecodeError, UnicodeDecodeError, an integer of too many digits
                 return self._error(400, "request body is not valid JSON")
             self._send(200, self.server_ref.complete(body))
         except RequestError as exc:
@@ -348,14 +442,17 @@ def serve_reward(
     torch_dtype: str = "bfloat16",
     quantization: Quantization = "none",
     trust_remote_code: bool = False,
-    device: str = "cuda" if torch.cuda.is_available() else "cpu",
+    device: str = "auto",
     host: str = "127.0.0.1",
     port: int = 8000,
     api_key_env: str | None = None,
     served_model_name: str | None = None,
     max_request_mb: float = 32.0,
     max_image_pixels: int = 16 * 1024 * 1024,
+    max_prompt_chars: int = 32_768,
+    max_prompt_tokens: int = 8_192,
     max_batch: int = 8,
+    socket_timeout_s: float = 60.0,
     local_files_only: bool = False,
     num_threads: int | None = None,
 ) -> None:
@@ -367,28 +464,34 @@ def serve_reward(
         torch_dtype: bfloat16, float16 or float32.
         quantization: none, 8bit or 4bit (bitsandbytes).
         trust_remote_code: allow the model's own code from the hub.
-        device: where the judge runs.
+        device: where the judge runs: auto (cuda when a GPU is present, else cpu), cpu, cuda, cuda:1, ...
         host: interface to bind; 127.0.0.1 unless you mean to expose it.
         port: TCP port (0 picks a free one).
         api_key_env: environment variable holding the bearer token clients must send (none = open).
         served_model_name: the model name clients use (default: the model path).
         max_request_mb: largest request body accepted.
         max_image_pixels: largest decoded image accepted.
+        max_prompt_chars: most characters of text a request's messages may hold.
+        max_prompt_tokens: most tokens of the chat text (an image placeholder counted once).
         max_batch: one-token requests batched per forward pass.
+        socket_timeout_s: seconds a connection may stay silent (mid-request or idle) before it is closed.
         local_files_only: never reach the network when loading.
         num_threads: CPU threads for torch (default: torch's choice).
     """
     if num_threads is not None:
         torch.set_num_threads(num_threads)
-    api_key = None
-    if api_key_env:
-        api_key = os.environ.get(api_key_env)
-        if not api_key:
-            raise SystemExit(f"serve-reward: environment variable {api_key_env} is empty or unset")
+    api_key = os.environ.get(api_key_env) if api_key_env else None
+    if api_key_env and not api_key:
+        raise SystemExit(f"serve-reward: environment variable {api_key_env} is empty or unset")
     judge = MLLMJudge(model, revision, torch_dtype, quantization, trust_remote_code, local_files_only=local_files_only)
-    judge.load(device)
+    judge.load(resolve_device(device))
     limits = Limits(
-        max_request_bytes=int(max_request_mb * 1024 * 1024), max_image_pixels=max_image_pixels, max_batch=max_batch
+        max_request_bytes=int(max_request_mb * 1024 * 1024),
+        max_image_pixels=max_image_pixels,
+        max_prompt_chars=max_prompt_chars,
+        max_prompt_tokens=max_prompt_tokens,
+        max_batch=max_batch,
+        socket_timeout_s=socket_timeout_s,
     )
     server = RewardServer(judge, host, port, api_key, served_model_name, limits)
     print(f"editr1 serve-reward: {server.model_name} at {server.url}", flush=True)
