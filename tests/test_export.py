@@ -165,7 +165,7 @@ def test_predict_a_folder_of_images_with_one_instruction_and_a_lora(tmp_path, mo
             ]
         )
         out = tmp_path / run / "runs" / "demo" / "predictions"
-        lines = [json.loads(x) for x in (out / "predictions.rank0.jsonl").read_text().splitlines()]
+        lines = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
         assert sorted(line["key"] for line in lines) == ["one", "two"]
         assert all(line["prompt"] == "make the red circle blue" for line in lines)
         written[run] = {line["key"]: np.asarray(Image.open(out / line["file"])) for line in lines}

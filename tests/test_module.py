@@ -11,6 +11,7 @@ from editr1.algorithms.nft import old_policy_eta
 from editr1.callbacks import FilterSettings, ImageWriter, RewardCallback
 from editr1.policies import lora
 from editr1.rewards import RewardInputs, RewardModel, SceneReward
+from editr1.settings import OptimSettings
 
 
 class ConstantReward(RewardModel):
@@ -97,12 +98,24 @@ def test_fit_trains_default_old_follows_schedule_base_frozen(scenes_data):
         "loss/policy",
         "loss/kl",
         "nft/old_deviation",
-        "lr",
+        "learning_rate",
         "time/rollout_s",
         "time/reward_s",
         "time/train_s",
+        # what trl / flow_grpo users look for
+        "loss",
+        "reward_std",
+        "reward/min",
+        "reward/max",
+        "advantage/abs_mean",
+        "advantage/frac_clipped",
+        "time/step_s",
+        "samples_per_s",
     ):
         assert name in metrics, name
+    assert float(metrics["time/step_s"]) >= float(metrics["time/train_s"]) > 0
+    assert float(metrics["reward/min"]) <= float(metrics["reward/mean"]) <= float(metrics["reward/max"])
+    assert 0.0 <= float(metrics["advantage/frac_clipped"]) <= 1.0
     assert float(metrics["nft/trained_samples"]) == 2 * 4
 
 
@@ -230,7 +243,7 @@ def test_validate_scores_held_out_scenes_and_predict_writes_pngs(tmp_path, scene
     trainer.predict(module, datamodule=scenes_data, return_predictions=False)
     pngs = sorted((tmp_path / "pred").glob("*.png"))
     assert len(pngs) == 4
-    lines = (tmp_path / "pred" / "predictions.rank0.jsonl").read_text().splitlines()
+    lines = (tmp_path / "pred" / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == 4
 
 
@@ -480,3 +493,76 @@ def test_group_by_instruction_pools_rows_that_share_an_instruction(tmp_path):
     assert banned["instruction"] == {"instruction:make it green"}
     with pytest.raises(ValueError, match="group_by"):
         FilterSettings(group_by="prompt")
+
+
+# ---------------------------------------------------------------------------------------------- run guards
+
+
+def test_steps_that_train_nothing_are_bounded_and_stop_with_a_checkpoint(tmp_path, scenes_data):
+    """Every group filtered every step (all rewards 1.0): without a bound `fit` would spin at step 0 forever."""
+    module = small_module(optim=OptimSettings(max_idle_steps=3))
+    with (
+        pytest.warns(UserWarning, match="nothing to train on any process"),
+        pytest.raises(RuntimeError, match=r"3 steps in a row trained nothing \(optim.max_idle_steps = 3\)"),
+    ):
+        fit(module, scenes_data, reward=ConstantReward(1.0), max_steps=5, default_root_dir=str(tmp_path))
+    assert module.idle_in_a_row == 3
+    assert list(tmp_path.rglob("stopped-idle-step0.ckpt"))
+
+
+class AlwaysNaN(RewardModel):
+    def score(self, inputs):
+        return torch.full((inputs.edits.shape[0],), float("nan"))
+
+
+def test_a_judge_that_judges_nothing_warns_then_stops_the_run(tmp_path, scenes_data, caplog):
+    module = small_module()
+    cb = RewardCallback(model=AlwaysNaN(), log_images_every_n_steps=0, max_failed_steps=2)
+    with caplog.at_level("WARNING"), pytest.raises(RuntimeError, match="judged nothing for 2 steps in a row"):
+        small_trainer([cb], max_steps=5, default_root_dir=str(tmp_path)).fit(module, datamodule=scenes_data)
+    assert "could not judge any edit of this step" in caplog.text and "AlwaysNaN" in caplog.text
+    assert list(tmp_path.rglob("stopped-reward-step0.ckpt"))
+
+
+def test_a_diverged_policy_stops_the_run_with_a_message(scenes_data):
+    """lr 1e30 makes the LoRA product overflow: the run stops at once instead of dropping NaN rewards forever."""
+    module = small_module(optim=OptimSettings(lr=1e30, grad_clip=0.0))
+    with pytest.raises(RuntimeError, match="non-finite|not finite"):
+        fit(module, scenes_data, max_steps=5)
+    assert module.global_step <= 2
+
+
+class InterruptAt(L.Callback):
+    def __init__(self, exc: BaseException, batch: int = 1) -> None:
+        self.exc, self.batch = exc, batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == self.batch:
+            raise self.exc
+
+
+def test_ctrl_c_and_sigterm_save_a_checkpoint(tmp_path, scenes_data, capsys):
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    for exc, name in ((KeyboardInterrupt(), "Ctrl-C"), (SIGTERMException(), "SIGTERM")):
+        root = tmp_path / name
+        module = small_module()
+        with pytest.raises(SystemExit):
+            fit(module, scenes_data, max_steps=5, callbacks=[InterruptAt(exc)], default_root_dir=str(root))
+        saved = list(root.rglob("stopped-interrupted-step1.ckpt"))
+        assert len(saved) == 1 and torch.load(saved[0], weights_only=True)["global_step"] == 1
+        assert f"editr1: {name} at step 1: saved" in capsys.readouterr().out
+
+
+def test_predict_writes_even_when_a_config_replaced_the_callbacks(tmp_path, scenes_data, capsys):
+    module = small_module()
+    trainer = small_trainer([], default_root_dir=str(tmp_path))  # e.g. -c configs/trainer/cpu.yaml: no ImageWriter
+    trainer.predict(module, datamodule=scenes_data, return_predictions=False)
+    out = tmp_path / "predictions"
+    assert len(list(out.glob("*.png"))) == 4 and len((out / "predictions.jsonl").read_text().splitlines()) == 4
+    assert f"predict: wrote 4 edits to {out}" in capsys.readouterr().out
+
+
+def test_the_end_of_run_summary_is_printed(scenes_data, capsys):
+    fit(small_module(), scenes_data, max_steps=1)
+    assert "editr1 run summary: groups 2" in capsys.readouterr().out

@@ -88,3 +88,13 @@ def test_thumbnail_and_tensor_image_round_trip():
     small = thumbnail(t, size=32)  # aspect kept, fitted inside 32 x 32
     assert small.shape == (3, 16, 32) and small.dtype == torch.float32 and 0 <= small.min() <= small.max() <= 1
     assert thumbnail(Image.new("RGBA", (20, 10)), size=128).shape == (3, 10, 20)  # never enlarged
+
+
+def test_row_titles_add_a_line_over_each_row():
+    img = torch.zeros(3, 8, 8)
+    plain = captioned_grid([[img, img]], [["a", "b"]])
+    titled = captioned_grid([[img, img]], [["a", "b"]], titles=["make the circle red"])
+    assert titled.shape[1] == plain.shape[1] + 12 and titled.shape[2] == plain.shape[2]
+    assert titled[:, :12].float().sum() > plain[:, :2].float().sum()  # the title was drawn in the new band
+    with pytest.raises(ValueError, match="titles"):
+        captioned_grid([[img]], [["a"]], titles=["x", "y"])

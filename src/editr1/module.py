@@ -36,9 +36,10 @@ from editr1.settings import (
     RolloutSettings,
     SFTSettings,
 )
-from editr1.training import distributed
+from editr1.training import distributed, guards
+from editr1.training.optim import build_optimizer
 from editr1.training.rollout import Rollout, group_ids, key_hash, sample_seed
-from editr1.training.state import emergency_checkpoint, rng_states, set_rng_states
+from editr1.training.state import emergency_checkpoint, gathered_rng_states, restore_rng_states
 
 # The policy runs in eval mode on purpose (frozen base, deterministic forward passes).
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
@@ -145,6 +146,7 @@ class EditR1Module(L.LightningModule):
         self.sharded = False  # FSDP2 applied by configure_model
         self.nonfinite_in_a_row = 0  # consecutive steps skipped for a non-finite gradient
         self.nonfinite_total = 0
+        self.idle_in_a_row = 0  # consecutive steps that trained nothing, whatever the cause
 
     # ------------------------------------------------------------------------------- set-up
     def setup(self, stage: str) -> None:
@@ -164,22 +166,21 @@ class EditR1Module(L.LightningModule):
         self.sharded = True
 
     def configure_optimizers(self) -> Any:
-        params = self.policy.trainable_parameters()
-        cfg = self.optim
-        kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.eps)
-        if cfg.name == "adamw":
-            opt = torch.optim.AdamW(params, **kwargs)
-        elif cfg.name == "adamw8bit":
-            import bitsandbytes as bnb
+        return build_optimizer(self.policy.trainable_parameters(), self.optim)
 
-            opt = bnb.optim.AdamW8bit(params, **kwargs)
-        else:
-            raise ValueError(f"optim.name must be 'adamw' or 'adamw8bit', got {cfg.name!r}")
-        if cfg.warmup_steps <= 0:
-            return opt
-        warm = cfg.warmup_steps
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+    def configure_callbacks(self) -> list:
+        """Callbacks no config can drop by accident: :class:`~editr1.callbacks.RunGuard` (a checkpoint on Ctrl-C
+        or SIGTERM) and, for ``predict``, an :class:`~editr1.callbacks.ImageWriter` when none is configured."""
+        from lightning.pytorch.callbacks import BasePredictionWriter
+
+        from editr1.callbacks.image_writer import ImageWriter
+        from editr1.callbacks.run_guard import RunGuard
+
+        present = self.trainer.callbacks if self._trainer is not None else []
+        out = [] if any(isinstance(c, RunGuard) for c in present) else [RunGuard()]
+        if not any(isinstance(c, BasePredictionWriter) for c in present):
+            out.append(ImageWriter(output_dir=None))
+        return out
 
     # ------------------------------------------------------------------------------- across processes
     @property
@@ -216,6 +217,7 @@ class EditR1Module(L.LightningModule):
         prompts, requirements, keys = list(batch["prompt"]), list(batch["requirement"]), list(batch["key"])
         if not prompts:
             self.rollouts_done += 1
+            guards.check_finite_rollout(self, None)  # joins the other processes' check
             return None
         policy = self.policy
         sources = policy.preprocess(batch["image"])
@@ -254,6 +256,7 @@ class EditR1Module(L.LightningModule):
                 on_chunk=chunk_ready if on_chunk is not None else None,
                 min_prompts=min_prompts,
             )
+        guards.check_finite_rollout(self, out.x0)
         ro = Rollout(
             prompts=prompts,
             requirements=requirements,
@@ -284,9 +287,11 @@ class EditR1Module(L.LightningModule):
         if total == 0:  # one decision for all processes: nobody trains
             self.skipped_steps += 1
             self.log("filter/steps_skipped", float(self.skipped_steps), on_step=True)
+            guards.count_idle_step(self)
             if obj.steps_without_samples:
                 self._zero_gradient_step()
             return None
+        self.idle_in_a_row = 0
         opt = self.optimizers()
         mb = obj.micro_batch_size
         chunks = -(-work.count // mb)
@@ -308,24 +313,24 @@ class EditR1Module(L.LightningModule):
             return None
         metrics = obj.metrics(self, work, sums)
         main = metrics[obj.main_metric]
+        now = time.perf_counter()
+        step_s = now - (work.started if work.started is not None else start)
         metrics.update(
             {
                 "grad_norm": float(grad_norm),
-                "lr": float(opt.param_groups[0]["lr"]),
-                "time/train_s": time.perf_counter() - start,
+                "learning_rate": float(opt.param_groups[0]["lr"]),
+                "time/train_s": now - start,
+                "time/step_s": step_s,  # rollout, reward and training
+                "samples_per_s": work.samples / step_s if step_s > 0 else 0.0,
             }
         )
-        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=max(work.rows, 1))
-        if obj.progress_bar is not None:
-            self.log(
-                obj.progress_bar + "_bar",
-                metrics[obj.progress_bar],
-                prog_bar=True,
-                on_step=True,
-                on_epoch=False,
-                batch_size=max(work.rows, 1),
-                logger=False,
-            )
+        if self.device.type == "cuda":
+            metrics["memory/peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            torch.cuda.reset_peak_memory_stats(self.device)
+        rows, bar = max(work.rows, 1), obj.progress_bar
+        self.log_dict({k: v for k, v in metrics.items() if k != bar}, on_step=True, on_epoch=False, batch_size=rows)
+        if bar is not None:
+            self.log(bar, metrics[bar], prog_bar=True, on_step=True, on_epoch=False, batch_size=rows)
         return torch.tensor(main)
 
     def _zero_gradient_step(self) -> None:
@@ -371,6 +376,7 @@ class EditR1Module(L.LightningModule):
         sched = self.lr_schedulers()
         if sched is not None:
             sched.step()
+        guards.check_finite_adapters(self)
         return norm
 
     @torch.no_grad()
@@ -451,29 +457,20 @@ class EditR1Module(L.LightningModule):
         return self._evaluate(batch)
 
     # ------------------------------------------------------------------------------- checkpoints
+    COUNTERS = {"rollouts_done": 0, "skipped_steps": 0, "idle_in_a_row": 0}  # saved with the adapters
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Keep only adapter weights: a checkpoint's size does not grow with the base model."""
-        state = checkpoint["state_dict"]
-        checkpoint["state_dict"] = {k: v for k, v in state.items() if "lora_" in k}
-        rng = [rng_states()]
-        if self.world_size > 1:  # every rank's generators (dump_checkpoint runs on all ranks; rank 0 writes)
-            import torch.distributed as dist
-
-            rng = [None] * self.world_size
-            dist.all_gather_object(rng, rng_states())
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if "lora_" in k}
+        lora = self.lora_settings
         checkpoint["editr1"] = {
-            "rng": rng,
+            "rng": gathered_rng_states(self.world_size),  # every rank's (dump_checkpoint runs on all; rank 0 writes)
             "seed": self.seed,
-            "rollouts_done": self.rollouts_done,
-            "skipped_steps": self.skipped_steps,
+            **{k: getattr(self, k) for k in self.COUNTERS},
             "nonfinite": [self.nonfinite_in_a_row, self.nonfinite_total],
             "adapters": adapters.adapter_names(self.policy.transformer),
             # what `editr1 export-lora` needs to write a diffusers LoRA without building the model
-            "lora": {
-                "r": self.lora_settings.rank,
-                "lora_alpha": float(self.lora_settings.alpha),
-                "target_modules": list(self.lora_settings.target_modules),
-            },
+            "lora": {"r": lora.rank, "lora_alpha": float(lora.alpha), "target_modules": list(lora.target_modules)},
             "pipeline": type(self.policy.pipe).__name__,
         }
 
@@ -484,15 +481,11 @@ class EditR1Module(L.LightningModule):
             raise ValueError(
                 f"checkpoint has adapters {extra['adapters']}, this run has {expected} (the `ema` setting?)"
             )
-        lora_keys = {k for k in self.state_dict() if "lora_" in k}
-        missing = lora_keys - set(checkpoint["state_dict"])
+        missing = {k for k in self.state_dict() if "lora_" in k} - set(checkpoint["state_dict"])
         if missing:
             raise KeyError(f"checkpoint lacks {len(missing)} adapter weights, e.g. {sorted(missing)[0]}")
         self.seed = extra.get("seed", self.seed)
-        self.rollouts_done = extra.get("rollouts_done", 0)
-        self.skipped_steps = extra.get("skipped_steps", 0)
+        for k, default in self.COUNTERS.items():
+            setattr(self, k, extra.get(k, default))
         self.nonfinite_in_a_row, self.nonfinite_total = extra.get("nonfinite", [0, 0])
-        rng = extra.get("rng")
-        if rng:
-            rank = self.global_rank if self._trainer is not None else 0
-            set_rng_states(rng[rank] if rank < len(rng) else rng[0])
+        restore_rng_states(extra.get("rng"), self.global_rank if self._trainer is not None else 0)

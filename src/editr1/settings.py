@@ -130,6 +130,8 @@ class OptimSettings:
         warmup_steps: linear learning-rate warm-up steps.
         max_nonfinite_steps: steps in a row with a non-finite loss or gradient that are skipped before the
             run stops with a checkpoint.
+        max_idle_steps: steps in a row that trained nothing, whatever the cause (every group filtered,
+            banned, unjudged or unreadable), before the run stops with a checkpoint and a message (0: never).
     """
 
     name: Literal["adamw", "adamw8bit"] = "adamw"
@@ -140,6 +142,11 @@ class OptimSettings:
     grad_clip: float = 1.0
     warmup_steps: int = 0
     max_nonfinite_steps: int = 3
+    max_idle_steps: int = 20
+
+    def __post_init__(self) -> None:
+        if self.max_nonfinite_steps < 1 or self.max_idle_steps < 0:
+            raise ValueError("optim.max_nonfinite_steps must be >= 1 and optim.max_idle_steps >= 0")
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import time
 from collections import Counter
@@ -25,6 +26,19 @@ log = logging.getLogger(__name__)
 def _file_name(key: str) -> str:
     """A benchmark key as a file name: unchanged when it is already safe (ImgEdit ids, GEdit keys)."""
     return key if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,150}", key) else safe_name(key)
+
+
+def strict_json(obj):
+    """``obj`` with every NaN or infinite number (and 0-d tensor) made JSON-safe: non-finite → ``null``."""
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [strict_json(v) for v in obj]
+    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 class BenchmarkEvaluation(Callback):
@@ -190,6 +204,12 @@ class BenchmarkEvaluation(Callback):
         self._log(trainer, pl_module, summary, extremes)
         if trainer.is_global_zero:
             self._write(summary)
+        if self.judge is not None and summary["samples"] and not summary["judged"]:
+            raise RuntimeError(  # on every process alike: the summary is the same everywhere
+                f"{self.protocol_name}: not one of {summary['samples']} edits could be judged (failed "
+                f"{summary['failed']}, missing {summary['missing']}) by {summary['judge']}; judge calls "
+                f"{summary['judge_calls']}. Is the judge running? The edits and summary are in {self.out}"
+            )
 
     def _summary(self, results: dict, counts: dict, written: int, missing: int, pl_module) -> dict:
         from editr1.evaluation.benchmark import SummaryParts
@@ -268,15 +288,20 @@ class BenchmarkEvaluation(Callback):
         lines.sort(key=lambda x: x["key"])
         with (self.out / "samples.jsonl").open("w", encoding="utf-8") as f:
             for line in lines:
-                f.write(json.dumps(line, ensure_ascii=False) + "\n")
-        text = json.dumps(summary, indent=1, ensure_ascii=False) + "\n"
+                f.write(json.dumps(strict_json(line), ensure_ascii=False, allow_nan=False) + "\n")
+        text = json.dumps(strict_json(summary), indent=1, ensure_ascii=False, allow_nan=False) + "\n"
         (self.out / "summary.json").write_text(text, encoding="utf-8")
         if summary["headline"] is not None:
             (self.out / "summary.md").write_text(summary_markdown(summary) + "\n", encoding="utf-8")
         log.info("%s: wrote %s", self.protocol_name, self.out / "summary.json")
         print(f"{self.protocol_name}: edits and summary in {self.out}")
+        if summary["judge"] is not None:
+            print(
+                f"{self.protocol_name}: {summary['samples']} samples, judged {summary['judged']}, failed "
+                f"{summary['failed']}, missing {summary['missing']}"
+            )
         if summary["headline"] is not None:
-            print(json.dumps(summary["headline"], indent=1))
+            print(json.dumps(strict_json(summary["headline"]), indent=1))
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if self.judge is not None:

@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import Callback
 from torchmetrics import MeanMetric, SumMetric
 
 from editr1.algorithms.grouping import decide, global_std, pool_index
-from editr1.callbacks.tensorboard import add_image, add_text
+from editr1.callbacks.tensorboard import add_image, add_text, forget_step_metrics, tensorboards
 from editr1.rewards.base import RewardInputs, RewardModel
 from editr1.settings import FilterSettings
 from editr1.training import distributed
@@ -55,6 +55,9 @@ class RewardCallback(Callback):
             reproducing it only: a failed judgement scores 0.0 and trains (counted as ``reward/failed_as_zero``,
             with a warning at the start of the run); it teaches the policy that whatever the judge failed
             on is the worst edit.
+        max_failed_steps: with ``on_failure: drop``, steps in a row in which the reward model could not judge
+            a single edit (a judge that is down) before the run stops with a checkpoint and a message; the first
+            such step warns, naming the reward model and its errors (0: never stop).
     """
 
     def __init__(
@@ -64,9 +67,15 @@ class RewardCallback(Callback):
         log_images_every_n_steps: int = 25,
         image_groups: int = 4,
         on_failure: Literal["drop", "stop", "zero"] = "drop",
+        max_failed_steps: int = 5,
     ) -> None:
         if on_failure not in ("drop", "stop", "zero"):
             raise ValueError(f"on_failure must be 'drop', 'stop' or 'zero', got {on_failure!r}")
+        if max_failed_steps < 0:
+            raise ValueError(f"max_failed_steps must be >= 0, got {max_failed_steps}")
+        self.max_failed_steps = max_failed_steps
+        self.failed_in_a_row = 0
+        self._adv_clip = 5.0
         self.on_failure = on_failure
         if not isinstance(model, RewardModel):
             raise TypeError(f"reward model must be a RewardModel, got {type(model).__name__}")
@@ -113,6 +122,7 @@ class RewardCallback(Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, batch_idx: int
     ) -> None:
+        forget_step_metrics(trainer)  # a step that trains nothing must not repeat the last step's loss
         self._count_skipped_rows(pl_module, batch)
         if pl_module.objective.needs != "rollouts":
             return  # e.g. the supervised objective: no rollouts, no reward
@@ -150,7 +160,9 @@ class RewardCallback(Callback):
                 f"the reward model could not judge {failed} of {everything.numel()} edits of this step "
                 f"({dict(self.model.stats())}); reward.on_failure is 'stop'; checkpoint saved to {path}"
             )
+        self._count_failed_step(trainer, failed == everything.numel())
         std_mode, adv_clip = pl_module.objective.group_settings()
+        self._adv_clip = adv_clip
         f = self.filter
         pool = None
         if f.group_by == "instruction":  # rows of the step that share an instruction share their statistics
@@ -177,9 +189,29 @@ class RewardCallback(Callback):
         if ro is None:  # this process idles through the step (training_step joins its collectives)
             batch["experience"] = Experience(None, rewards, decision)
             return
-        batch["experience"] = Experience(ro, rewards.to(device), decision)
+        batch["experience"] = Experience(ro, rewards.to(device), decision, started=t0)
         if self.log_images_every_n_steps and (ro.index % self.log_images_every_n_steps == 0):
             self._log_rollout_images(trainer, ro, rewards, decision, pl_module.global_step)
+
+    def _count_failed_step(self, trainer, nothing_judged: bool) -> None:
+        """A judge that is down must not make a run spin: warn at the first step it judged nothing, stop after
+        ``max_failed_steps`` such steps in a row."""
+        if not nothing_judged:
+            self.failed_in_a_row = 0
+            return
+        self.failed_in_a_row += 1
+        errors = {k: v for k, v in self.model.stats().items() if k.startswith(("failed/", "errors/"))}
+        where = getattr(self.model, "base_url", None)
+        what = f"{type(self.model).__name__}" + (f" at {where}" if where else "") + f" (errors so far: {errors})"
+        if self.failed_in_a_row == 1 and trainer.is_global_zero:
+            log.warning("the reward model could not judge any edit of this step, which trains nothing: %s", what)
+        if self.max_failed_steps and self.failed_in_a_row >= self.max_failed_steps:
+            path = emergency_checkpoint(trainer, "reward")
+            raise RuntimeError(
+                f"the reward model judged nothing for {self.failed_in_a_row} steps in a row "
+                f"(reward.max_failed_steps = {self.max_failed_steps}): {what}. Is it running? "
+                f"Checkpoint saved to {path}"
+            )
 
     def _collect(self, futures: list[Future], ro: Rollout) -> torch.Tensor:
         """``(G, K)`` rewards of a rollout from its chunks' futures (NaN where the judge failed)."""
@@ -223,9 +255,17 @@ class RewardCallback(Callback):
         self.counts["groups_dropped_nan"] += int(decision.dropped_nan.sum())
         self.counts["rewards_nan"] += nan_count
         std = decision.std[torch.isfinite(decision.std)]
+        r = decision.r[torch.isfinite(decision.r)]
+        nan = float("nan")
         metrics = {
-            "reward/std": float(finite.std(unbiased=False)) if finite.numel() else float("nan"),
+            "reward/std": float(finite.std(unbiased=False)) if finite.numel() else nan,
+            "reward_std": float(std.mean()) if std.numel() else nan,  # mean within-group std: what the filter sees
+            "reward/min": float(finite.min()) if finite.numel() else nan,
+            "reward/max": float(finite.max()) if finite.numel() else nan,
             "reward/nan": float(nan_count),
+            # r = clip(A, ±c)/(2c) + 0.5: |r − 0.5| is |A|/(2c), r at 0 or 1 means A was clipped at ±c
+            "advantage/abs_mean": float((r - 0.5).abs().mean() * 2 * self._adv_clip) if r.numel() else nan,
+            "advantage/frac_clipped": float(((r <= 0) | (r >= 1)).float().mean()) if r.numel() else nan,
             "frac_reward_zero_std": float((std < 1e-6).float().mean()) if std.numel() else 0.0,
             "filter/frac_groups_dropped": decision.frac_groups_dropped,
             "filter/groups_dropped_low_variance": float(decision.dropped_low_variance.sum()),
@@ -244,6 +284,9 @@ class RewardCallback(Callback):
         pl_module.log("reward/mean", mean, on_step=True, on_epoch=False, prog_bar=True, batch_size=decision.num_groups)
 
     def _log_rollout_images(self, trainer, ro: Rollout, rewards, decision, step: int) -> None:
+        if trainer.is_global_zero:
+            for tb in tensorboards(trainer):
+                tb.add_histogram("reward/histogram", rewards[torch.isfinite(rewards)].float(), step)
         g = min(self.image_groups, ro.num_groups)
         rows, caps = [], []
         for i in range(g):
@@ -252,7 +295,8 @@ class RewardCallback(Callback):
             cap = ["dropped" if dropped else "source"] + [f"{float(r):.3f}" for r in rewards[i]]
             rows.append(row)
             caps.append(cap)
-        add_image(trainer, "rollouts/source_edits", captioned_grid(rows, caps), step)
+        titles = [ro.prompts[i] for i in range(g)]
+        add_image(trainer, "rollouts/source_edits", captioned_grid(rows, caps, titles=titles), step)
         add_text(trainer, "rollouts/instructions", "\n\n".join(f"{i}. {ro.prompts[i]}" for i in range(g)), step)
 
     # --------------------------------------------------------------------------- validation / test
@@ -331,3 +375,4 @@ class RewardCallback(Callback):
         if trainer.is_global_zero and self.counts:
             summary = dict(sorted(self.counts.items()))
             log.info("editr1 run summary: %s", json.dumps(summary))
+            print("editr1 run summary: " + ", ".join(f"{k} {v:g}" for k, v in summary.items()), flush=True)

@@ -29,12 +29,17 @@ class Work:
         can_idle: whether an idle micro-batch (the same forward/backward calls, zero weight) can run on
             this process's data — sharded runs need every process to make the same calls.
         data: the objective's own state for the step (rollout, timesteps, conditions, …).
+        samples: samples this step produced or read (rollout edits, rows), for ``samples_per_s``.
+        started: ``time.perf_counter()`` when the step's work began (the reward stage's start for rollouts);
+            ``None``: when ``training_step`` began.
     """
 
     count: int
     rows: int = 0
     can_idle: bool = True
     data: Any = None
+    samples: int = 0
+    started: float | None = None
 
 
 class Objective(ABC):
@@ -45,7 +50,7 @@ class Objective(ABC):
         needs: ``rollouts`` (the reward stage must put an :class:`~editr1.training.experience.Experience`
             in the batch) or ``targets`` (rows carry target images).
         main_metric: the metric ``training_step`` returns.
-        progress_bar: a metric also shown on the progress bar (``None``: none).
+        progress_bar: the metric shown on the progress bar besides ``reward/mean`` (``None``: none).
         keep_old: η override of θ_old ← η·θ_old + (1 − η)·θ after each step (``None``: the old-policy
             schedule; 0 makes θ_old track θ exactly).
         steps_without_samples: whether a step with nothing to train on anywhere still takes an optimiser
@@ -55,7 +60,7 @@ class Objective(ABC):
     name: ClassVar[str]
     needs: ClassVar[Literal["rollouts", "targets"]]
     main_metric: ClassVar[str]
-    progress_bar: ClassVar[str | None] = None
+    progress_bar: ClassVar[str | None] = "loss"
     keep_old: ClassVar[float | None] = None
 
     def __init__(self, settings) -> None:

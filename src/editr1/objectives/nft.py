@@ -75,7 +75,13 @@ class NFTObjective(Objective):
             )
             weights = weights[torch.tensor(idx, dtype=torch.long)].to(module.device)
         r = exp.decision.r.flatten().to(module.device)
-        return Work(count=len(idx), rows=ro.num_groups, data=_Step(ro, idx, r, ts, weights))
+        return Work(
+            count=len(idx),
+            rows=ro.num_groups,
+            data=_Step(ro, idx, r, ts, weights),
+            samples=ro.x0.shape[0],
+            started=exp.started,
+        )
 
     def micro_batch(self, module: EditR1Module, work: Work, positions: list[int], idle: bool, total: int) -> dict:
         step: _Step = work.data
@@ -131,6 +137,7 @@ class NFTObjective(Objective):
         denom = max(work.count, 1) * step.timesteps.shape[0]
         old = module.old_policy
         return {
+            "loss": (sums["policy"] + self.settings.kl_weight * sums["kl"]) / denom,  # what the step minimised
             "loss/policy": sums["policy"] / denom,
             "loss/kl": sums["kl"] / denom,
             "nft/old_deviation": sums["old_deviation"] / denom,

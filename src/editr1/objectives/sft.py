@@ -37,7 +37,6 @@ class SFTObjective(Objective):
     name = "sft"
     needs = "targets"
     main_metric = "loss/sft"
-    progress_bar = "loss/sft"
     keep_old = 0.0
     settings: SFTSettings
 
@@ -68,7 +67,7 @@ class SFTObjective(Objective):
         step = module.global_step
         keys_t = per_sample_rand(1, [sample_seed(int(module.seed), TRAIN_TIMESTEPS, step, ids, 1, i) for i in range(n)])
         t = continuous_timesteps(keys_t[:, 0], self.settings.timesteps)
-        return Work(count=n, rows=n, data=_Rows(cond, x0, t, ids, step))
+        return Work(count=n, rows=n, data=_Rows(cond, x0, t, ids, step), samples=n)
 
     def micro_batch(self, module: EditR1Module, work: Work, positions: list[int], idle: bool, total: int) -> dict:
         rows: _Rows = work.data
@@ -84,4 +83,4 @@ class SFTObjective(Objective):
         return {"loss": float(loss.detach().sum())}
 
     def metrics(self, module: EditR1Module, work: Work, sums: dict) -> dict[str, float]:
-        return {"loss/sft": sums["loss"] / work.count}
+        return {"loss": sums["loss"] / work.count, "loss/sft": sums["loss"] / work.count}

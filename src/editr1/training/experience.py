@@ -29,6 +29,7 @@ class Experience:
     rollout: Rollout | None
     rewards: torch.Tensor
     decision: GroupDecision
+    started: float | None = None  # time.perf_counter() when the reward stage began (for time/step_s)
 
     @classmethod
     def nothing(cls, group_size: int) -> Experience:

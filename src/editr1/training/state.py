@@ -42,6 +42,21 @@ def set_rng_states(state: dict) -> None:
     random.setstate((p["version"], tuple(int(x) for x in p["internal"].tolist()), p["gauss_next"]))
 
 
+def gathered_rng_states(world: int) -> list[dict]:
+    """Every process's :func:`rng_states`, in rank order (one entry on one process)."""
+    if world == 1:
+        return [rng_states()]
+    from editr1.training import distributed
+
+    return distributed.gather_objects(rng_states(), world=world)
+
+
+def restore_rng_states(states: list[dict] | None, rank: int) -> None:
+    """Restore this rank's entry of :func:`gathered_rng_states` (rank 0's when the run had fewer processes)."""
+    if states:
+        set_rng_states(states[rank] if rank < len(states) else states[0])
+
+
 def emergency_checkpoint(trainer, reason: str) -> str:
     """Save the run's state to ``<run>/checkpoints/stopped-<reason>-step<N>.ckpt`` before it stops; returns
     the path (for the error message)."""
