@@ -223,11 +223,6 @@ def test_bans_by_instruction_name_the_instruction():
     assert batch["key"] == ["y"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="RewardCallback._drop_banned filters image/prompt/requirement/task/key/target but not `meta`, one of "
-    "the datamodule's per-row FIELDS, so after a ban batch['meta'] no longer lines up with the other rows",
-)
 def test_dropping_banned_rows_keeps_every_per_row_field_aligned():
     cb = RewardCallback(Brightness(), log_images_every_n_steps=0)
     cb.banned = {"b"}
@@ -247,6 +242,7 @@ def test_rollout_images_go_to_tensorboard_every_n_rollouts(tmp_path):
             return SimpleNamespace(
                 add_image=lambda tag, img, step: calls.append((tag, tuple(img.shape[:1]), step)),
                 add_text=lambda tag, text, step: calls.append((tag, text, step)),
+                add_histogram=lambda tag, values, step: calls.append((tag, values.numel(), step)),
             )
 
     trainer = FakeTrainer()
@@ -257,8 +253,10 @@ def test_rollout_images_go_to_tensorboard_every_n_rollouts(tmp_path):
         module.global_step = step
         cb.on_train_batch_start(trainer, module, _batch(["a", "b", "c"]), step)
     assert calls == [
+        ("reward/histogram", 8, 0),  # every finite reward of the rollout
         ("rollouts/source_edits", (3,), 0),
         ("rollouts/instructions", "0. prompt a\n\n1. prompt b", 0),
+        ("reward/histogram", 8, 2),
         ("rollouts/source_edits", (3,), 2),
         ("rollouts/instructions", "0. prompt a\n\n1. prompt b", 2),
     ]

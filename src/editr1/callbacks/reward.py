@@ -17,6 +17,7 @@ from torchmetrics import MeanMetric, SumMetric
 
 from editr1.algorithms.grouping import decide, global_std, pool_index
 from editr1.callbacks.tensorboard import add_image, add_text, forget_step_metrics, tensorboards
+from editr1.data.datamodule import FIELDS
 from editr1.rewards.base import RewardInputs, RewardModel
 from editr1.settings import FilterSettings
 from editr1.training import distributed
@@ -235,10 +236,9 @@ class RewardCallback(Callback):
             i for i, (k, p) in enumerate(zip(batch["key"], batch["prompt"])) if self._ban_id(k, p) not in self.banned
         ]
         self.counts["banned_prompts_skipped"] += len(batch["key"]) - len(keep)
-        for f in ("image", "prompt", "requirement", "task", "key"):
-            batch[f] = [batch[f][i] for i in keep]
-        if batch.get("target") is not None:
-            batch["target"] = [batch["target"][i] for i in keep]
+        for f in FIELDS:  # every per-row field of a batch, so the rows stay aligned
+            if batch.get(f) is not None:
+                batch[f] = [batch[f][i] for i in keep]
 
     def _count_skipped_rows(self, pl_module: L.LightningModule, batch: dict) -> None:
         skipped = batch.get("skipped") or {}
