@@ -41,7 +41,7 @@ def test_the_inherited_defaults():
     obj = Minimal(SimpleNamespace(micro_batch_size="6"))
     assert obj.micro_batch_size == 6 and isinstance(obj.micro_batch_size, int)
     assert obj.steps_without_samples is False
-    assert obj.progress_bar is None and obj.keep_old is None
+    assert obj.progress_bar == "loss" and obj.keep_old is None
     with pytest.raises(NotImplementedError, match="objective 'minimal' is not trained on rewarded rollouts"):
         obj.group_settings()
     work = obj.prepare(None, {"prompt": ["a", "b"]})

@@ -90,7 +90,7 @@ def test_what_it_declares():
         "nft",
         "rollouts",
         "loss/policy",
-        None,
+        "loss",
         None,
     )
     assert obj.group_settings() == ("group", 2.0)

@@ -67,7 +67,7 @@ def test_what_it_declares():
         "sft",
         "targets",
         "loss/sft",
-        "loss/sft",
+        "loss",
         0.0,  # θ_old tracks θ exactly
     )
     assert obj.steps_without_samples is False and obj.micro_batch_size == 16
