@@ -158,7 +158,8 @@ def test_the_gradient_does_not_depend_on_the_micro_batching():
     split, split_metrics, _ = _grad(obj, [[0, 1], [2, 3, 4], [5]])
     assert whole is not None and whole.abs() > 0
     torch.testing.assert_close(split, whole, rtol=1e-6, atol=1e-7)
-    assert metrics.keys() == {"loss/policy", "loss/kl", "nft/old_deviation", "nft/eta", "nft/trained_samples"}
+    assert metrics.keys() == {"loss", "loss/policy", "loss/kl", "nft/old_deviation", "nft/eta", "nft/trained_samples"}
+    assert metrics["loss"] == pytest.approx(metrics["loss/policy"] + 0.1 * metrics["loss/kl"])
     assert all(split_metrics[k] == pytest.approx(v, rel=1e-6) for k, v in metrics.items())
     assert metrics["nft/trained_samples"] == 6.0 and metrics["nft/eta"] == old_policy_eta(4, 0.1, 0.5) == 0.4
     assert metrics["loss/kl"] > 0

@@ -124,7 +124,7 @@ def test_the_gradient_does_not_depend_on_the_micro_batching():
     assert whole is not None and float(whole.abs()) > 0
     torch.testing.assert_close(split, whole, rtol=1e-6, atol=1e-7)
     assert split_metrics["loss/sft"] == pytest.approx(metrics["loss/sft"], rel=1e-6)
-    assert metrics.keys() == {"loss/sft"} and metrics["loss/sft"] > 0
+    assert metrics.keys() == {"loss", "loss/sft"} and metrics["loss/sft"] > 0 and metrics["loss"] == metrics["loss/sft"]
 
 
 def test_an_idle_micro_batch_makes_the_calls_with_zero_weight():
