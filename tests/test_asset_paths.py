@@ -28,3 +28,8 @@ def test_asset_prefix_names_a_bundled_file_or_folder():
 def test_missing_asset_is_a_clear_error():
     with pytest.raises(FileNotFoundError, match=r"asset:no/such\.file: no such file or folder among editr1's bundled"):
         resolve_asset("asset:no/such.file")
+
+
+def test_an_asset_path_cannot_leave_the_assets_folder():
+    with pytest.raises(ValueError, match="must stay inside"):
+        resolve_asset("asset:../src/editr1/cli.py")

@@ -105,12 +105,6 @@ def test_edge_values_that_are_allowed(build):
     build()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="settings.py says every section is validated when built, but EvalSettings and OldPolicySettings have no "
-    "__post_init__: 0 evaluation steps or batch size, a negative rate or delay and cap > 1 are accepted and only "
-    "fail (or silently extrapolate θ_old) once the run is under way",
-)
 @pytest.mark.parametrize(
     "build",
     [

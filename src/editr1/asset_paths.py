@@ -16,7 +16,10 @@ def resolve_asset(path: str) -> str:
         return path
     from importlib import resources
 
-    found = Path(str(resources.files("editr1.assets").joinpath(path[len("asset:") :])))
+    root = Path(str(resources.files("editr1.assets")))
+    found = root.joinpath(path[len("asset:") :])
+    if not found.resolve().is_relative_to(root.resolve()):
+        raise ValueError(f"{path}: an asset path must stay inside editr1's bundled assets ({root})")
     if not found.exists():
         raise FileNotFoundError(f"{path}: no such file or folder among editr1's bundled assets ({found})")
     return str(found)

@@ -91,8 +91,10 @@ def limit_pixels(img: Image.Image, max_pixels: int | None) -> Image.Image:
     if max_pixels is None or img.width * img.height <= max_pixels:
         return img
     scale = (max_pixels / (img.width * img.height)) ** 0.5
-    size = (max(1, int(img.width * scale)), max(1, int(img.height * scale)))
-    return img.resize(size, Image.Resampling.BICUBIC)
+    w, h = max(1, int(img.width * scale)), max(1, int(img.height * scale))
+    # an extreme aspect ratio: a side held at 1 pixel leaves the other at most max_pixels long
+    w, h = min(w, max(1, max_pixels // h)), min(h, max(1, max_pixels // w))
+    return img.resize((w, h), Image.Resampling.BICUBIC)
 
 
 def thumbnail(img: Image.Image | torch.Tensor, size: int = 128) -> torch.Tensor:

@@ -115,6 +115,12 @@ class OldPolicySettings:
     cap: float = 0.5
     delay: int = 0
 
+    def __post_init__(self) -> None:
+        if self.rate < 0 or not 0.0 <= self.cap <= 1.0 or self.delay < 0:
+            raise ValueError(
+                f"old_policy: need rate >= 0, 0 <= cap <= 1 and delay >= 0, got {self.rate}, {self.cap}, {self.delay}"
+            )
+
 
 @dataclass(frozen=True)
 class OptimSettings:
@@ -164,6 +170,10 @@ class EvalSettings:
     solver: Solver = "euler"
     adapter: Literal["default", "old", "ema", "reference"] = "default"
     batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(f"evaluation steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
 
 
 @dataclass(frozen=True)
