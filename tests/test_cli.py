@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 import yaml
 
 from editr1.callbacks import RewardCallback
-from editr1.cli import EditR1CLI, cli_main, config_path, with_default_config
+from editr1.cli import EditR1CLI, cli_main, config_path, describe_weights, find_last_checkpoint, is_empty_run, plain
 from editr1.data.datamodule import EditDataModule
 from editr1.module import EditR1Module
 
@@ -60,11 +61,47 @@ def test_every_config_key_has_a_comment(path):
     assert not missing, "config keys without a comment:\n" + "\n".join(missing)
 
 
-def test_default_config_is_the_demo_and_is_installed_with_the_package():
-    assert config_path() == ROOT / "configs" / "demo.yaml"
-    assert with_default_config(["fit"]) == ["fit", "--config", str(config_path())]
-    assert with_default_config(["fit", "-c", "x.yaml"]) == ["fit", "-c", "x.yaml"]
-    assert with_default_config(["fit", "--help"]) == ["fit", "--help"]
+def _exit(capsys, args: list[str]) -> tuple[int | str | None, str, str]:
+    with pytest.raises(SystemExit) as e:
+        cli_main(args)
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+def _option_help(help_text: str, option: str) -> str:
+    """One option's help from ``--help`` output, whitespace collapsed."""
+    flat = " ".join(help_text.split())
+    return flat.split(f" {option} ", 1)[1].split(" --", 1)[0]
+
+
+def test_default_config_is_the_demo_and_help_and_print_config_show_its_values(capsys, tmp_path):
+    assert config_path() == ROOT / "configs" / "demo.yaml"  # installed with the package
+    code, out, _ = _exit(capsys, ["fit", "--help"])
+    assert code == 0 and str(config_path()) in out  # jsonargparse names its default config file
+    assert "default: 8)" in _option_help(out, "--model.rollout.group_size")  # demo.yaml's, what `fit` runs
+    assert "default: 0.001)" in _option_help(out, "--model.optim.lr")
+    code, out, _ = _exit(capsys, ["fit", "--print_config"])
+    cfg = yaml.safe_load(out)
+    assert (cfg["model"]["rollout"]["group_size"], cfg["model"]["optim"]["lr"], cfg["seed_everything"]) == (8, 1e-3, 0)
+    code, out, _ = _exit(capsys, ["fit", *DEMO, "--print_config"])  # -c files compose, later ones win
+    cfg = yaml.safe_load(out)
+    assert (cfg["model"]["rollout"]["group_size"], cfg["model"]["optim"]["lr"]) == (4, 1e-3)
+    part = tmp_path / "part.yaml"
+    part.write_text("trainer:\n  max_steps: 5\n")
+    code, out, _ = _exit(capsys, ["fit", "-c", str(part), "--print_config"])  # a config file replaces the demo
+    cfg = yaml.safe_load(out)
+    assert cfg["trainer"]["max_steps"] == 5 and cfg["seed_everything"] is True  # LightningCLI's own default
+
+
+def test_help_is_plain_text(capsys):
+    assert plain("``x`` is a :class:`~a.b.C`, see :func:`f` and\n   `the docs <https://x.y>`_") == (
+        "x is a C, see f and the docs"
+    )
+    code, out, _ = _exit(capsys, ["fit", "--help"])
+    assert code == 0
+    for markup in ("``", ":class:", ":func:", ":meth:", ":ref:", "`_"):
+        assert markup not in out, markup
+    assert 'Default: "auto"' in _option_help(out, "--trainer.strategy")  # Lightning writes ``"auto"``
 
 
 def test_packaging_lists_every_subpackage():
@@ -79,13 +116,15 @@ def test_packaging_lists_every_subpackage():
     assert found | {"editr1.configs", "editr1.assets"} == listed
 
 
-def test_demo_config_runs_in_process_into_one_run_folder(tmp_path, monkeypatch):
+def test_demo_config_runs_in_process_into_one_run_folder(tmp_path, monkeypatch, capfd):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     monkeypatch.chdir(tmp_path)
     cli = cli_main(
         ["fit", *DEMO, "--trainer.max_steps=3", "--trainer.val_check_interval=3", "--reward.log_images_every_n_steps=2"]
     )
+    err = capfd.readouterr().err
+    assert "litlogger" not in err and "LeafSpec" not in err and "kernels-community" not in err  # quiet
     assert cli.trainer.global_step == 3
     run = Path(cli.trainer.log_dir).resolve()
     assert run.parent.parent == tmp_path.resolve() / "runs"
@@ -102,7 +141,7 @@ def test_demo_config_runs_in_process_into_one_run_folder(tmp_path, monkeypatch):
         "loss/policy",
         "loss/kl",
         "nft/old_deviation",
-        "lr",
+        "learning_rate",
         "time/rollout_s",
         "time/reward_s",
         "time/train_s",
@@ -117,12 +156,19 @@ def test_demo_config_runs_in_process_into_one_run_folder(tmp_path, monkeypatch):
     assert {"eval/heldout/before", "eval/heldout/after", "eval/unseen/after"} <= scalars
     assert (run / "scene_eval.json").is_file()
     assert any(isinstance(cb, RewardCallback) for cb in cli.trainer.callbacks)
+    # --ckpt_path last in validate: the newest run's last checkpoint, not the untrained base
+    cli = cli_main(["validate", *DEMO, "--ckpt_path", "last", "--trainer.enable_progress_bar=false"])
+    assert Path(cli.trainer.ckpt_path).resolve() == (run / "checkpoints" / "last.ckpt").resolve()
+    last = Path("runs", "demo", run.name, "checkpoints", "last.ckpt")
+    assert f"validate: checkpoint {last} (the newest run's last.ckpt)" in capfd.readouterr().out
 
 
-def test_validate_subcommand(tmp_path, monkeypatch):
+def test_validate_subcommand(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     cli = cli_main(["validate", *DEMO])
     assert "val/reward" in cli.trainer.callback_metrics
+    out = capsys.readouterr().out
+    assert "validate: the base model with fresh adapters (no --ckpt_path, no model.lora_weights)" in out
 
 
 def test_python_dash_m_prints_the_default_config(tmp_path):
@@ -232,6 +278,115 @@ def test_fit_help_and_a_bad_option(capsys, monkeypatch):
         cli_main(["fit", "--trainer.max_stepz=1"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "unrecognized arguments: --trainer.max_stepz" in err and "Traceback" not in err
+    assert "did you mean --trainer.max_steps?" in err and len(err.splitlines()) <= 4  # not every option's usage
+
+
+def test_config_errors_name_the_file_the_nearest_key_and_the_known_classes(tmp_path, capsys):
+    def error(yaml_text: str, *extra: str) -> tuple[str, str]:
+        path = tmp_path / f"c{len(list(tmp_path.iterdir()))}.yaml"
+        path.write_text(yaml_text)
+        code, _, err = _exit(capsys, ["fit", "-c", str(ROOT / "configs" / "demo.yaml"), "-c", str(path), *extra])
+        assert code == 2 and "Traceback" not in err
+        return err, f"(in config file {path})"
+
+    err, where = error("model:\n  rollout:\n    group_sise: 4\n")
+    assert "model.rollout.group_sise" in err and where in err and "did you mean model.rollout.group_size?" in err
+    err, where = error(
+        "reward:\n  model:\n    class_path: editr1.rewards.SceneReward\n    init_args:\n      tolerence: 1\n"
+    )
+    assert "tolerence" in err and where in err and "did you mean tolerance?" in err
+    err, where = error("model:\n  policy:\n    class_path: editr1.policies.FluxKontextPolicyy\n")
+    assert where in err and "did you mean editr1.policies.FluxKontextPolicy?" in err
+    known = err.split("known classes for model.policy: ", 1)[1].split("\n")[0].split(", ")
+    assert {"editr1.policies.FluxKontextPolicy", "editr1.policies.QwenImageEditPolicy"} <= set(known)
+    err, where = error("reward:\n  model:\n    class_path: SceneRewardd\n")
+    known = err.split("known classes for reward.model: ", 1)[1].split("\n")[0].split(", ")
+    assert {"editr1.rewards.SceneReward", "editr1.rewards.ServedMLLMReward", "editr1.rewards.LocalMLLMReward"} <= set(
+        known
+    )
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  rollout:\n    group_size: [4\n")
+    with pytest.raises(
+        SystemExit, match=f"YAML syntax error in config file {re.escape(str(bad))}, line 4, column 1: .* from line 3"
+    ):
+        cli_main(["fit", "-c", str(bad)])
+
+
+def test_an_unknown_command_after_options_lists_every_command(capsys):
+    code, _, err = _exit(capsys, ["-c", str(ROOT / "configs" / "demo.yaml"), "fitt"])
+    assert code == 2 and "fit, validate, test, predict, serve-reward, export-lora, make-shards" in err
+    assert "did you mean 'fit'?" in err
+
+
+def test_a_missing_data_folder_is_one_line_and_leaves_no_run_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _exit(capsys, ["fit", *DEMO, f"--data.path={tmp_path / 'nope'}"])
+    assert code == f"editr1 fit: error: data folder {tmp_path / 'nope'} does not exist"
+    assert "removed runs/demo/version_0" in err and not list(tmp_path.rglob("version_*"))
+
+
+def test_only_a_run_folder_with_nothing_but_configs_and_hparams_counts_as_empty(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    logger = TensorBoardLogger(str(tmp_path), name="run")
+    logger.log_hyperparams({"lr": 0.1})  # hparams.yaml and the hyperparameter summaries
+    logger.experiment.flush()
+    run = Path(logger.log_dir)
+    (run / "config.yaml").write_text("seed_everything: 0\n")
+    (run / "checkpoints").mkdir()
+    assert is_empty_run(run)
+    logger.log_metrics({"reward/mean": 0.5}, step=0)
+    logger.experiment.flush()
+    assert not is_empty_run(run)  # a logged step
+    other = tmp_path / "other"
+    (other / "checkpoints").mkdir(parents=True)
+    (other / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    assert not is_empty_run(other)  # a checkpoint
+
+
+def test_known_noise_is_silenced_and_other_warnings_are_not():
+    import warnings
+
+    from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+    from editr1.cli import _quiet
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _quiet()
+        warnings.warn(
+            "You're resuming from a checkpoint that ended before the epoch ended and ...", UserWarning, stacklevel=1
+        )
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning, stacklevel=1)
+        warnings.warn("something else", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in seen] == ["something else"]
+    records = []
+    log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    handler = logging.Handler()
+    handler.emit = records.append
+    log.addHandler(handler)
+    try:
+        rank_zero_info("💡 Tip: ... try installing [litlogger](https://pypi.org/project/litlogger/) ...")
+        rank_zero_info("GPU available: False, used: False")
+    finally:
+        log.removeHandler(handler)
+    assert [r.getMessage() for r in records] == ["GPU available: False, used: False"]
+
+
+def test_which_weights_validate_test_and_predict_use(tmp_path):
+    trainer = {"logger": {"init_args": {"save_dir": str(tmp_path), "name": "demo"}}}
+    assert find_last_checkpoint(trainer) is None
+    for v in (1, 3, 10):
+        (tmp_path / "demo" / f"version_{v}" / "checkpoints").mkdir(parents=True)
+        (tmp_path / "demo" / f"version_{v}" / "checkpoints" / "last.ckpt").write_bytes(b"")
+    (tmp_path / "demo" / "version_11").mkdir()  # a validate run: no checkpoint
+    assert find_last_checkpoint(trainer) == (tmp_path / "demo" / "version_10" / "checkpoints" / "last.ckpt", 10)
+    assert describe_weights("test", "a/last.ckpt", None, last=True) == (
+        "test: checkpoint a/last.ckpt (the newest run's last.ckpt)"
+    )
+    assert describe_weights("predict", None, "out/lora") == (
+        "predict: the base model with the LoRA out/lora (model.lora_weights)"
+    )
 
 
 def test_a_renamed_key_names_its_new_name(tmp_path):

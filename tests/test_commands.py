@@ -52,6 +52,7 @@ def test_help_lists_and_explains_every_option(verb):
     assert code == 0
     assert out.startswith(f"usage: editr1 {verb} ")
     assert "--config" in out and "--print_config" in out
+    assert not any(markup in out for markup in ("``", ":class:", ":func:", ":meth:")), out  # plain text
     params = inspect.signature(_function(verb)).parameters
     for name, p in params.items():
         assert (name if p.default is inspect.Parameter.empty and verb != "serve-reward" else f"--{name}") in out
@@ -71,10 +72,51 @@ def test_developer_scripts_have_help_too():
     assert code == 0 and "where imgedit_mini/ and gedit_mini/ are written" in out
 
 
+COMMANDS = ("fit", "validate", "test", "predict", *VERBS)
+
+
 def test_top_level_help_names_every_command():
     code, out, _ = _exit(["--help"])
-    assert code == 0 and out.startswith("usage: editr1 ")
-    assert all(v in out for v in ("fit", "validate", "test", "predict", *VERBS))
+    assert code == 0 and out.startswith("usage: editr1 COMMAND")
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ") and "--help" not in line}
+    assert tuple(rows) == COMMANDS and all(len(row.split()) > 2 for row in rows.values())  # with what each does
+    code, _, err = _exit([])
+    assert code == "editr1: error: a command is required: " + ", ".join(COMMANDS)
+
+
+FAST = """
+import json, sys
+from editr1.cli import cli_main
+def run(args):
+    try:
+        cli_main(args)
+    except SystemExit as e:
+        return str(e.code)
+seen = {}
+for args in (["--help"], ["fitt"], [], ["fit", "-c", sys.argv[1]]):
+    seen[" ".join(args)] = [run(args), "torch" in sys.modules, "lightning" in sys.modules]
+seen["export-lora --help"] = [run(["export-lora", "--help"]), "torch" in sys.modules, "lightning" in sys.modules]
+print(json.dumps(seen))
+"""
+
+
+def test_help_and_argument_errors_import_neither_lightning_nor_torch_unless_needed(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer: [1\n")
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    out = subprocess.run(
+        [sys.executable, "-c", FAST, str(bad)], capture_output=True, text=True, timeout=300, env=env, check=False
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    seen = yaml.safe_load(out.stdout.splitlines()[-1])
+    assert seen["--help"] == ["0", False, False]
+    assert seen["fitt"][0].startswith("editr1: error: unknown command 'fitt'") and seen["fitt"][1:] == [False, False]
+    assert seen[""][1:] == [False, False]
+    assert f"YAML syntax error in config file {bad}" in seen[f"fit -c {bad}"][0] and seen[f"fit -c {bad}"][1:] == [
+        False,
+        False,
+    ]
+    assert seen["export-lora --help"] == ["0", True, False]  # the verb's own imports (torch), never Lightning
 
 
 def test_print_config_of_each_command():
@@ -132,8 +174,12 @@ def test_a_bad_value_names_its_option():
 
 
 def test_an_unknown_command_lists_the_commands():
-    with pytest.raises(SystemExit, match="unknown command 'export_lora'.*export-lora, make-shards"):
+    with pytest.raises(SystemExit) as e:
         cli_main(["export_lora", "a.ckpt", "out"])
+    assert e.value.code == (
+        "editr1: error: unknown command 'export_lora' (invalid choice; choose from "
+        "fit, validate, test, predict, serve-reward, export-lora, make-shards); did you mean 'export-lora'?"
+    )
 
 
 def test_dashed_spellings_of_the_argparse_commands_still_parse():
