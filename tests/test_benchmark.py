@@ -334,14 +334,14 @@ def test_editr1_test_imgedit_end_to_end(tmp_path, monkeypatch):
             f"--benchmark.judge.init_args.base_url={fake.url}",
         )
     out = Path(cli.trainer.log_dir) / "imgedit"
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
     # by hand: adjust (5 + 4 + 3) / 3 = 4; add 2; remove 4 (one failed, one missing) → overall (4 + 2 + 4) / 3
     assert summary["headline"]["overall"] == pytest.approx(10 / 3)
     assert summary["headline"]["micro"] == pytest.approx((5 + 4 + 3 + 2 + 4) / 5)  # differs from the macro mean
     rows = summary["tables"]["ImgEdit Basic"]["rows"]
     assert (rows["adjust"]["score"], rows["add"]["score"], rows["remove"]["score"]) == pytest.approx((4, 2, 4))
     assert (rows["remove"]["samples"], rows["remove"]["failed"], rows["remove"]["missing"]) == (1, 1, 1)
-    assert rows["style"]["samples"] == 0 and not math.isfinite(rows["style"]["score"])  # no sample: no score
+    assert rows["style"]["samples"] == 0 and rows["style"]["score"] is None  # no sample: no score (strict JSON)
     assert (summary["samples"], summary["judged"], summary["failed"], summary["missing"]) == (7, 5, 1, 1)
     assert summary["judge"]["model"] == "judge" and summary["judge"]["served_as"][0]["model"] == "fake-judge-1"
     assert summary["judge_calls"]["requests"] == 6 + 1 + 2  # six edits, one retry, two more for the failure
@@ -525,3 +525,28 @@ def test_our_jsonl_format_judged_with_the_imgedit_protocol(tmp_path, monkeypatch
     n_add = sum(r["task"] == "add" for r in keep)
     assert summary["tables"]["ImgEdit Basic"]["rows"]["add"]["score"] == pytest.approx((5 + 3 * (n_add - 1)) / n_add)
     assert len(list(out.glob("*.png"))) == 5  # keys ("images/…::prompt") become safe, distinct file names
+
+
+def test_editr1_test_with_the_judge_unreachable_fails_loudly(tmp_path, monkeypatch, capsys):
+    """A judge on a dead port: the edits and a strict-JSON summary are written, the counts are printed, and the
+    command fails (it used to exit 0 printing `overall: NaN`)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    write_imgedit_mini(tmp_path / "bench")
+    with pytest.raises(RuntimeError, match=r"not one of 7 edits could be judged"):
+        _test_cli(
+            tmp_path,
+            monkeypatch,
+            "imgedit_mini.yaml",
+            f"--data.test_path={tmp_path / 'bench'}",
+            f"--benchmark.judge.init_args.base_url=http://127.0.0.1:{port}/v1",
+            "--benchmark.judge.init_args.max_retries=0",
+            "--benchmark.max_attempts=1",
+        )
+    assert "7 samples, judged 0, failed 6, missing 1" in capsys.readouterr().out
+    (summary_path,) = tmp_path.rglob("imgedit/summary.json")
+    summary = json.loads(summary_path.read_text(), parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
+    assert summary["judged"] == 0 and summary["headline"]["overall"] is None

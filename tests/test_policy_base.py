@@ -99,11 +99,13 @@ def test_resolve_dtype():
     assert all(name in str(err.value) for name in DTYPES)  # the message lists the choices
 
 
-def test_moved_helpers_are_still_importable_from_policies_base():
+def test_shared_helpers_have_one_home():
     from editr1 import asset_paths, dtypes, images
-    from editr1.policies import base
+    from editr1.policies import base, flux_kontext, qwen_image_edit
+    from editr1.rewards import mllm
 
-    assert base.resolve_dtype is dtypes.resolve_dtype and base.DTYPES is dtypes.DTYPES
+    assert not hasattr(base, "DTYPES") and not hasattr(base, "resolve_dtype")  # the one table is editr1.dtypes
+    assert flux_kontext.resolve_dtype is qwen_image_edit.resolve_dtype is mllm.resolve_dtype is dtypes.resolve_dtype
     assert base.to_tensor_images is images.to_tensor_images and base.resolve_asset is asset_paths.resolve_asset
 
 
