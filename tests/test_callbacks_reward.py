@@ -250,7 +250,7 @@ def test_rollout_images_go_to_tensorboard_every_n_rollouts(tmp_path):
     cb = RewardCallback(Brightness(), log_images_every_n_steps=2, image_groups=2)
     module = FakeModule(VALUES)
     for step in range(3):  # rollouts 0 and 2 are shown
-        module.global_step = step
+        module.global_step = trainer.global_step = step  # no fit loop here: the trainer's step is the axis
         cb.on_train_batch_start(trainer, module, _batch(["a", "b", "c"]), step)
     assert calls == [
         ("reward/histogram", 8, 0),  # every finite reward of the rollout

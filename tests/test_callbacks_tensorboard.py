@@ -71,3 +71,15 @@ def test_a_real_tensorboard_logger_gets_an_event_file(tmp_path):
     add_text(trainer, "notes", "hello", 0)
     logger.experiment.flush()
     assert list((tmp_path / "run" / "version_0").glob("events.out.tfevents.*"))
+
+
+def test_images_use_the_step_axis_of_the_scalars():
+    from types import SimpleNamespace
+
+    from editr1.callbacks.tensorboard import log_step
+
+    trainer = SimpleNamespace(
+        global_step=3, fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(_batches_that_stepped=5))
+    )
+    assert log_step(trainer) == 5  # a batch that trained nothing still moves Lightning's scalar axis
+    assert log_step(SimpleNamespace(global_step=3)) == 3

@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import Callback
 from torchmetrics import MeanMetric, SumMetric
 
 from editr1.algorithms.grouping import decide, global_std, pool_index
-from editr1.callbacks.tensorboard import add_image, add_text, forget_step_metrics, tensorboards
+from editr1.callbacks.tensorboard import add_image, add_text, forget_step_metrics, log_step, tensorboards
 from editr1.data.datamodule import FIELDS
 from editr1.rewards.base import RewardInputs, RewardModel
 from editr1.settings import FilterSettings
@@ -192,7 +192,7 @@ class RewardCallback(Callback):
             return
         batch["experience"] = Experience(ro, rewards.to(device), decision, started=t0)
         if self.log_images_every_n_steps and (ro.index % self.log_images_every_n_steps == 0):
-            self._log_rollout_images(trainer, ro, rewards, decision, pl_module.global_step)
+            self._log_rollout_images(trainer, ro, rewards, decision, log_step(trainer))
 
     def _count_failed_step(self, trainer, nothing_judged: bool) -> None:
         """A judge that is down must not make a run spin: warn at the first step it judged nothing, stop after

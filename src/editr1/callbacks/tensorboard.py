@@ -22,6 +22,13 @@ def add_text(trainer, tag: str, text: str, step: int) -> None:
             tb.add_text(tag, text, step)
 
 
+def log_step(trainer) -> int:
+    """The step Lightning writes training scalars at (its count of training batches, kept in checkpoints), so
+    images and text written during training line up with the scalars of the same batch, also after a resume."""
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    return int(getattr(loop, "_batches_that_stepped", trainer.global_step))
+
+
 def forget_step_metrics(trainer) -> None:
     """Drop the step values every metric holds from earlier batches, before a batch logs its own.
 
