@@ -27,14 +27,23 @@ PAPER_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k
 
 @dataclass(frozen=True)
 class LoraSettings:
-    """LoRA on the transformer (paper: r 32, α 64, Gaussian init, attention projections)."""
+    """LoRA on the transformer (the paper: r 32, α 64, Gaussian init, the attention projections); the
+    ``model.lora`` section of the config (the other sections are in :mod:`editr1.settings`).
 
-    rank: int = 32  # LoRA rank r
-    alpha: float = 64.0  # LoRA α; the update is scaled by α / r
-    init: str = "gaussian"  # peft init_lora_weights: "gaussian" (A ~ N, B = 0), "true" (Kaiming A), ...
-    target_modules: list[str] = field(default_factory=lambda: list(PAPER_TARGET_MODULES))  # module-name suffixes
-    # how θ_old starts: "copy" = an exact copy of θ; "independent" = its own random A (B = 0, so it is the base
-    # model too), as the reference code's `add_adapter("old", ...)`. The EMA adapter always starts as a copy.
+    Attributes:
+        rank: the LoRA rank r.
+        alpha: LoRA α; the update is scaled by α / r.
+        init: peft's init_lora_weights: ``gaussian`` (A ~ N, B = 0), ``true`` (Kaiming A), …
+        target_modules: module-name suffixes that get an adapter.
+        old_init: how θ_old starts: ``copy`` (an exact copy of θ) or ``independent`` (its own random A, B = 0,
+            so it is the base model too, as the released code's ``add_adapter("old")``). The EMA adapter
+            always starts as a copy.
+    """
+
+    rank: int = 32
+    alpha: float = 64.0
+    init: str = "gaussian"
+    target_modules: list[str] = field(default_factory=lambda: list(PAPER_TARGET_MODULES))
     old_init: str = "copy"
 
     def __post_init__(self) -> None:
