@@ -28,16 +28,18 @@ def check_finite_rollout(module: EditR1Module, x0: torch.Tensor | None) -> None:
 
 
 def count_idle_step(module: EditR1Module) -> None:
-    """Count a step that trained nothing; warn at the first of a streak, stop after ``optim.max_idle_steps``
-    in a row (a judge that stays down, weights gone bad, every prompt banned: the run would never end)."""
+    """Count a step that trained nothing; warn once a streak is long enough to be unusual (a quarter of the
+    limit, at least 2: a healthy run whose filter drops every group of one step now and then stays quiet), and
+    stop after ``optim.max_idle_steps`` in a row (a judge that stays down, weights gone bad, every prompt banned:
+    the run would never end)."""
     module.idle_in_a_row += 1
     limit = module.optim.max_idle_steps
     what = (
         f"step {module.global_step}: nothing to train on any process (every group was filtered, banned, left "
         "unjudged or unreadable; see filter/* and reward_model/* in TensorBoard)"
     )
-    if module.idle_in_a_row == 1 and module.global_rank == 0:
-        warnings.warn(what, stacklevel=2)
+    if module.idle_in_a_row == max(2, limit // 4) and module.global_rank == 0:
+        warnings.warn(f"{module.idle_in_a_row} steps in a row trained nothing; last: {what}", stacklevel=2)
     if limit and module.idle_in_a_row >= limit:
         path = emergency_checkpoint(module.trainer, "idle")
         raise RuntimeError(
