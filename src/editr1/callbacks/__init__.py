@@ -4,6 +4,7 @@ read the module — prediction writing, scene evaluation, LoRA export, benchmark
 from editr1.callbacks.benchmark import BenchmarkEvaluation
 from editr1.callbacks.export_lora import ExportLora
 from editr1.callbacks.image_writer import ImageWriter
+from editr1.callbacks.progress import StepProgressBar
 from editr1.callbacks.reward import RewardCallback, check_rewards
 from editr1.callbacks.run_guard import RunGuard
 from editr1.callbacks.scene_evaluation import SceneEvaluation
@@ -17,5 +18,6 @@ __all__ = [
     "RewardCallback",
     "RunGuard",
     "SceneEvaluation",
+    "StepProgressBar",
     "check_rewards",
 ]

@@ -1,0 +1,34 @@
+"""A progress bar for step-based runs: optimiser steps out of ``max_steps``, not ``Epoch 0/-2`` over batches."""
+
+from __future__ import annotations
+
+from lightning.pytorch.callbacks import RichProgressBar
+
+
+class StepProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, counting optimiser steps when the run is bounded by ``trainer.max_steps``
+    (a batch whose groups were all filtered trains nothing and does not move it). Epoch-bounded runs keep
+    Lightning's display. Added by :meth:`editr1.module.EditR1Module.configure_callbacks` in place of the
+    default rich bar; a progress bar the config chooses, or ``enable_progress_bar: false``, is left alone."""
+
+    def _step_based(self) -> bool:
+        trainer = getattr(self, "_trainer", None)
+        return trainer is not None and trainer.max_steps is not None and trainer.max_steps > 0
+
+    @property
+    def total_train_batches(self) -> int | float:
+        return self.trainer.max_steps if self._step_based() else super().total_train_batches
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        if not self._step_based():
+            return super()._get_train_description(current_epoch)
+        return f"{'Steps':{len(self.validation_description)}}"
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if not self._step_based():
+            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if not self.is_disabled and self.train_progress_bar_id is None:
+            self._initialize_train_progress_bar_id()  # resumed mid-epoch
+        self._update(self.train_progress_bar_id, trainer.global_step)
+        self._update_metrics(trainer, pl_module)
+        self.refresh()
