@@ -1,16 +1,23 @@
-"""Reward models: the interface, the verifiable scene reward and the MLLM judges (local and served)."""
+"""Reward models: the interface, the verifiable scene reward and the MLLM judges (local and served).
 
-from editr1.rewards.base import RewardInputs, RewardModel
-from editr1.rewards.mllm import LocalMLLMReward, MLLMJudge
-from editr1.rewards.scenes import SceneReward, scene_reward
-from editr1.rewards.served import ServedMLLMReward
+The names below load on first use, so ``editr1 serve-reward --help`` does not import every reward first."""
 
-__all__ = [
-    "LocalMLLMReward",
-    "MLLMJudge",
-    "RewardInputs",
-    "RewardModel",
-    "SceneReward",
-    "ServedMLLMReward",
-    "scene_reward",
-]
+from importlib import import_module
+
+_HOMES = {
+    "LocalMLLMReward": "editr1.rewards.mllm",
+    "MLLMJudge": "editr1.rewards.mllm",
+    "RewardInputs": "editr1.rewards.base",
+    "RewardModel": "editr1.rewards.base",
+    "SceneReward": "editr1.rewards.scenes",
+    "ServedMLLMReward": "editr1.rewards.served",
+    "scene_reward": "editr1.rewards.scenes",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    if name in _HOMES:
+        return getattr(import_module(_HOMES[name]), name)
+    raise AttributeError(f"module 'editr1.rewards' has no attribute {name!r}")
