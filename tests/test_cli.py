@@ -154,6 +154,9 @@ def test_demo_config_runs_in_process_into_one_run_folder(tmp_path, monkeypatch, 
     assert "rollouts/source_edits" in ea.Tags()["images"]
     assert "val/source_edit" in ea.Tags()["images"]
     assert {"eval/heldout/before", "eval/heldout/after", "eval/unseen/after"} <= scalars
+    last = ea.Scalars("reward/mean")[-1].step  # one axis: the after-training evaluation sits at the last batch
+    assert ea.Scalars("eval/heldout/before")[0].step == 0 and ea.Scalars("eval/heldout/after")[-1].step == last + 1
+    assert "custom_scalars__config__" in ea.Tags()["tensors"]  # the dashboard layout
     assert (run / "scene_eval.json").is_file()
     assert any(isinstance(cb, RewardCallback) for cb in cli.trainer.callbacks)
     # --ckpt_path last in validate: the newest run's last checkpoint, not the untrained base

@@ -103,14 +103,17 @@ def test_scenes_come_from_the_callback_or_the_datamodule():
 class Writer:
     def __init__(self) -> None:
         self.scalars: dict[str, float] = {}
+        self.steps: dict[str, int] = {}
         self.images: list[str] = []
 
     def add_scalar(self, tag, value, step):
         self.scalars[tag] = value
+        self.steps[tag] = step
 
     def add_image(self, tag, image, step):
         assert image.ndim == 3 and image.shape[0] == 3
         self.images.append(tag)
+        self.steps[f"image:{tag}"] = step
 
 
 def _run(tmp_path, rank_zero=True, **kwargs):
@@ -133,7 +136,8 @@ def _run(tmp_path, rank_zero=True, **kwargs):
     module = SimpleNamespace(policy=SourcePolicy())
     ev = SceneEvaluation(count=3, group_size=2, steps=2, image_rows=2, **kwargs)
     ev.on_train_start(trainer, module)
-    trainer.global_step = 5
+    trainer.global_step = 5  # optimiser steps; Lightning's scalar axis counts 7 batches (2 trained nothing)
+    trainer.fit_loop = SimpleNamespace(epoch_loop=SimpleNamespace(_batches_that_stepped=7))
     ev.on_train_end(trainer, module)
     return ev, writer, module.policy
 
@@ -159,6 +163,9 @@ def test_before_and_after_on_rank_zero(tmp_path, capsys):
     assert writer.scalars["eval/heldout/ceiling"] == pytest.approx(1.0)
     assert any(tag.startswith("eval/heldout/after/task/") for tag in writer.scalars)
     assert writer.images == ["eval/heldout/before", "eval/heldout/after"]
+    # scalars and grids on the training scalars' axis (batches), not on optimiser steps
+    assert writer.steps["eval/heldout/before"] == writer.steps["image:eval/heldout/before"] == 0
+    assert writer.steps["eval/heldout/after"] == writer.steps["image:eval/heldout/after"] == 7
 
 
 def test_other_ranks_evaluate_but_write_nothing(tmp_path, capsys):

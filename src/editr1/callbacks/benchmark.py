@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from editr1.callbacks.image_writer import safe_name
-from editr1.callbacks.tensorboard import add_image, add_text
+from editr1.callbacks.tensorboard import add_image, add_text, log_step
 from editr1.evaluation.judges import TextJudge
 from editr1.images import tensor_to_image, thumbnail
 from editr1.visualize import captioned_grid
@@ -267,16 +267,17 @@ class BenchmarkEvaluation(Callback):
                         )
         from editr1.evaluation.benchmark import summary_markdown
 
-        add_text(trainer, f"{prefix}/table", summary_markdown(summary), pl_module.global_step)
+        step = log_step(trainer)
+        add_text(trainer, f"{prefix}/table", summary_markdown(summary), step)
         n = min(self.show, len(extremes) // 2 if len(extremes) < 2 * self.show else self.show)
         for name, picks in (("best", list(reversed(extremes))[:n]), ("worst", extremes[:n])):
             if not picks:
                 continue
             rows = [[p[4], p[5]] for p in picks]
             caps = [[f"{p[2]} #{p[1]}", f"{p[0]:.2f}"] for p in picks]
-            add_image(trainer, f"{prefix}/{name}_edits", captioned_grid(rows, caps), pl_module.global_step)
+            add_image(trainer, f"{prefix}/{name}_edits", captioned_grid(rows, caps), step)
             listing = "\n".join(f"- {p[0]:.3f} · {p[2]} · `{p[1]}` · {p[3]}" for p in picks)
-            add_text(trainer, f"{prefix}/{name}_edits", listing, pl_module.global_step)
+            add_text(trainer, f"{prefix}/{name}_edits", listing, step)
 
     def _write(self, summary: dict) -> None:
         from editr1.evaluation.benchmark import summary_markdown

@@ -16,7 +16,14 @@ from lightning.pytorch.callbacks import Callback
 from torchmetrics import MeanMetric, SumMetric
 
 from editr1.algorithms.grouping import decide, global_std, pool_index
-from editr1.callbacks.tensorboard import add_image, add_text, forget_step_metrics, log_step, tensorboards
+from editr1.callbacks.tensorboard import (
+    add_image,
+    add_text,
+    forget_step_metrics,
+    log_step,
+    tensorboards,
+    write_dashboard,
+)
 from editr1.data.datamodule import FIELDS
 from editr1.rewards.base import RewardInputs, RewardModel
 from editr1.settings import FilterSettings
@@ -107,6 +114,7 @@ class RewardCallback(Callback):
         self.model.to(trainer.strategy.root_device)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        write_dashboard(trainer)  # TensorBoard's "Custom Scalars" tab: reward and loss first
         if self.on_failure == "zero" and trainer.is_global_zero:
             log.warning(
                 "reward.on_failure is 'zero' (the reference code's behaviour): edits the reward model could "
@@ -351,7 +359,7 @@ class RewardCallback(Callback):
             n = min(8, rewards.numel())
             rows = [[outputs["sources"][i].cpu(), outputs["edits"][i].cpu()] for i in range(n)]
             caps = [["source", f"{float(rewards[i]):.3f}"] for i in range(n)]
-            add_image(trainer, f"{prefix}/source_edit", captioned_grid(rows, caps), pl_module.global_step)
+            add_image(trainer, f"{prefix}/source_edit", captioned_grid(rows, caps), log_step(trainer))
             self._eval["logged_images"] = True
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:

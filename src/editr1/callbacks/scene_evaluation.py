@@ -8,7 +8,7 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback
 
-from editr1.callbacks.tensorboard import add_image, tensorboards
+from editr1.callbacks.tensorboard import add_image, add_scalars, log_step
 from editr1.data.scenes import SceneConfig
 from editr1.evaluation.scenes import evaluate_scenes
 from editr1.visualize import captioned_grid
@@ -84,20 +84,17 @@ class SceneEvaluation(Callback):
                     pl_module.policy, scenes, split, self.count, self.group_size, self.steps, self.solver, self.seed
                 )
             out[split] = res.summary()
-            step = trainer.global_step
-            for tb in tensorboards(trainer) if trainer.is_global_zero else []:
-                tb.add_scalar(f"eval/{split}/{when}", res.mean, step)
-                tb.add_scalar(f"eval/{split}/identity", out[split]["identity"], step)
-                tb.add_scalar(f"eval/{split}/ceiling", out[split]["ceiling"], step)
-                for k, v in out[split].items():
-                    if k.startswith("task/"):
-                        tb.add_scalar(f"eval/{split}/{when}/{k}", v, step)
+            step = log_step(trainer)  # the axis of the training scalars (batches, skipped ones included)
+            scalars = {f"eval/{split}/{when}": res.mean}
+            scalars.update({f"eval/{split}/{k}": out[split][k] for k in ("identity", "ceiling")})
+            scalars.update({f"eval/{split}/{when}/{k}": v for k, v in out[split].items() if k.startswith("task/")})
+            add_scalars(trainer, scalars, step)
             rows, caps = [], []
             k = self.group_size
             for i in range(min(self.image_rows, self.count)):
                 rows.append([res.sources[i]] + [res.edits[i * k + j] for j in range(k)])
                 caps.append(["source"] + [f"{float(res.rewards[i, j]):.3f}" for j in range(k)])
-            add_image(trainer, f"eval/{split}/{when}", captioned_grid(rows, caps), trainer.global_step)
+            add_image(trainer, f"eval/{split}/{when}", captioned_grid(rows, caps), step)
         self.results[when] = out
 
     def on_train_start(self, trainer, pl_module) -> None:
