@@ -30,3 +30,19 @@ def test_the_module_replaces_only_the_default_rich_bar():
     assert "StepProgressBar" not in added([TQDMProgressBar()])  # the config's choice stays
     assert "StepProgressBar" not in added([])  # enable_progress_bar: false
     assert added([]) == ["RunGuard", "ImageWriter"]
+
+
+def test_a_phase_shows_beside_the_description_of_a_running_bar():
+    from rich.progress import Progress
+
+    bar = StepProgressBar()
+    bar.set_phase("rollout 0/8 edits")  # before the bar exists: nothing to show, no error
+    bar._trainer = SimpleNamespace(max_steps=90, max_epochs=-1, current_epoch=0)
+    bar._progress_stopped = False
+    bar.progress = Progress()
+    bar.train_progress_bar_id = bar.progress.add_task(bar._get_train_description(0), total=90)
+    bar.refresh = lambda: None
+    bar.set_phase("judging 4/8 edits")
+    assert bar.progress.tasks[0].description.endswith("Steps · judging 4/8 edits")
+    bar.set_phase(None)
+    assert bar.progress.tasks[0].description.strip() == "Steps"

@@ -336,3 +336,24 @@ def test_a_reward_that_needs_targets_is_skipped_on_data_without_them():
     cb.on_test_batch_end(trainer, module, with_targets, None, 0)
     cb.on_test_epoch_end(trainer, module)
     assert module.logged["test/reward"] == pytest.approx(0.3)
+
+
+def test_the_progress_bar_names_each_phase_of_a_step():
+    from editr1.callbacks.progress import StepProgressBar
+
+    class Recording(StepProgressBar):
+        def __init__(self) -> None:
+            super().__init__()
+            self.phases: list[str | None] = []
+
+        def set_phase(self, text):
+            self.phases.append(text)
+
+    bar, trainer = Recording(), FakeTrainer()
+    trainer.callbacks = [bar]
+    RewardCallback(Brightness(), log_images_every_n_steps=0).on_train_batch_start(
+        trainer, FakeModule(VALUES), _batch(["a", "b", "c"]), 0
+    )
+    rollout = [f"rollout {n}/9 edits" for n in (0, 2, 4, 6, 8, 9)]  # after each chunk of 2 (the rollout batch)
+    judging = [f"judging {n}/9 edits" for n in (0, 2, 4, 6, 8)]  # before waiting on each chunk's judgement
+    assert bar.phases == rollout + judging + ["training on 1 of 3 groups"]

@@ -32,6 +32,7 @@ TESTED_IN: dict[str, str] = {
     "objectives/nft.py": "test_objectives_nft.py",
     # one test module for the benchmark protocol and its callback
     "evaluation/benchmark.py": "test_benchmark.py",
+    "config_errors.py": "test_cli.py",  # the CLI's errors, tested through the CLI
     "callbacks/benchmark.py": "test_benchmark.py",
 }
 

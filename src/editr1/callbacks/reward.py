@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import Callback
 from torchmetrics import MeanMetric, SumMetric
 
 from editr1.algorithms.grouping import decide, global_std, pool_index
+from editr1.callbacks.progress import show_phase
 from editr1.callbacks.tensorboard import (
     add_image,
     add_text,
@@ -149,10 +150,18 @@ class RewardCallback(Callback):
             return
         t0 = time.perf_counter()
         futures: list[Future] = []
+        total, made = len(batch["prompt"]) * group_size, [0]
+        show_phase(trainer, f"rollout 0/{total} edits")
+
+        def submit(chunk: RewardInputs) -> None:  # scored while the next chunk is generated
+            futures.append(self.model.submit(chunk))
+            made[0] += chunk.edits.shape[0]
+            show_phase(trainer, f"rollout {made[0]}/{total} edits")
+
         # a process without prompts still takes part in the step's collectives (the gather below, the ban, training)
-        ro = pl_module.sample_groups(batch, on_chunk=lambda chunk: futures.append(self.model.submit(chunk)))
+        ro = pl_module.sample_groups(batch, on_chunk=submit)
         t1 = time.perf_counter()
-        rewards = self._collect(futures, ro) if ro is not None else torch.empty(0, group_size)
+        rewards = self._collect(trainer, futures, ro) if ro is not None else torch.empty(0, group_size)
         t2 = time.perf_counter()  # time/reward_s: scoring time not hidden behind the rollout
         if self.on_failure == "zero":  # the reference code's 0.0 for a failed judgement, counted
             failed_here = ~torch.isfinite(rewards)
@@ -199,6 +208,8 @@ class RewardCallback(Callback):
             batch["experience"] = Experience(None, rewards, decision)
             return
         batch["experience"] = Experience(ro, rewards.to(device), decision, started=t0)
+        kept = decision.num_groups - int((decision.dropped_low_variance | decision.dropped_nan).sum())
+        show_phase(trainer, f"training on {kept} of {decision.num_groups} groups")
         if self.log_images_every_n_steps and (ro.index % self.log_images_every_n_steps == 0):
             self._log_rollout_images(trainer, ro, rewards, decision, log_step(trainer))
 
@@ -222,9 +233,13 @@ class RewardCallback(Callback):
                 f"Checkpoint saved to {path}"
             )
 
-    def _collect(self, futures: list[Future], ro: Rollout) -> torch.Tensor:
+    def _collect(self, trainer, futures: list[Future], ro: Rollout) -> torch.Tensor:
         """``(G, K)`` rewards of a rollout from its chunks' futures (NaN where the judge failed)."""
-        rewards = torch.cat([f.result().float().reshape(-1).cpu() for f in futures])
+        parts, total = [], ro.edits.shape[0]
+        for f in futures:
+            show_phase(trainer, f"judging {sum(p.numel() for p in parts)}/{total} edits")
+            parts.append(f.result().float().reshape(-1).cpu())
+        rewards = torch.cat(parts)
         check_rewards(rewards, ro.edits.shape[0])
         return rewards.view(ro.num_groups, ro.group_size)
 
