@@ -536,7 +536,7 @@ def test_editr1_test_with_the_judge_unreachable_fails_loudly(tmp_path, monkeypat
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again: nothing listens there
     write_imgedit_mini(tmp_path / "bench")
-    with pytest.raises(RuntimeError, match=r"not one of 7 edits could be judged"):
+    with pytest.raises(SystemExit, match=r"^editr1 test: stopped: imgedit: not one of 7 edits could be judged"):
         _test_cli(
             tmp_path,
             monkeypatch,

@@ -328,6 +328,16 @@ def test_a_missing_data_folder_is_one_line_and_leaves_no_run_folder(tmp_path, mo
     assert "removed runs/demo/version_0" in err and not list(tmp_path.rglob("version_*"))
 
 
+def test_a_hub_model_not_in_the_local_cache_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    config = str(ROOT / "configs" / "model" / "flux_kontext_dev.yaml")
+    code, _, _ = _exit(capsys, ["fit", *DEMO, "-c", config, "--trainer.accelerator=cpu"])
+    assert isinstance(code, str) and code.startswith("editr1 fit: error: ") and "FLUX.1-Kontext-dev" in code
+    assert "Traceback" not in code and not list(tmp_path.rglob("version_*"))
+
+
 def test_only_a_run_folder_with_nothing_but_configs_and_hparams_counts_as_empty(tmp_path):
     from lightning.pytorch.loggers import TensorBoardLogger
 

@@ -11,6 +11,7 @@ import torch
 
 from editr1.settings import OptimSettings
 from editr1.training import guards
+from editr1.training.guards import RunStopped
 
 
 class FakeTrainer:
@@ -46,7 +47,7 @@ def test_an_idle_streak_warns_once_then_stops_with_a_checkpoint(tmp_path):
         assert not seen
         guards.count_idle_step(m)  # two in a row with a limit of 3: a warning, once
     assert len(seen) == 1 and "2 steps in a row trained nothing; last: step 7: nothing to train" in str(seen[0].message)
-    with pytest.raises(RuntimeError, match=r"3 steps in a row trained nothing \(optim.max_idle_steps = 3\)"):
+    with pytest.raises(RunStopped, match=r"3 steps in a row trained nothing \(optim.max_idle_steps = 3\)"):
         guards.count_idle_step(m)
     assert m.trainer.saved == [str(tmp_path / "checkpoints" / "stopped-idle-step7.ckpt")]
 
@@ -63,9 +64,9 @@ def test_non_finite_rollouts_and_adapters_stop(tmp_path):
     m = _module(tmp_path, limit=3, params=[torch.tensor([1.0, float("inf")])])
     guards.check_finite_rollout(m, torch.zeros(2, 3))
     guards.check_finite_rollout(m, None)  # a process without prompts only joins the check
-    with pytest.raises(RuntimeError, match="non-finite latents at step 7 \\(lr 0.5\\)"):
+    with pytest.raises(RunStopped, match="non-finite latents at step 7 \\(lr 0.5\\)"):
         guards.check_finite_rollout(m, torch.tensor([[0.0, float("nan")]]))
-    with pytest.raises(RuntimeError, match="adapters are not finite after optimiser step 7"):
+    with pytest.raises(RunStopped, match="adapters are not finite after optimiser step 7"):
         guards.check_finite_adapters(m)
     guards.check_finite_adapters(_module(tmp_path, 3, params=[torch.ones(2)]))
     assert not m.trainer.saved  # diverged weights are never saved

@@ -203,6 +203,7 @@ def _define_cli() -> None:
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
     from editr1.callbacks import BenchmarkEvaluation, RewardCallback
+    from editr1.training.guards import RunStopped
 
     class EditR1ArgumentParser(LightningArgumentParser):
         """Errors with a short usage line, the file a bad key came from, the nearest key and known classes."""
@@ -232,9 +233,11 @@ def _define_cli() -> None:
                 trainer = getattr(self, "trainer", None)
                 if trainer is not None and trainer.global_step == 0 and trainer.is_global_zero:
                     self._remove_empty_runs(trainer)
+                prog = " ".join(filter(None, [PROG, getattr(self, "subcommand", None)]))
                 if isinstance(e, user_errors) and (trainer is None or trainer.global_step == 0):
-                    prog = " ".join(filter(None, [PROG, getattr(self, "subcommand", None)]))
                     raise SystemExit(f"{prog}: error: {e}") from None
+                if isinstance(e, RunStopped):  # a guard's reason, at any step: the message, no traceback
+                    raise SystemExit(f"{prog}: stopped: {e}") from None
                 raise
 
         def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
@@ -392,7 +395,7 @@ def cli_main(args: list[str] | None = None, run: bool = True):
         auto_configure_optimizers=False,  # the module builds its own optimiser (the optim: section)
         save_config_kwargs={"overwrite": True},
         parser_kwargs=kwargs,  # the same name in usage lines whether started as `editr1` or `python -m editr1`
-        user_errors=(FileNotFoundError, NotADirectoryError),
+        user_errors=(OSError,),  # before the first step: a missing folder or file, a model not in the local cache
     )
 
 

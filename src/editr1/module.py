@@ -364,7 +364,7 @@ class EditR1Module(L.LightningModule):
             limit = self.optim.max_nonfinite_steps
             if self.nonfinite_in_a_row >= limit:
                 path = emergency_checkpoint(self.trainer, "nonfinite")
-                raise RuntimeError(
+                raise guards.RunStopped(
                     f"{self.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient "
                     f"(optim.max_nonfinite_steps = {limit}); stopped. Last good state saved to {path}. "
                     "Lower the learning rate, check the rewards, or resume from an earlier checkpoint."

@@ -18,6 +18,7 @@ from editr1.callbacks.image_writer import safe_name
 from editr1.callbacks.tensorboard import add_image, add_text, log_step
 from editr1.evaluation.judges import TextJudge
 from editr1.images import tensor_to_image, thumbnail
+from editr1.training.guards import RunStopped
 from editr1.visualize import captioned_grid
 
 log = logging.getLogger(__name__)
@@ -205,7 +206,7 @@ class BenchmarkEvaluation(Callback):
         if trainer.is_global_zero:
             self._write(summary)
         if self.judge is not None and summary["samples"] and not summary["judged"]:
-            raise RuntimeError(  # on every process alike: the summary is the same everywhere
+            raise RunStopped(  # on every process alike: the summary is the same everywhere
                 f"{self.protocol_name}: not one of {summary['samples']} edits could be judged (failed "
                 f"{summary['failed']}, missing {summary['missing']}) by {summary['judge']}; judge calls "
                 f"{summary['judge_calls']}. Is the judge running? The edits and summary are in {self.out}"

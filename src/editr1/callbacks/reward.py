@@ -30,6 +30,7 @@ from editr1.rewards.base import RewardInputs, RewardModel
 from editr1.settings import FilterSettings
 from editr1.training import distributed
 from editr1.training.experience import Experience
+from editr1.training.guards import RunStopped
 from editr1.training.rollout import Rollout
 from editr1.training.state import emergency_checkpoint
 from editr1.visualize import captioned_grid
@@ -174,7 +175,7 @@ class RewardCallback(Callback):
         failed = int((~torch.isfinite(everything)).sum())
         if failed and self.on_failure == "stop":
             path = emergency_checkpoint(trainer, "reward")
-            raise RuntimeError(
+            raise RunStopped(
                 f"the reward model could not judge {failed} of {everything.numel()} edits of this step "
                 f"({dict(self.model.stats())}); reward.on_failure is 'stop'; checkpoint saved to {path}"
             )
@@ -227,7 +228,7 @@ class RewardCallback(Callback):
             log.warning("the reward model could not judge any edit of this step, which trains nothing: %s", what)
         if self.max_failed_steps and self.failed_in_a_row >= self.max_failed_steps:
             path = emergency_checkpoint(trainer, "reward")
-            raise RuntimeError(
+            raise RunStopped(
                 f"the reward model judged nothing for {self.failed_in_a_row} steps in a row "
                 f"(reward.max_failed_steps = {self.max_failed_steps}): {what}. Is it running? "
                 f"Checkpoint saved to {path}"

@@ -142,7 +142,7 @@ class FluxKontextPolicy(EditPolicy):
                 pipe = pipe.to(dtype=dtype)
         else:
             pipe = FluxKontextPipeline.from_pretrained(
-                pretrained_model_name_or_path, revision=revision, torch_dtype=dtype, local_files_only=local_files_only
+                pretrained_model_name_or_path, revision=revision, dtype=dtype, local_files_only=local_files_only
             )
         self.pipe = pipe  # not a module: holds the tokenizers and scheduler, shares the modules below
         self.transformer = pipe.transformer

@@ -164,7 +164,7 @@ class QwenImageEditPolicy(EditPolicy):
                 pipe = pipe.to(dtype=dtype)
         else:
             pipe = VARIANTS[variant].from_pretrained(
-                pretrained_model_name_or_path, revision=revision, torch_dtype=dtype, local_files_only=local_files_only
+                pretrained_model_name_or_path, revision=revision, dtype=dtype, local_files_only=local_files_only
             )
         self.variant = variant
         self.pipe = pipe  # not a module: holds the tokenizer, processor and scheduler

@@ -482,7 +482,7 @@ def serve_reward(
         torch.set_num_threads(num_threads)
     api_key = os.environ.get(api_key_env) if api_key_env else None
     if api_key_env and not api_key:
-        raise SystemExit(f"serve-reward: environment variable {api_key_env} is empty or unset")
+        raise SystemExit(f"editr1 serve-reward: error: environment variable {api_key_env} is empty or unset")
     judge = MLLMJudge(model, revision, torch_dtype, quantization, trust_remote_code, local_files_only=local_files_only)
     judge.load(resolve_device(device))
     limits = Limits(

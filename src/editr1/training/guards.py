@@ -15,12 +15,17 @@ if TYPE_CHECKING:
     from editr1.module import EditR1Module
 
 
+class RunStopped(RuntimeError):
+    """A run stopped on purpose, for a reason its message gives (a guard tripped, a judge that judged nothing,
+    …): the ``editr1`` command prints the message without a traceback and exits with status 1."""
+
+
 def check_finite_rollout(module: EditR1Module, x0: torch.Tensor | None) -> None:
     """Non-finite rollout latents mean the policy has diverged (every reward would be NaN and every step
     would train nothing): stop at once, on every process together."""
     bad = x0 is not None and not bool(torch.isfinite(x0).all())
     if distributed.any_process(bad, world=module.world_size, device=module.device):
-        raise RuntimeError(
+        raise RunStopped(
             f"the rollout policy θ_old produced non-finite latents at step {module.global_step} (lr "
             f"{module.optim.lr}): the adapters have diverged; stopped without saving them. Resume from the last "
             "checkpoint with a lower learning rate."
@@ -42,7 +47,7 @@ def count_idle_step(module: EditR1Module) -> None:
         warnings.warn(f"{module.idle_in_a_row} steps in a row trained nothing; last: {what}", stacklevel=2)
     if limit and module.idle_in_a_row >= limit:
         path = emergency_checkpoint(module.trainer, "idle")
-        raise RuntimeError(
+        raise RunStopped(
             f"{module.idle_in_a_row} steps in a row trained nothing (optim.max_idle_steps = {limit}); stopped. "
             f"Last: {what}. State saved to {path}."
         )
@@ -54,7 +59,7 @@ def check_finite_adapters(module: EditR1Module) -> None:
     with a finite gradient); otherwise stop before rollouts of a broken policy make every reward NaN."""
     bad = any(not bool(torch.isfinite(p).all()) for p in module.policy.trainable_parameters())
     if distributed.any_process(bad, world=module.world_size, device=module.device):
-        raise RuntimeError(
+        raise RunStopped(
             f"the adapters are not finite after optimiser step {module.global_step} (lr {module.optim.lr}); "
             "stopped without saving them. Resume from the last checkpoint with a lower learning rate."
         )
