@@ -400,6 +400,10 @@ def test_which_weights_validate_test_and_predict_use(tmp_path):
     assert describe_weights("predict", None, "out/lora") == (
         "predict: the base model with the LoRA out/lora (model.lora_weights)"
     )
+    assert describe_weights("validate", None, None, newest=Path("runs/demo/version_0/checkpoints/last.ckpt")) == (
+        "validate: the base model with fresh adapters (no --ckpt_path, no model.lora_weights); `--ckpt_path last` "
+        "edits with the newest run's runs/demo/version_0/checkpoints/last.ckpt"
+    )
 
 
 def test_a_renamed_key_names_its_new_name(tmp_path):

@@ -168,13 +168,17 @@ def find_last_checkpoint(trainer_cfg) -> tuple[Path, int] | None:
     return (max(found)[1], max(found)[0]) if found else None
 
 
-def describe_weights(sub: str, ckpt_path: str | None, lora_weights: str | None, last: bool = False) -> str:
-    """Which weights ``validate`` / ``test`` / ``predict`` edit with, in one line."""
+def describe_weights(
+    sub: str, ckpt_path: str | None, lora_weights: str | None, last: bool = False, newest: Path | None = None
+) -> str:
+    """Which weights ``validate`` / ``test`` / ``predict`` edit with, in one line (``newest``: a run's last
+    checkpoint the user may have meant, named when the base is used)."""
     if ckpt_path:
         return f"{sub}: checkpoint {ckpt_path}" + (" (the newest run's last.ckpt)" if last else "")
     if lora_weights:
         return f"{sub}: the base model with the LoRA {lora_weights} (model.lora_weights)"
-    return f"{sub}: the base model with fresh adapters (no --ckpt_path, no model.lora_weights)"
+    hint = f"; `--ckpt_path last` edits with the newest run's {newest}" if newest else ""
+    return f"{sub}: the base model with fresh adapters (no --ckpt_path, no model.lora_weights){hint}"
 
 
 NOISE = ("litlogger", "will override existing callbacks passed to Trainer: RichProgressBar")
@@ -281,7 +285,12 @@ def _define_cli() -> None:
                 warnings.filterwarnings("ignore", "The dirpath has changed from", UserWarning)
             if sub != "fit" or last:
                 lora = cfg.model.get("lora_weights")
-                print(f"resuming {cfg.ckpt_path}" if sub == "fit" else describe_weights(sub, cfg.ckpt_path, lora, last))
+                newest = None if cfg.ckpt_path or lora else (find_last_checkpoint(cfg.trainer) or (None,))[0]
+                print(
+                    f"resuming {cfg.ckpt_path}"
+                    if sub == "fit"
+                    else describe_weights(sub, cfg.ckpt_path, lora, last, newest)
+                )
 
         def _remove_empty_runs(self, trainer) -> None:
             for logger in trainer.loggers:
