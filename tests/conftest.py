@@ -16,7 +16,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-torch.set_num_threads(2)
+# Under pytest-xdist (``-n 2``, setup.cfg) each of the two workers takes one core.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 def tiny_policy(resolution: int = 32, seed: int = 0):

@@ -241,7 +241,7 @@ def test_serve_reward_command(tmp_path):
     )
     try:
         url = f"http://127.0.0.1:{port}/v1"
-        deadline = time.time() + 120
+        deadline = time.time() + 300  # generous: a loaded machine starts Python slowly
         while True:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
