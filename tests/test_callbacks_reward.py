@@ -357,3 +357,21 @@ def test_the_progress_bar_names_each_phase_of_a_step():
     rollout = [f"rollout {n}/9 edits" for n in (0, 2, 4, 6, 8, 9)]  # after each chunk of 2 (the rollout batch)
     judging = [f"judging {n}/9 edits" for n in (0, 2, 4, 6, 8)]  # before waiting on each chunk's judgement
     assert bar.phases == rollout + judging + ["training on 1 of 3 groups"]
+
+
+def test_a_combined_rewards_components_are_logged_by_name():
+    from editr1.rewards.combined import CombinedReward
+
+    class Half(RewardModel):
+        def score(self, inputs):
+            return torch.full((inputs.edits.shape[0],), 0.5)
+
+    module, batch = FakeModule(VALUES), _batch(["a", "b"])
+    reward = CombinedReward({"bright": Brightness(), "half": Half()})
+    RewardCallback(reward, log_images_every_n_steps=0).on_train_batch_start(FakeTrainer(), module, batch, 0)
+    bright = torch.tensor([0.1, 0.5, 0.9, 1.0, 1.0, 1.0], dtype=torch.float64)
+    assert module.logged["rewards/bright/mean"] == pytest.approx(float(bright.mean()))
+    assert module.logged["rewards/bright/std"] == pytest.approx(float(bright.std(unbiased=False)))
+    assert module.logged["rewards/half/mean"] == 0.5 and module.logged["rewards/half/std"] == 0.0
+    assert module.logged["reward/mean"] == pytest.approx(float((bright + 0.5).mean() / 2))
+    assert module.logged["reward_model/failed/bright"] == 0.0

@@ -302,7 +302,10 @@ class RewardCallback(Callback):
         if self.on_failure == "zero":
             metrics["reward/failed_as_zero"] = float(self.counts["rewards_failed_as_zero"])
         metrics.update({f"reward_model/{k}": v for k, v in self.model.stats().items()})
-        metrics.update({f"reward_model/{k}": v for k, v in self.model.step_stats().items()})
+        # a combined reward's components as trl names them (rewards/<name>/mean|std); the rest under reward_model/
+        metrics.update(
+            {k if k.startswith("rewards/") else f"reward_model/{k}": v for k, v in self.model.step_stats().items()}
+        )
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=decision.num_groups)
         mean = float(finite.mean()) if finite.numel() else float("nan")
         pl_module.log("reward/mean", mean, on_step=True, on_epoch=False, prog_bar=True, batch_size=decision.num_groups)

@@ -1,10 +1,13 @@
-"""Reward models: the interface, the verifiable scene reward and the MLLM judges (local and served).
+"""Reward models: the interface, the verifiable scene reward, the MLLM judges (local and served), a preservation
+reward and several rewards combined.
 
 The names below load on first use, so ``editr1 serve-reward --help`` does not import every reward first."""
 
 from importlib import import_module
 
 _HOMES = {
+    "CombinedReward": "editr1.rewards.combined",
+    "PreservationReward": "editr1.rewards.preservation",
     "LocalMLLMReward": "editr1.rewards.mllm",
     "MLLMJudge": "editr1.rewards.mllm",
     "RewardInputs": "editr1.rewards.base",
