@@ -375,3 +375,21 @@ def test_a_combined_rewards_components_are_logged_by_name():
     assert module.logged["rewards/half/mean"] == 0.5 and module.logged["rewards/half/std"] == 0.0
     assert module.logged["reward/mean"] == pytest.approx(float((bright + 0.5).mean() / 2))
     assert module.logged["reward_model/failed/bright"] == 0.0
+
+
+def test_rollout_image_statistics_are_logged_and_a_hacked_reward_trips_the_guard(tmp_path):
+    from editr1.training.guards import RunStopped
+
+    cb = RewardCallback(
+        Brightness(), log_images_every_n_steps=0, image_limits={"brightness": [None, 0.8]}, image_limit_steps=2
+    )
+    module, trainer = FakeModule(VALUES), FakeTrainer(tmp_path)
+    cb.on_train_batch_start(trainer, module, _batch(["a"]), 0)  # brightness 0.5: fine
+    assert module.logged["images/brightness"] == pytest.approx(0.5) and cb.limits_in_a_row == 0
+    cb.on_train_batch_start(trainer, module, _batch(["b"]), 1)  # every edit white: the reward's favourite
+    assert module.logged["images/frac_near_white"] == 1.0 and cb.limits_in_a_row == 1 and not trainer.saved
+    with pytest.raises(RunStopped, match=r"outside reward.image_limits for 2 steps in a row \(brightness 1 > 0.8\)"):
+        cb.on_train_batch_start(trainer, module, _batch(["b"]), 2)
+    assert trainer.saved and "stopped-image_limits" in trainer.saved[0]
+    with pytest.raises(ValueError, match="unknown statistic"):
+        RewardCallback(Brightness(), image_limits={"glow": [0, 1]})

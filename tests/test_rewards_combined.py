@@ -103,9 +103,7 @@ def test_the_shipped_config_composes_with_the_demo():
     from editr1.rewards.scenes import SceneReward
 
     demo = str(ROOT / "configs" / "demo.yaml")
-    cli = cli_main(
-        ["-c", demo, "-c", str(ROOT / "configs" / "reward" / "scene_plus_preservation.yaml")], run=False
-    )
+    cli = cli_main(["-c", demo, "-c", str(ROOT / "configs" / "reward" / "scene_plus_preservation.yaml")], run=False)
     (cb,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "RewardCallback"]
     assert isinstance(cb.model, CombinedReward) and cb.model.weights == {"scene": 0.8, "preserve": 0.2}
     assert isinstance(cb.model.models["scene"], SceneReward)

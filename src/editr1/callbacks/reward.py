@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import Callback
 from torchmetrics import MeanMetric, SumMetric
 
 from editr1.algorithms.grouping import decide, global_std, pool_index
+from editr1.algorithms.image_stats import check_limits, image_stats, out_of_bounds
 from editr1.callbacks.progress import show_phase
 from editr1.callbacks.tensorboard import (
     add_image,
@@ -68,6 +69,12 @@ class RewardCallback(Callback):
         max_failed_steps: with ``on_failure: drop``, steps in a row in which the reward model could not judge
             a single edit (a judge that is down) before the run stops with a checkpoint and a message; the first
             such step warns, naming the reward model and its errors (0: never stop).
+        image_limits: bounds on the rollouts' image statistics (logged every step as ``images/<name>``: brightness,
+            saturation, contrast, frac_near_black, frac_near_white, edit_distance; see
+            :mod:`editr1.algorithms.image_stats`), e.g. ``{frac_near_black: [null, 0.5], edit_distance: [0.01,
+            null]}``: a guard against reward hacking. Outside them for ``image_limit_steps`` steps in a row on any
+            process, the run stops with a checkpoint and a message naming the statistic.
+        image_limit_steps: how many steps in a row (≥ 1).
     """
 
     def __init__(
@@ -78,7 +85,13 @@ class RewardCallback(Callback):
         image_groups: int = 4,
         on_failure: Literal["drop", "stop", "zero"] = "drop",
         max_failed_steps: int = 5,
+        image_limits: dict[str, list[float | None]] | None = None,
+        image_limit_steps: int = 3,
     ) -> None:
+        self.image_limits = check_limits(image_limits)
+        if image_limit_steps < 1:
+            raise ValueError(f"image_limit_steps must be >= 1, got {image_limit_steps}")
+        self.image_limit_steps, self.limits_in_a_row = image_limit_steps, 0
         if on_failure not in ("drop", "stop", "zero"):
             raise ValueError(f"on_failure must be 'drop', 'stop' or 'zero', got {on_failure!r}")
         if max_failed_steps < 0:
@@ -205,6 +218,7 @@ class RewardCallback(Callback):
             marked = [] if ro is None else decision.ban.nonzero().flatten().tolist()
             self._ban(world, [self._ban_id(ro.keys[g], ro.prompts[g]) for g in marked])
         self._log_step(pl_module, everything, decision_all, t1 - t0, t2 - t1)
+        self._guard_images(trainer, pl_module, ro)
         if ro is None:  # this process idles through the step (training_step joins its collectives)
             batch["experience"] = Experience(None, rewards, decision)
             return
@@ -231,6 +245,27 @@ class RewardCallback(Callback):
             raise RunStopped(
                 f"the reward model judged nothing for {self.failed_in_a_row} steps in a row "
                 f"(reward.max_failed_steps = {self.max_failed_steps}): {what}. Is it running? "
+                f"Checkpoint saved to {path}"
+            )
+
+    def _guard_images(self, trainer, pl_module, ro: Rollout | None) -> None:
+        """Log the rollout's image statistics; stop once they left ``image_limits`` for too many steps in a row."""
+        broken: list[str] = []
+        if ro is not None:
+            stats = image_stats(ro.edits, ro.sources.repeat_interleave(ro.group_size, 0).to(ro.edits))
+            pl_module.log_dict({f"images/{k}": v for k, v in stats.items()}, on_step=True, on_epoch=False)
+            broken = out_of_bounds(stats, self.image_limits)
+        if not self.image_limits:
+            return
+        anywhere = distributed.any_process(bool(broken), world=trainer.world_size, device=pl_module.device)
+        self.limits_in_a_row = self.limits_in_a_row + 1 if anywhere else 0
+        if broken and self.limits_in_a_row == 1:
+            log.warning("rollout images outside reward.image_limits: %s", ", ".join(broken))
+        if self.limits_in_a_row >= self.image_limit_steps:
+            path = emergency_checkpoint(trainer, "image_limits")
+            raise RunStopped(
+                f"the rollouts' images were outside reward.image_limits for {self.limits_in_a_row} steps in a row "
+                f"({', '.join(broken) or 'on another process'}): the policy may be hacking the reward. "
                 f"Checkpoint saved to {path}"
             )
 

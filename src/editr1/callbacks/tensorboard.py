@@ -43,7 +43,13 @@ DASHBOARD = {
     },
     "5 reward model and data": {
         "reward model": ["reward_model/.*", "reward/nan", "reward/failed_as_zero"],
+        "components of a combined reward": ["rewards/.*/mean"],
         "skipped rows": ["data/skipped"],
+    },
+    "6 rollout images (reward hacking)": {
+        "brightness, saturation, contrast": ["images/brightness", "images/saturation", "images/contrast"],
+        "near-black / near-white pixels": ["images/frac_near_black", "images/frac_near_white"],
+        "edit to source distance": ["images/edit_distance"],
     },
 }
 
