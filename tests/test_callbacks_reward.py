@@ -393,3 +393,39 @@ def test_rollout_image_statistics_are_logged_and_a_hacked_reward_trips_the_guard
     assert trainer.saved and "stopped-image_limits" in trainer.saved[0]
     with pytest.raises(ValueError, match="unknown statistic"):
         RewardCallback(Brightness(), image_limits={"glow": [0, 1]})
+
+
+class Darkness(RewardModel):
+    """A gold reward that disagrees with Brightness: 1 − mean pixel value."""
+
+    def score(self, inputs):
+        return 1 - inputs.edits.float().mean(dim=(1, 2, 3))
+
+
+@pytest.mark.parametrize("alarm", ["warn", "stop"])
+def test_a_gold_reward_falling_while_the_training_reward_rises_trips_the_alarm(alarm, tmp_path, caplog):
+    from editr1.training.guards import RunStopped
+
+    cb = RewardCallback(Brightness(), gold=Darkness(), gold_alarm=alarm, gold_patience=2)
+    module, trainer = FakeModule(VALUES), FakeTrainer(tmp_path)
+
+    def validate(value):
+        cb.on_validation_epoch_start(trainer, module)
+        cb.on_validation_batch_end(trainer, module, _outputs([value, value]), None, 0)
+        cb.on_validation_epoch_end(trainer, module)
+
+    validate(0.5)
+    validate(0.6)  # the policy pleases the training reward more, the gold reward less: once
+    assert module.logged["val/gold_reward"] == pytest.approx(0.4)
+    assert module.logged["val/reward_gap"] == pytest.approx(0.6 - 0.4)
+    with caplog.at_level("WARNING"):
+        if alarm == "stop":
+            with pytest.raises(
+                RunStopped, match=r"val/reward rose 0.500 → 0.700 while the gold reward fell 0.500 → 0.300"
+            ):
+                validate(0.7)
+            assert "stopped-gold" in trainer.saved[0]
+        else:
+            validate(0.7)
+            assert "the policy may be hacking the training reward (reward.gold_alarm: warn)" in caplog.text
+    assert cb.state_dict()["gold_history"] == [pytest.approx([v, 1 - v]) for v in (0.5, 0.6, 0.7)]

@@ -17,6 +17,7 @@ from torchmetrics import MeanMetric, SumMetric
 
 from editr1.algorithms.grouping import decide, global_std, pool_index
 from editr1.algorithms.image_stats import check_limits, image_stats, out_of_bounds
+from editr1.algorithms.reward_hacking import diverging
 from editr1.callbacks.progress import show_phase
 from editr1.callbacks.tensorboard import (
     add_image,
@@ -75,6 +76,11 @@ class RewardCallback(Callback):
             null]}``: a guard against reward hacking. Outside them for ``image_limit_steps`` steps in a row on any
             process, the run stops with a checkpoint and a message naming the statistic.
         image_limit_steps: how many steps in a row (≥ 1).
+        gold: a held-out reward model, different from ``model``, scored at validation only (``val/gold_reward``
+            and ``val/reward_gap`` = ``val/reward`` − gold): does the policy learn the task or please the judge?
+        gold_alarm: when the gold reward fell at each of ``gold_patience`` validations in a row while ``val/reward``
+            rose: ``warn``, or ``stop`` the run with a checkpoint.
+        gold_patience: validations in a row (≥ 1).
     """
 
     def __init__(
@@ -87,7 +93,14 @@ class RewardCallback(Callback):
         max_failed_steps: int = 5,
         image_limits: dict[str, list[float | None]] | None = None,
         image_limit_steps: int = 3,
+        gold: RewardModel | None = None,
+        gold_alarm: Literal["warn", "stop"] = "warn",
+        gold_patience: int = 3,
     ) -> None:
+        if gold_alarm not in ("warn", "stop") or gold_patience < 1:
+            raise ValueError(f"gold_alarm 'warn' or 'stop' and gold_patience >= 1, got {gold_alarm!r}, {gold_patience}")
+        self.gold, self.gold_alarm, self.gold_patience = gold, gold_alarm, gold_patience
+        self.gold_history: list[tuple[float, float]] = []
         self.image_limits = check_limits(image_limits)
         if image_limit_steps < 1:
             raise ValueError(f"image_limit_steps must be >= 1, got {image_limit_steps}")
@@ -112,7 +125,12 @@ class RewardCallback(Callback):
 
     # --------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
-        return {"banned": sorted(self.banned), "counts": dict(self.counts), "filter": asdict(self.filter)}
+        return {
+            "banned": sorted(self.banned),
+            "counts": dict(self.counts),
+            "filter": asdict(self.filter),
+            "gold_history": [list(pair) for pair in self.gold_history],
+        }
 
     def load_state_dict(self, state_dict: dict) -> None:
         saved = (state_dict.get("filter") or {}).get("group_by", "key")
@@ -123,10 +141,13 @@ class RewardCallback(Callback):
             )
         self.banned = set(state_dict.get("banned", []))
         self.counts = Counter(state_dict.get("counts", {}))
+        self.gold_history = [tuple(pair) for pair in state_dict.get("gold_history", [])]
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # the setup hook runs before the strategy moves the module, so pl_module.device is still the CPU here
-        self.model.to(trainer.strategy.root_device)
+        for model in (self.model, self.gold):
+            if model is not None:
+                model.to(trainer.strategy.root_device)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         write_dashboard(trainer)  # TensorBoard's "Custom Scalars" tab: reward and loss first
@@ -373,6 +394,7 @@ class RewardCallback(Callback):
         self._eval = {
             "reward": MeanMetric(nan_strategy="ignore").to(pl_module.device),
             "failed": SumMetric().to(pl_module.device),
+            "gold": MeanMetric(nan_strategy="ignore").to(pl_module.device),
             "logged_images": False,
         }
 
@@ -409,6 +431,10 @@ class RewardCallback(Callback):
         outputs["rewards"] = rewards
         self._eval["reward"].update(rewards)
         self._eval["failed"].update((~torch.isfinite(rewards)).sum().float())
+        if self.gold is not None and not (inputs.targets is None and getattr(self.gold, "needs_targets", False)):
+            gold = self.gold.score(inputs).float().reshape(-1)
+            check_rewards(gold, inputs.edits.shape[0])
+            self._eval["gold"].update(gold.to(pl_module.device))
         if not self._eval["logged_images"] and not trainer.sanity_checking:
             n = min(8, rewards.numel())
             rows = [[outputs["sources"][i].cpu(), outputs["edits"][i].cpu()] for i in range(n)]
@@ -418,6 +444,8 @@ class RewardCallback(Callback):
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         self._log_eval(pl_module, "val")
+        if self.gold is not None and self._eval and not self._eval.get("warned") and not trainer.sanity_checking:
+            self._check_gold(trainer)
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
         self._log_eval(pl_module, "test")
@@ -429,9 +457,31 @@ class RewardCallback(Callback):
         pl_module.log(f"{prefix}/failed", self._eval["failed"].compute())
         for k, v in self.model.step_stats().items():  # this evaluation's judgements (e.g. digit mass)
             pl_module.log(f"{prefix}/reward_model/{k}", v)
+        if self.gold is not None:
+            gold, reward = self._eval["gold"].compute(), self._eval["reward"].compute()
+            pl_module.log(f"{prefix}/gold_reward", gold)
+            pl_module.log(f"{prefix}/reward_gap", reward - gold)
+
+    def _check_gold(self, trainer) -> None:
+        self.gold_history.append((float(self._eval["reward"].compute()), float(self._eval["gold"].compute())))
+        if not diverging(self.gold_history, self.gold_patience):
+            return
+        (r0, g0), (r1, g1) = self.gold_history[-self.gold_patience - 1], self.gold_history[-1]
+        what = (
+            f"over the last {self.gold_patience} validations val/reward rose {r0:.3f} → {r1:.3f} while the gold "
+            f"reward fell {g0:.3f} → {g1:.3f}: the policy may be hacking the training reward"
+        )
+        if self.gold_alarm == "stop":
+            raise RunStopped(
+                f"{what} (reward.gold_alarm: stop); checkpoint saved to {emergency_checkpoint(trainer, 'gold')}"
+            )
+        if trainer.is_global_zero:
+            log.warning("%s (reward.gold_alarm: warn)", what)
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         self.model.close()
+        if self.gold is not None:
+            self.gold.close()
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if trainer.is_global_zero and self.counts:
