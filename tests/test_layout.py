@@ -25,6 +25,7 @@ TESTED_IN: dict[str, str] = {
     "rewards/mllm.py": "test_reward_mllm.py",
     "rewards/served.py": "test_reward_served.py",
     "rewards/server.py": "test_reward_server.py",
+    "rewards/server_http.py": "test_reward_server.py",  # the HTTP side, tested through the server
     "rewards/scoring.py": "test_reward_scoring.py",
     # shared stems: the rule alone would accept test_scenes.py (data/scenes.py) or test_nft.py (algorithms/nft.py)
     "rewards/scenes.py": "test_scene_reward.py",
