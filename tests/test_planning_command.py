@@ -67,6 +67,15 @@ def test_qwen_image_edit_2509_has_the_architecture_of_qwen_image_edit():
     assert _architecture("qwen_image_edit_2509.yaml") == _architecture("qwen_image_edit.yaml")
 
 
+def test_configs_compose_as_fit_composes_them():
+    # the demo's FLUX.1-Kontext, then the tiny Qwen-Image-Edit: a new class_path drops the FLUX arguments
+    cfg = load_run_config([str(ROOT / "configs" / "demo.yaml"), str(MODELS / "tiny_qwen_image_edit.yaml")])
+    policy = cfg["model"]["policy"]
+    assert policy["class_path"] == "editr1.policies.QwenImageEditPolicy"
+    assert "guidance_scale" not in policy["init_args"] and policy["init_args"]["tiny"]["layers"] == 1
+    assert cfg["model"]["lora"]["rank"] == 4 and cfg["data"]["batch_size"] == 8  # the demo's, kept
+
+
 def test_split_configs_and_merge():
     files, rest = split_configs(["-c", "a.yaml", "--devices", "2", "--config=b.yaml", "--config", "c.yaml"])
     assert files == ["a.yaml", "b.yaml", "c.yaml"] and rest == ["--devices", "2"]
@@ -78,8 +87,8 @@ def test_split_configs_and_merge():
 def test_config_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_run_config([str(tmp_path / "missing.yaml")])
-    (tmp_path / "t.yaml").write_text("trainer: {devices: 2}\n")
-    with pytest.raises(ValueError, match="no model"):
+    (tmp_path / "t.yaml").write_text("model: {lora: {rank: many}}\n")
+    with pytest.raises(ValueError, match="do not parse"):
         load_run_config([str(tmp_path / "t.yaml")])
     hub = {
         "policy": {

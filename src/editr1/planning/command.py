@@ -17,6 +17,7 @@ CUDA context and allocator slack (about 0.5–1 GiB) are not counted.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,18 +60,32 @@ def merge(base: dict, over: dict) -> dict:
 
 
 def load_run_config(files: list[str]) -> dict:
-    import yaml
+    """The run's config as ``editr1 fit`` composes it (its own parser: later files override earlier ones, a new
+    ``class_path`` drops the old class's arguments, defaults filled in), as plain dicts; the demo when no file is
+    given. Nothing is built."""
+    from editr1.cli import EditR1CLI, config_path
+    from editr1.data.datamodule import EditDataModule
+    from editr1.module import EditR1Module
 
-    from editr1.cli import config_path
-
-    cfg: dict = {}
-    for f in files or [str(config_path())]:
+    for f in files:
         if not Path(f).is_file():
             raise FileNotFoundError(f"config file {f} not found")
-        cfg = merge(cfg, yaml.safe_load(Path(f).read_text(encoding="utf-8")) or {})
-    if "model" not in cfg:
-        raise ValueError(f"no model: section in {files}")
-    return cfg
+
+    class ParseOnly(EditR1CLI):
+        def instantiate_classes(self) -> None:
+            pass
+
+        def _set_seed(self) -> None:  # nothing runs: no global seed
+            pass
+
+    args = [a for f in files or [str(config_path())] for a in ("--config", f)]
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "LightningCLI's args parameter")  # plan's own options are in argv
+            cli = ParseOnly(EditR1Module, EditDataModule, args=args, run=False, auto_configure_optimizers=False)
+    except SystemExit as e:  # jsonargparse has printed the reason
+        raise ValueError(f"the config files {files} do not parse as an editr1 fit config") from e
+    return cli.config.as_dict()
 
 
 def build_on_meta(model_cfg: dict):
