@@ -317,7 +317,7 @@ def test_config_errors_name_the_file_the_nearest_key_and_the_known_classes(tmp_p
 
 def test_an_unknown_command_after_options_lists_every_command(capsys):
     code, _, err = _exit(capsys, ["-c", str(ROOT / "configs" / "demo.yaml"), "fitt"])
-    assert code == 2 and "fit, validate, test, predict, serve-reward, export-lora, make-shards" in err
+    assert code == 2 and "fit, validate, test, predict, serve-reward, export-lora, make-shards, plan" in err
     assert "did you mean 'fit'?" in err
 
 

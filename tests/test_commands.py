@@ -13,13 +13,15 @@ import pytest
 import yaml
 from jsonargparse import capture_parser
 
-from editr1.cli import _underscored, cli_main
+from editr1.cli import cli_main
+from editr1.cli_options import underscored as _underscored
 
 # Each verb, its documented function, and an invocation that parses (positionals where it has them).
 VERBS = {
     "serve-reward": ("editr1.rewards.server:serve_reward", []),
     "export-lora": ("editr1.export:export_lora", ["run/last.ckpt", "out/lora"]),
     "make-shards": ("editr1.data.shards:make_shards", ["data/edits", "shards/e-%06d.tar"]),
+    "plan": ("editr1.planning.command:plan", []),
 }
 
 
@@ -178,7 +180,7 @@ def test_an_unknown_command_lists_the_commands():
         cli_main(["export_lora", "a.ckpt", "out"])
     assert e.value.code == (
         "editr1: error: unknown command 'export_lora' (invalid choice; choose from "
-        "fit, validate, test, predict, serve-reward, export-lora, make-shards); did you mean 'export-lora'?"
+        "fit, validate, test, predict, serve-reward, export-lora, make-shards, plan); did you mean 'export-lora'?"
     )
 
 

@@ -1,10 +1,13 @@
 """Real multi-process training on CPU (gloo, 2 processes launched by Lightning): FSDP2-sharded and
 replicated data parallelism give the adapters a 1-process run gives from the same seed and the same
-global batch, and a rank whose groups are all filtered does not stall the others."""
+global batch, two machines launched by torchrun give those of one machine with two processes, and a rank
+whose groups are all filtered does not stall the others."""
 
 from __future__ import annotations
 
 import os
+import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,10 +20,15 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 
 
-def _fit(tmp: Path, name: str, devices: int, per_rank_batch: int, shard: bool | None, *extra: str) -> Path:
+def _fit(
+    tmp: Path, name: str, devices: int, per_rank_batch: int, shard: bool | None, *extra: str, nodes: int = 1
+) -> Path:
+    """A tiny 2-step run; with ``nodes`` > 1, ``nodes`` torchrun agents of ``devices`` processes each on a loopback
+    c10d rendezvous stand for that many machines (each its own launcher, as on a cluster)."""
     trainer: dict = {
         "accelerator": "cpu",
         "devices": devices,
+        "num_nodes": nodes,
         "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True}}],
     }
     if shard is not None:
@@ -54,9 +62,30 @@ def _fit(tmp: Path, name: str, devices: int, per_rank_batch: int, shard: bool | 
         PYTHONWARNINGS="ignore",
         OMP_NUM_THREADS="1",
     )
-    out = subprocess.run(args, cwd=tmp, capture_output=True, text=True, timeout=600, env=env)
-    assert out.returncode == 0, out.stderr[-4000:]
+    if nodes == 1:
+        out = subprocess.run(args, cwd=tmp, capture_output=True, text=True, timeout=600, env=env)
+        assert out.returncode == 0, out.stderr[-4000:]
+        return tmp / name / "version_0" / "checkpoints" / "last.ckpt"
+    port = _free_port()
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}", f"--nproc_per_node={devices}"]
+    launcher += ["--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id={name}"]
+    agents = [
+        subprocess.Popen(
+            [*launcher, *args[1:]], cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+        )
+        for _ in range(nodes)
+    ]
+    logs = [a.communicate(timeout=600)[0] for a in agents]
+    assert all(a.returncode == 0 for a in agents), "\n".join(log[-3000:] for log in logs)
+    members = sorted(m for log in logs for m in re.findall(r"GLOBAL_RANK: (\d+), MEMBER: \d+/(\d+)", log))
+    assert members == [(str(r), str(nodes * devices)) for r in range(nodes * devices)]  # one world over the agents
     return tmp / name / "version_0" / "checkpoints" / "last.ckpt"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _adapters(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -64,12 +93,19 @@ def _adapters(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return ck["state_dict"], ck
 
 
+@pytest.fixture(scope="module")
+def two_ranks_sharded(tmp_path_factory) -> Path:
+    """One machine, two processes launched by Lightning, FSDP2-sharded (shared by the tests below)."""
+    return _fit(tmp_path_factory.mktemp("fsdp"), "fsdp", 2, 2, True)
+
+
 @pytest.mark.timeout(1200)
-def test_two_ranks_sharded_and_replicated_match_one_rank(tmp_path):
+def test_two_ranks_sharded_and_replicated_match_one_rank(tmp_path, two_ranks_sharded):
     one, ck1 = _adapters(_fit(tmp_path, "one", 1, 4, None))
     results = {}
     for name, shard in (("fsdp", True), ("replicated", False)):
-        state, ck = _adapters(_fit(tmp_path, name, 2, 2, shard))
+        ckpt = two_ranks_sharded if shard else _fit(tmp_path, name, 2, 2, shard)
+        state, ck = _adapters(ckpt)
         assert ck["global_step"] == ck1["global_step"] == 2
         assert state.keys() == one.keys() and all(state[k].shape == one[k].shape for k in one)  # gathered whole
         b = [k for k in one if "lora_B.default" in k]  # what training moved (B starts at 0)
@@ -84,6 +120,17 @@ def test_two_ranks_sharded_and_replicated_match_one_rank(tmp_path):
     print("adapter differences vs 1 rank (largest, relative L2):", results)
     for name, (largest, relative) in results.items():
         assert largest < 0.05 * lr and relative < 0.01, (name, results)
+
+
+@pytest.mark.timeout(900)
+def test_two_machines_of_one_process_under_torchrun_match_one_machine_of_two(tmp_path, two_ranks_sharded):
+    """Two torchrun agents (two "machines", one process each, trainer.num_nodes 2) on a loopback rendezvous: the
+    same world of two ranks as one machine with two processes, so the same adapters, bit for bit."""
+    nodes, ck = _adapters(_fit(tmp_path, "nodes", 1, 2, True, nodes=2))
+    one_machine, ck2 = _adapters(two_ranks_sharded)
+    assert ck["global_step"] == ck2["global_step"] == 2 and nodes.keys() == one_machine.keys()
+    assert all(torch.equal(nodes[k], one_machine[k]) for k in nodes)
+    assert max(float(v.abs().max()) for k, v in nodes.items() if "lora_B.default" in k) > 0  # it trained
 
 
 @pytest.mark.timeout(900)

@@ -19,3 +19,14 @@ def test_other_names_are_refused_with_the_sorted_choices(name):
     with pytest.raises(ValueError) as err:
         resolve_dtype(name)
     assert str(err.value) == f"torch_dtype must be one of ['bfloat16', 'float16', 'float32'], got {name!r}"
+
+
+def test_default_dtype_creates_parameters_in_it_and_restores_the_default():
+    from editr1.dtypes import default_dtype
+
+    with default_dtype(torch.bfloat16):
+        assert torch.nn.Linear(2, 2).weight.dtype == torch.bfloat16
+    assert torch.get_default_dtype() == torch.float32
+    with pytest.raises(RuntimeError), default_dtype(torch.float16):
+        raise RuntimeError("inside")
+    assert torch.get_default_dtype() == torch.float32

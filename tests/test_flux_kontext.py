@@ -336,3 +336,56 @@ def test_t5_tokenizer_word_level(tmp_path):
     for text in PROMPTS + ["make the zebra purple 42"]:
         assert tok(text).input_ids == loaded(text).input_ids
     assert tok("make the red circle blue").input_ids[-1] == tok.eos_token_id
+
+
+def test_architecture_builds_those_sizes_with_random_weights_and_runs():
+    from editr1.policies.base import check_architecture
+
+    arch = {
+        "transformer": dict(
+            in_channels=16,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=24,
+            pooled_projection_dim=20,
+            guidance_embeds=True,
+            axes_dims_rope=[4, 6, 6],
+        ),
+        "vae": dict(
+            block_out_channels=[8, 16],
+            down_block_types=["DownEncoderBlock2D"] * 2,
+            up_block_types=["UpDecoderBlock2D"] * 2,
+            latent_channels=4,
+            norm_num_groups=8,
+            shift_factor=0.0,
+            scaling_factor=1.0,
+        ),
+        "text_encoder": dict(
+            vocab_size=600,
+            hidden_size=20,
+            intermediate_size=40,
+            projection_dim=20,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=40,
+        ),
+        "text_encoder_2": dict(vocab_size=400, d_model=24, d_ff=48, d_kv=12, num_heads=2, num_layers=1),
+    }
+    p = FluxKontextPolicy(resolution=RES, max_sequence_length=SEQ, architecture=arch)
+    assert p.transformer.config.joint_attention_dim == 24 and p.text_encoder.config.hidden_size == 20
+    cond = p.encode(p.preprocess([_pil(0)]), PROMPTS[:1])
+    assert cond["prompt_embeds"].shape == (1, SEQ, 24) and cond["pooled"].shape == (1, 20)
+    v = p.velocity(torch.zeros(1, *p.latent_shape()), torch.full((1,), 0.5), cond)
+    assert v.shape == (1, *p.latent_shape()) and torch.isfinite(v).all()
+    example = p.example_condition(3)
+    assert {k: tuple(t.shape) for k, t in example.tensors.items()} == {
+        "prompt_embeds": (3, SEQ, 24),
+        "pooled": (3, 20),
+        "image_latents": (3, *p.latent_shape()),
+    }
+    with pytest.raises(ValueError, match="exactly"):
+        check_architecture({"transformer": {}}, ("transformer", "vae"))
+    with pytest.raises(ValueError, match="mapping"):
+        check_architecture({"transformer": 3}, ("transformer",))

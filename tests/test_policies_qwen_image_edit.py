@@ -87,3 +87,54 @@ def test_schedule_ends_at_the_terminal_sigma_then_zero(policy):
     assert QWEN_SCHEDULER_CONFIG["shift_terminal"] == 0.02
     assert s.shape == (4,) and float(s[0]) == pytest.approx(1.0) and float(s[-2]) == pytest.approx(0.02, abs=1e-6)
     assert float(s[-1]) == 0.0
+
+
+def test_architecture_builds_those_sizes_with_random_weights_and_runs():
+    arch = {
+        "transformer": dict(
+            in_channels=16,
+            out_channels=4,
+            num_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=24,
+            axes_dims_rope=[4, 6, 6],
+        ),
+        "vae": dict(
+            base_dim=8,
+            z_dim=4,
+            dim_mult=[1, 2],
+            num_res_blocks=1,
+            temperal_downsample=[False],
+            latents_mean=[0.0] * 4,
+            latents_std=[1.0] * 4,
+        ),
+        "text_encoder": dict(
+            text_config=dict(
+                vocab_size=400,
+                hidden_size=24,
+                intermediate_size=48,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 2]},
+            ),
+            vision_config=dict(
+                depth=1,
+                hidden_size=16,
+                intermediate_size=32,
+                num_heads=2,
+                out_hidden_size=24,
+                window_size=56,
+                fullatt_block_indexes=[0],
+            ),
+        ),
+    }
+    p = QwenImageEditPolicy(resolution=32, condition_resolution=56, architecture=arch)
+    assert p.transformer.config.joint_attention_dim == 24 and p.text_encoder.config.text_config.hidden_size == 24
+    cond = p.encode(torch.rand(1, 3, 32, 32), ["make it blue"])
+    assert cond["prompt_embeds"].shape[2] == 24
+    v = p.velocity(torch.zeros(1, *p.latent_shape()), torch.full((1,), 0.5), cond)
+    assert v.shape == (1, *p.latent_shape()) and torch.isfinite(v).all()
+    example = p.example_condition(2, 7)
+    assert example["prompt_embeds"].shape == (2, 7, 24) and example["prompt_mask"].device.type == "cpu"

@@ -188,3 +188,8 @@ def test_policy_adapters():
         torch.testing.assert_close(p.velocity(x, None, None), base)  # old still zero-init (B = 0)
     torch.testing.assert_close(p.velocity(x, None, None), moved)
     assert all(q.requires_grad for q in p.trainable_parameters())
+
+
+def test_a_policy_without_example_condition_says_so():
+    with pytest.raises(NotImplementedError, match="_DummyPolicy does not describe its condition"):
+        _DummyPolicy().example_condition(2)

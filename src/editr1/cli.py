@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
 
+from editr1.cli_options import docstring_description, underscored
 from editr1.config_errors import check_renamed_keys, explain, sources
 
 PROG = "editr1"
@@ -36,6 +37,7 @@ VERBS = {
     "serve-reward": "editr1.cli:serve_reward_main",
     "export-lora": "editr1.export:export_lora_main",
     "make-shards": "editr1.data.shards:make_shards_main",
+    "plan": "editr1.planning.command:plan_main",
 }
 COMMANDS = {  # every command with its one-line help, in the order `editr1 --help` lists them
     "fit": "train (Edit-R1, or supervised with model.objective: sft)",
@@ -45,6 +47,7 @@ COMMANDS = {  # every command with its one-line help, in the order `editr1 --hel
     "serve-reward": "serve an MLLM judge over an OpenAI-compatible API",
     "export-lora": "write a checkpoint's adapter as a diffusers LoRA",
     "make-shards": "convert a UniWorld-format folder into WebDataset shards",
+    "plan": "will a run fit? per-GPU memory of a config, built on the meta device",
 }
 DESCRIPTION = "Post-train image-editing models with RL (DiffusionNFT and MLLM rewards)."
 EPILOG = (
@@ -304,29 +307,6 @@ def _define_cli() -> None:
 
 
 # ------------------------------------------------------------------------------------------ the extra verbs
-def _underscored(args: Sequence[str], names: set[str]) -> list[str]:
-    """``--vae-steps 3`` → ``--vae_steps 3`` for these parameter names, so the dashed spellings of the
-    earlier argparse commands keep working (jsonargparse names options after the parameters)."""
-    out = list(args)
-    for i, a in enumerate(out):
-        if a == "--":
-            break
-        key, eq, value = a.partition("=")
-        if key.startswith("--") and "-" in key[2:] and key[2:].replace("-", "_") in names:
-            out[i] = "--" + key[2:].replace("-", "_") + eq + value
-    return out
-
-
-def _description(component: Callable) -> str | None:
-    """The docstring up to its ``Args:`` section (jsonargparse alone shows only the first line)."""
-    text = []
-    for line in (inspect.getdoc(component) or "").splitlines():
-        if line.rstrip() in ("Args:", "Arguments:", "Attributes:", "Returns:", "Raises:"):
-            break
-        text.append(line)
-    return "\n".join(text).strip() or None
-
-
 def function_cli(
     component: Callable,
     args: Sequence[str],
@@ -349,10 +329,10 @@ def function_cli(
     try:
         return auto_cli(
             component,
-            args=_underscored(args, names),
+            args=underscored(args, names),
             as_positional=as_positional,
             prog=prog,
-            description=description or _description(component),
+            description=description or docstring_description(component),
             epilog=epilog,
             formatter_class=__getattr__("HelpFormatter"),
         )

@@ -85,6 +85,16 @@ def load_component_weights(pipe, path: str, components: Sequence[str]) -> dict[s
     return meta
 
 
+def check_architecture(architecture: dict, components: Sequence[str]) -> None:
+    """A model's ``architecture`` names exactly its components, each with a mapping of config keys."""
+    if not isinstance(architecture, dict) or set(architecture) != set(components):
+        got = sorted(architecture) if isinstance(architecture, dict) else type(architecture).__name__
+        raise ValueError(f"architecture must give the sizes of exactly {list(components)}, got {got}")
+    for name in components:
+        if not isinstance(architecture[name], dict):
+            raise ValueError(f"architecture.{name} must be a mapping of config keys, got {architecture[name]!r}")
+
+
 def shifted_sigmas(scheduler_config, image_seq_len: int, num_steps: int) -> torch.Tensor:
     """σ's of ``num_steps`` steps as diffusers' flow-matching pipelines set them: ``linspace(1, 1/n, n)``
     through the scheduler (dynamic shift μ from the latent sequence length, terminal shift if any), then 0."""
@@ -158,6 +168,12 @@ class EditPolicy(nn.Module, ABC):
     @abstractmethod
     def sigmas(self, num_steps: int) -> torch.Tensor:
         """The σ schedule of ``num_steps`` solver steps, ending with 0 (length ``num_steps + 1``)."""
+
+    def example_condition(self, n: int, text_tokens: int | None = None, device=None) -> Condition:
+        """Random tensors of the shapes :meth:`encode` gives ``n`` prompts (``editr1 plan`` traces the transformer
+        with them on the meta device; benchmarks time it alone). A model that ``editr1 plan`` should size
+        implements it."""
+        raise NotImplementedError(f"{type(self).__name__} does not describe its condition (example_condition)")
 
     # ----------------------------------------------------------------- shared behaviour
     def preprocess(self, images: Sequence[Image.Image | torch.Tensor]) -> torch.Tensor:

@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
+from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-from editr1.dtypes import resolve_dtype
-from editr1.policies.base import Condition, EditPolicy, load_component_weights, shifted_sigmas
-from editr1.policies.tiny import TinyTextConfig, text_encoders
+from editr1.dtypes import default_dtype, resolve_dtype
+from editr1.policies.base import Condition, EditPolicy, check_architecture, load_component_weights, shifted_sigmas
+from editr1.policies.tiny import CLIP_BOS, CLIP_EOS, TinyTextConfig, clip_tokenizer, t5_tokenizer, text_encoders
 from editr1.scene_vocabulary import vocabulary
 
 FLUX_SCHEDULER_CONFIG = {
@@ -97,6 +98,29 @@ def build_tiny_pipeline(cfg: TinyFlux) -> FluxKontextPipeline:
     return pipe
 
 
+COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2")
+
+
+def build_pipeline(architecture: dict[str, dict]) -> FluxKontextPipeline:
+    """A FluxKontextPipeline at the sizes of ``architecture`` (each component's diffusers/transformers config
+    keys, as in a model folder's ``config.json`` files) with random weights in the default device and dtype;
+    the tokenizers are the code-built ones of the tiny model (their ids fit any vocabulary). Under
+    ``torch.device("meta")`` nothing is allocated: what ``editr1 plan`` builds."""
+    check_architecture(architecture, COMPONENTS)
+    clip_tok = clip_tokenizer(architecture["text_encoder"].get("max_position_embeddings", 77))
+    ids = clip_tok.get_vocab()
+    special = {"bos_token_id": ids[CLIP_BOS], "eos_token_id": ids[CLIP_EOS], "pad_token_id": ids[CLIP_EOS]}
+    return FluxKontextPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG),
+        vae=AutoencoderKL(**architecture["vae"]),
+        transformer=FluxTransformer2DModel(**architecture["transformer"]),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**{**architecture["text_encoder"], **special})).eval(),
+        tokenizer=clip_tok,
+        text_encoder_2=T5EncoderModel(T5Config(**architecture["text_encoder_2"])).eval(),
+        tokenizer_2=t5_tokenizer(vocabulary()),
+    )
+
+
 def load_pipeline_weights(pipe: FluxKontextPipeline, path: str) -> None:
     """Load ``{component}.{param}`` tensors from one safetensors file (strict). The file's metadata
     may carry the VAE's latent normalisation (``shift_factor``, ``scaling_factor``)."""
@@ -120,6 +144,10 @@ class FluxKontextPolicy(EditPolicy):
         max_sequence_length: T5 tokens per instruction.
         tiny: sizes for the in-code build (ignored when loading pretrained weights).
         local_files_only: never touch the network when loading pretrained weights.
+        architecture: the pretrained model's component sizes (``transformer``, ``vae``, ``text_encoder``,
+            ``text_encoder_2``: their config keys), which ``editr1 plan`` builds on the meta device; with
+            ``pretrained_model_name_or_path: null`` the model is built at these sizes with random weights
+            (benchmarks) instead of the tiny one. Not used when weights are loaded.
     """
 
     def __init__(
@@ -132,11 +160,15 @@ class FluxKontextPolicy(EditPolicy):
         max_sequence_length: int = 512,
         tiny: TinyFlux | None = None,
         local_files_only: bool = False,
+        architecture: dict[str, dict] | None = None,
     ) -> None:
         height, width = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
         super().__init__(height, width)
         dtype = resolve_dtype(torch_dtype)
-        if pretrained_model_name_or_path is None:
+        if pretrained_model_name_or_path is None and architecture is not None:
+            with default_dtype(dtype):
+                pipe = build_pipeline(architecture)
+        elif pretrained_model_name_or_path is None:
             pipe = build_tiny_pipeline(tiny or TinyFlux())
             if dtype != torch.float32:
                 pipe = pipe.to(dtype=dtype)
@@ -193,6 +225,25 @@ class FluxKontextPolicy(EditPolicy):
         latents = (latents - self.vae.config.shift_factor) * self.vae.config.scaling_factor
         n, c, h, w = latents.shape
         return self.pipe._pack_latents(latents, n, c, h, w).float()
+
+    def example_condition(self, n: int, text_tokens: int | None = None, device=None) -> Condition:
+        """A random condition of the shapes :meth:`encode` gives ``n`` prompts (T5 pads to
+        ``max_sequence_length`` tokens); for memory planning and benchmarks of the transformer alone."""
+        device = torch.device(device or self.device)
+        cfg, seq, ch = self.transformer.config, *self.latent_shape()
+        tokens = text_tokens or self.max_sequence_length
+        h, w = self.latent_h // 2, self.latent_w // 2
+        latent_ids = self.pipe._prepare_latent_image_ids(1, h, w, device, torch.float32)
+        image_ids = latent_ids.clone()
+        image_ids[..., 0] = 1
+        return Condition(
+            tensors={
+                "prompt_embeds": torch.randn(n, tokens, cfg.joint_attention_dim, device=device),
+                "pooled": torch.randn(n, cfg.pooled_projection_dim, device=device),
+                "image_latents": torch.randn(n, seq, ch, device=device),
+            },
+            shared={"text_ids": torch.zeros(tokens, 3, device=device), "img_ids": torch.cat([latent_ids, image_ids])},
+        )
 
     # ---------------------------------------------------------------------------------- denoising
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:

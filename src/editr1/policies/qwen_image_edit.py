@@ -24,9 +24,9 @@ from diffusers import (
     QwenImageTransformer2DModel,
 )
 
-from editr1.dtypes import resolve_dtype
+from editr1.dtypes import default_dtype, resolve_dtype
 from editr1.images import tensor_to_image
-from editr1.policies.base import Condition, EditPolicy, load_component_weights, shifted_sigmas
+from editr1.policies.base import Condition, EditPolicy, check_architecture, load_component_weights, shifted_sigmas
 
 # The Qwen-Image scheduler (flow matching with exponential dynamic shift and a terminal σ).
 QWEN_SCHEDULER_CONFIG = {
@@ -122,6 +122,43 @@ def build_tiny_pipeline(cfg: TinyQwenImage, variant: str = "edit"):
     return pipe
 
 
+COMPONENTS = ("transformer", "vae", "text_encoder")
+
+
+def build_pipeline(architecture: dict[str, dict], variant: str = "edit"):
+    """A QwenImageEdit(Plus)Pipeline at the sizes of ``architecture`` (each component's config keys; the text
+    encoder's as ``Qwen2_5_VLConfig`` takes them, ``text_config`` and ``vision_config`` nested) with random
+    weights in the default device and dtype. The tokenizer and processor are the tiny judge's (code-built), and
+    the encoder's special-token ids are set to theirs. Under ``torch.device("meta")`` nothing is allocated."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from editr1.rewards.tiny_judge import SPECIAL_TOKENS, build_processor
+
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
+    check_architecture(architecture, COMPONENTS)
+    processor = build_processor()
+    tok = processor.tokenizer
+    ids = {s: tok.convert_tokens_to_ids(s) for s in SPECIAL_TOKENS}
+    encoder = dict(architecture["text_encoder"])
+    text = {**encoder.get("text_config", {}), "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"]}
+    encoder |= {
+        "text_config": text,
+        "image_token_id": ids["<|image_pad|>"],
+        "video_token_id": ids["<|video_pad|>"],
+        "vision_start_token_id": ids["<|vision_start|>"],
+        "vision_end_token_id": ids["<|vision_end|>"],
+    }
+    return VARIANTS[variant](
+        scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_SCHEDULER_CONFIG),
+        vae=AutoencoderKLQwenImage(**architecture["vae"]),
+        text_encoder=Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**encoder)).eval(),
+        tokenizer=tok,
+        processor=processor,
+        transformer=QwenImageTransformer2DModel(**architecture["transformer"]),
+    )
+
+
 class QwenImageEditPolicy(EditPolicy):
     """Qwen-Image-Edit editing policy.
 
@@ -139,6 +176,10 @@ class QwenImageEditPolicy(EditPolicy):
         max_sequence_length: prompt-embedding tokens kept per prompt (after the template's dropped prefix).
         tiny: sizes for the in-code build (ignored when loading pretrained weights).
         local_files_only: never touch the network when loading pretrained weights.
+        architecture: the pretrained model's component sizes (``transformer``, ``vae``, ``text_encoder``: their
+            config keys), which ``editr1 plan`` builds on the meta device; with ``pretrained_model_name_or_path:
+            null`` the model is built at these sizes with random weights (benchmarks) instead of the tiny one.
+            Not used when weights are loaded.
     """
 
     def __init__(
@@ -152,13 +193,17 @@ class QwenImageEditPolicy(EditPolicy):
         max_sequence_length: int = 1024,
         tiny: TinyQwenImage | None = None,
         local_files_only: bool = False,
+        architecture: dict[str, dict] | None = None,
     ) -> None:
         height, width = _hw(resolution)
         super().__init__(height, width)
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
         dtype = resolve_dtype(torch_dtype)
-        if pretrained_model_name_or_path is None:
+        if pretrained_model_name_or_path is None and architecture is not None:
+            with default_dtype(dtype):
+                pipe = build_pipeline(architecture, variant)
+        elif pretrained_model_name_or_path is None:
             pipe = build_tiny_pipeline(tiny or TinyQwenImage(), variant)
             if dtype != torch.float32:
                 pipe = pipe.to(dtype=dtype)
@@ -244,6 +289,25 @@ class QwenImageEditPolicy(EditPolicy):
         mean = torch.tensor(cfg.latents_mean).view(shape).to(like.device, like.dtype)
         std = torch.tensor(cfg.latents_std).view(shape).to(like.device, like.dtype)
         return mean, std
+
+    def example_condition(self, n: int, text_tokens: int | None = None, device=None) -> Condition:
+        """A random condition of the shapes :meth:`encode` gives ``n`` prompts with one condition image and
+        ``text_tokens`` prompt tokens (default: the Qwen2.5-VL tokens of the condition image, 28² pixels each,
+        plus 64 for the template and instruction, at most ``max_sequence_length``); for memory planning and
+        benchmarks of the transformer alone. The mask and image count stay on the CPU (their values steer the
+        forward, which a meta tensor does not have)."""
+        device = torch.device(device or self.device)
+        cfg, seq, ch = self.transformer.config, *self.latent_shape()
+        h, w = self.condition_hw
+        tokens = text_tokens or min(round(h / 28) * round(w / 28) + 64, self.max_sequence_length)
+        return Condition(
+            tensors={
+                "prompt_embeds": torch.randn(n, tokens, cfg.joint_attention_dim, device=device),
+                "prompt_mask": torch.ones(n, tokens, dtype=torch.long),
+                "image_latents": torch.randn(n, seq, ch, device=device),
+            },
+            shared={"num_images": torch.tensor(1)},
+        )
 
     # ---------------------------------------------------------------------------------- denoising
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
