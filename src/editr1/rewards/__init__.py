@@ -14,6 +14,7 @@ _HOMES = {
     "RewardModel": "editr1.rewards.base",
     "SceneReward": "editr1.rewards.scenes",
     "ServedMLLMReward": "editr1.rewards.served",
+    "ServedScalarReward": "editr1.rewards.served_scalar",
     "scene_reward": "editr1.rewards.scenes",
 }
 

@@ -316,8 +316,10 @@ def serve_reward(
     socket_timeout_s: float = 60.0,
     local_files_only: bool = False,
     num_threads: int | None = None,
+    reward: str | None = None,
+    reward_args: dict | None = None,
 ) -> None:
-    """Serve a transformers MLLM judge over an OpenAI-compatible API.
+    """Serve a transformers MLLM judge over an OpenAI-compatible API, or (``--reward``) any Python reward.
 
     Args:
         model: hub id or folder of an image-text-to-text chat model; omit for the tiny judge (tests, demos).
@@ -338,14 +340,16 @@ def serve_reward(
         socket_timeout_s: seconds a connection may stay silent (mid-request or idle) before it is closed.
         local_files_only: never reach the network when loading.
         num_threads: CPU threads for torch (default: torch's choice).
+        reward: instead of a judge, serve this reward model (``package.module:Class``, any
+            :class:`editr1.rewards.RewardModel`) on ``POST /v1/score`` (:mod:`editr1.rewards.scalar_server`);
+            train against it with :class:`editr1.rewards.ServedScalarReward`.
+        reward_args: the reward class's keyword arguments, e.g. ``'{"kernel_size": 7}'``.
     """
     if num_threads is not None:
         torch.set_num_threads(num_threads)
     api_key = os.environ.get(api_key_env) if api_key_env else None
     if api_key_env and not api_key:
         raise SystemExit(f"editr1 serve-reward: error: environment variable {api_key_env} is empty or unset")
-    judge = MLLMJudge(model, revision, torch_dtype, quantization, trust_remote_code, local_files_only=local_files_only)
-    judge.load(resolve_device(device))
     limits = Limits(
         max_request_bytes=int(max_request_mb * 1024 * 1024),
         max_image_pixels=max_image_pixels,
@@ -354,6 +358,22 @@ def serve_reward(
         max_batch=max_batch,
         socket_timeout_s=socket_timeout_s,
     )
+    if reward is not None:
+        from editr1.rewards.scalar_server import ScalarRewardServer, load_reward
+
+        if model is not None:
+            raise SystemExit(
+                "editr1 serve-reward: error: give --model (a judge) or --reward (a reward class), not both"
+            )
+        try:
+            served = load_reward(reward, reward_args).to(resolve_device(device))
+        except ValueError as exc:
+            raise SystemExit(f"editr1 serve-reward: error: {exc}") from None
+        server = ScalarRewardServer(served, host, port, api_key, served_model_name, limits)
+        print(f"editr1 serve-reward: {server.model_name} at {server.url}/score", flush=True)
+        return server.serve_forever()
+    judge = MLLMJudge(model, revision, torch_dtype, quantization, trust_remote_code, local_files_only=local_files_only)
+    judge.load(resolve_device(device))
     server = RewardServer(judge, host, port, api_key, served_model_name, limits)
     print(f"editr1 serve-reward: {server.model_name} at {server.url}", flush=True)
     server.serve_forever()
