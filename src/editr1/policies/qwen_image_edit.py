@@ -57,6 +57,7 @@ class TinyQwenImage:
     text_hidden: int = 32  # Qwen2.5-VL text width (= the transformer's joint_attention_dim)
     text_layers: int = 1  # Qwen2.5-VL decoder layers
     vision_hidden: int = 32  # Qwen2.5-VL vision tower width
+    zero_cond_t: bool = False  # condition tokens modulated at t = 0 (Qwen-Image-Edit-2511's transformer)
     seed: int = 0  # seed of the random initialisation
     weights: str | None = None  # optional safetensors file with trained weights for these components
 
@@ -94,6 +95,7 @@ def build_tiny_pipeline(cfg: TinyQwenImage, variant: str = "edit"):
             num_attention_heads=cfg.heads,
             joint_attention_dim=cfg.text_hidden,
             axes_dims_rope=(2 * r, 3 * r, 3 * r),
+            zero_cond_t=cfg.zero_cond_t,
         )
         stages = len(cfg.vae_dim_mult) - 1
         vae = AutoencoderKLQwenImage(
@@ -165,6 +167,11 @@ class QwenImageEditPolicy(EditPolicy):
         else:
             pipe = VARIANTS[variant].from_pretrained(
                 pretrained_model_name_or_path, revision=revision, torch_dtype=dtype, local_files_only=local_files_only
+            )
+        if getattr(pipe.transformer.config, "zero_cond_t", False) and variant != "edit_plus":
+            raise ValueError(
+                "this transformer has zero_cond_t (Qwen-Image-Edit-2511): it needs variant 'edit_plus' "
+                "(QwenImageEditPlusPipeline), as its model_index.json says"
             )
         self.variant = variant
         self.pipe = pipe  # not a module: holds the tokenizer, processor and scheduler
