@@ -259,6 +259,7 @@ class EditR1Module(L.LightningModule):
                 first_order_second_to_last=cfg.first_order_second_to_last,
                 on_chunk=chunk_ready if on_chunk is not None else None,
                 min_prompts=min_prompts,
+                references=batch.get("references"),
             )
         guards.check_finite_rollout(self, out.x0)
         ro = Rollout(
@@ -438,6 +439,7 @@ class EditR1Module(L.LightningModule):
                 batch_size=cfg.batch_size,
                 first_order_second_to_last=self.rollout_settings.first_order_second_to_last,
                 min_prompts=min_prompts,
+                references=batch.get("references"),
             ).images
         targets = self.policy.preprocess(batch["target"]) if batch.get("target") is not None else None
         return {

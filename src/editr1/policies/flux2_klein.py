@@ -212,6 +212,7 @@ class Flux2KleinPolicy(EditPolicy):
         self.latent_h = height // self.vae_scale_factor
         self.latent_w = width // self.vae_scale_factor
         self.latent_channels = self.vae.config.latent_channels
+        self.max_condition_images = None  # any number of references, as the pipeline's list of images
 
     # ---------------------------------------------------------------------------------- encoding
     def encode(self, images: torch.Tensor, prompts: list[str]) -> Condition:
@@ -234,14 +235,17 @@ class Flux2KleinPolicy(EditPolicy):
             max_sequence_length=self.max_sequence_length,
             text_encoder_out_layers=self.text_encoder_out_layers,
         )
-        grids = [self._normalised_latents(im) for im in images]  # (N, 4c, h, w) each
-        image_ids = self.pipe._prepare_image_ids([g[:1] for g in grids]).to(device)
-        latent_ids = self.pipe._prepare_latent_ids(grids[0][:1]).to(device)
-        image_latents = torch.cat([self.pipe._pack_latents(g) for g in grids], dim=1)
+        image_latents = torch.cat([self.encode_images(im) for im in images], dim=1)
         return Condition(
-            tensors={"prompt_embeds": prompt_embeds, "image_latents": image_latents.float()},
-            shared={"text_ids": text_ids[:1], "img_ids": torch.cat([latent_ids, image_ids], dim=1)},
+            tensors={"prompt_embeds": prompt_embeds, "image_latents": image_latents},
+            shared={"text_ids": text_ids[:1], **self.images_shared(len(images))},
         )
+
+    def images_shared(self, num_images: int) -> dict[str, torch.Tensor]:
+        """Position ids (T, H, W, L) of the noisy latents (T = 0) then of each condition image (T = 10, 20, …)."""
+        grid = torch.zeros(1, 1, self.latent_h // 2, self.latent_w // 2)
+        ids = [self.pipe._prepare_latent_ids(grid), self.pipe._prepare_image_ids([grid] * num_images)]
+        return {"img_ids": torch.cat(ids, dim=1).to(self.device)}
 
     def _normalised_latents(self, images: torch.Tensor) -> torch.Tensor:
         x = images.to(self.device, self.vae.dtype) * 2 - 1
@@ -262,6 +266,8 @@ class Flux2KleinPolicy(EditPolicy):
 
     # ---------------------------------------------------------------------------------- denoising
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
+        if "image_count" in cond.tensors:  # rows with different numbers of images (encode_rows)
+            return self.velocity_by_image_count(x_t, t, cond)
         dtype = self.transformer.dtype
         hidden = torch.cat([x_t.to(dtype), cond["image_latents"].to(dtype)], dim=1)
         with self.autocast(x_t.device):

@@ -189,6 +189,7 @@ class QwenImageEditPolicy(EditPolicy):
         self.latent_h = height // self.vae_scale_factor
         self.latent_w = width // self.vae_scale_factor
         self.latent_channels = self.vae.config.z_dim
+        self.max_condition_images = None if variant == "edit_plus" else 1
 
     # ---------------------------------------------------------------------------------- encoding
     def encode(self, images: torch.Tensor, prompts: list[str]) -> Condition:
@@ -223,8 +224,11 @@ class QwenImageEditPolicy(EditPolicy):
         image_latents = torch.cat([self.encode_images(im) for im in images], dim=1)
         return Condition(
             tensors={"prompt_embeds": prompt_embeds, "prompt_mask": prompt_mask, "image_latents": image_latents},
-            shared={"num_images": torch.tensor(len(images))},
+            shared=self.images_shared(len(images)),
         )
+
+    def images_shared(self, num_images: int) -> dict[str, torch.Tensor]:
+        return {"num_images": torch.tensor(num_images)}
 
     def _condition_pil(self, image: torch.Tensor):
         """The picture the Qwen2.5-VL encoder sees: the source at ``condition_resolution``."""
@@ -254,6 +258,8 @@ class QwenImageEditPolicy(EditPolicy):
 
     # ---------------------------------------------------------------------------------- denoising
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
+        if "image_count" in cond.tensors:  # rows with different numbers of images (encode_rows)
+            return self.velocity_by_image_count(x_t, t, cond)
         dtype = self.transformer.dtype
         hidden = torch.cat([x_t.to(dtype), cond["image_latents"].to(dtype)], dim=1)
         shape = (1, self.latent_h // 2, self.latent_w // 2)

@@ -1,0 +1,69 @@
+"""Rows with different numbers of images through the policies (``EditPolicy.encode_rows`` and
+``velocity_by_image_count``) and ``edit_images``: a mixed batch gives each row what it would get alone, and
+single-image models refuse references with a clear error instead of dropping them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_policy
+from editr1.editing import edit_images, encode_padded
+from editr1.policies import Flux2KleinPolicy, QwenImageEditPolicy
+
+PROMPTS = ["put picture 2 on picture 1", "make it red", "blend pictures 2 and 3 in"]
+
+
+def _images(seed: int, n: int, size: int = 32) -> torch.Tensor:
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module", params=["flux2_klein", "qwen_image_edit_2509"])
+def policy(request):
+    if request.param == "flux2_klein":
+        return Flux2KleinPolicy(resolution=32, max_sequence_length=40)
+    return QwenImageEditPolicy(resolution=32, variant="edit_plus", condition_resolution=56)
+
+
+def test_a_batch_of_rows_with_0_1_and_2_references_equals_each_row_alone(policy):
+    sources = _images(0, 3)
+    references = [_images(1, 1), None, _images(2, 2)]
+    cond = policy.encode_rows(sources, references, PROMPTS)
+    assert cond["image_count"].tolist() == [2, 1, 3]
+    tokens = policy.latent_shape()[0]
+    assert cond["image_latents"].shape[1] == 3 * tokens
+    assert cond["image_latents"][1, tokens:].abs().sum() == 0  # padding past the row's own image
+    x = torch.randn((4, *policy.latent_shape()), generator=torch.Generator().manual_seed(3))
+    t = torch.tensor([0.9, 0.6, 0.3, 0.6])
+    index = [0, 1, 2, 1]  # select() keeps working: samples of groups with different counts in one call
+    mixed = policy.velocity(x, t, cond.select(index))
+    for j, i in enumerate(index):
+        pictures = [sources[i : i + 1]] + ([] if references[i] is None else list(references[i][:, None]))
+        alone = policy.velocity(x[j : j + 1], t[j : j + 1], policy.encode_multi(pictures, [PROMPTS[i]]))
+        torch.testing.assert_close(mixed[j : j + 1], alone, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(mixed[1], policy.velocity(x[1:2], t[1:2], cond.select([0]))[0], atol=1e-4)
+
+
+def test_edit_images_takes_references_and_pads_them_for_sharded_runs(policy):
+    sources, refs = _images(4, 2), [[_images(5, 1)[0]], []]
+    a = edit_images(policy, sources, PROMPTS[:2], [1, 2], steps=2, solver="euler", batch_size=2, references=refs)
+    assert a.cond["image_count"].tolist() == [2, 1]
+    b = edit_images(
+        policy, sources, PROMPTS[:2], [1, 2], steps=2, solver="euler", batch_size=1, references=refs, min_prompts=3
+    )
+    torch.testing.assert_close(a.images, b.images, atol=1e-5, rtol=1e-5)
+    alone = edit_images(policy, sources[1:], PROMPTS[1:2], [2], steps=2, solver="euler", batch_size=1)
+    torch.testing.assert_close(a.images[1:], alone.images, atol=1e-5, rtol=1e-5)
+    plain = encode_padded(policy, sources, PROMPTS[:2], references=[[], None])  # no references at all: encode
+    assert "image_count" not in plain.tensors
+
+
+def test_single_image_models_refuse_references_with_a_clear_error():
+    sources, refs = _images(6, 2), [_images(7, 1), None]
+    for p in (tiny_policy(), QwenImageEditPolicy(resolution=32, condition_resolution=56)):
+        assert p.max_condition_images == 1
+        with pytest.raises(ValueError, match=r"at most 1 condition image.*data.references: skip"):
+            p.encode_rows(sources, refs, PROMPTS[:2])
+        assert "image_count" not in p.encode_rows(sources, [None, None], PROMPTS[:2]).tensors
+    with pytest.raises(ValueError, match="1 reference lists but 2 prompts"):
+        tiny_policy().encode_rows(sources, [None], PROMPTS[:2])
