@@ -22,6 +22,7 @@ import torch
 
 from editr1.algorithms.nft import ema_decay, old_policy_eta
 from editr1.editing import edit_images
+from editr1.efficiency import apply_efficiency
 from editr1.objectives import OBJECTIVES, Objective
 from editr1.policies import lora as adapters
 from editr1.policies.base import EditPolicy
@@ -56,19 +57,6 @@ __all__ = [
     "RolloutSettings",
     "SFTSettings",
 ]
-
-
-def apply_efficiency(policy: EditPolicy, cfg: EfficiencySettings) -> None:
-    """Turn on the switches of ``cfg`` on ``policy``'s transformer (nothing when all are off).
-
-    Activation checkpointing recomputes a block's forward in backward with whatever adapter is active
-    then: ``training_step`` calls backward with θ ("default") active, the adapter its forward used.
-    """
-    if cfg.activation_checkpointing:
-        policy.transformer.enable_gradient_checkpointing()
-    policy.autocast_dtype = torch.bfloat16 if cfg.autocast == "bf16" else None
-    if cfg.compile:
-        policy.transformer.compile(backend=cfg.compile_backend)
 
 
 ADAPTERS = {"default": adapters.DEFAULT, "old": adapters.OLD, "ema": adapters.EMA, "reference": None}
