@@ -230,6 +230,7 @@ class EditR1Module(L.LightningModule):
                     requirements=[requirements[i] for i in g],
                     targets=None if targets is None else targets[index // k],
                     source_ids=g,
+                    references=[batch["references"][i] for i in g] if any(batch.get("references") or []) else None,
                 )
             )
 
@@ -432,6 +433,7 @@ class EditR1Module(L.LightningModule):
         targets = self.policy.preprocess(batch["target"]) if batch.get("target") is not None else None
         return {
             "sources": sources,
+            "references": batch.get("references"),
             "edits": edits,
             "targets": targets,
             "prompts": list(batch["prompt"]),

@@ -340,6 +340,7 @@ class RewardCallback(Callback):
             instructions=[outputs["prompts"][i] for i in keep],
             requirements=[outputs["requirements"][i] for i in keep],
             targets=None if outputs["targets"] is None else outputs["targets"][sel],
+            references=[outputs["references"][i] for i in keep] if any(outputs.get("references") or []) else None,
         )
         rewards = self.model.score(inputs).float().reshape(-1)
         check_rewards(rewards, inputs.edits.shape[0])

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 MAX_INSTRUCTION_CHARS = 2000
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # decompression-bomb guard: 64 megapixels
-MAX_IMAGES_PER_ROW = 8  # the edited image and up to 7 references
+MAX_IMAGES_PER_ROW = 7  # the edited image and up to 6 references (+ the edit: a served judge's 8 images)
 
 
 @dataclass(frozen=True)
