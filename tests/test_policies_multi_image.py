@@ -67,3 +67,64 @@ def test_single_image_models_refuse_references_with_a_clear_error():
         assert "image_count" not in p.encode_rows(sources, [None, None], PROMPTS[:2]).tensors
     with pytest.raises(ValueError, match="1 reference lists but 2 prompts"):
         tiny_policy().encode_rows(sources, [None], PROMPTS[:2])
+
+
+def _mixed_folder(root):
+    """Images of four sizes; two rows with references (1 and 2), two without, one with a missing reference."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    (root / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, (w, h) in {"sofa": (48, 32), "cat": (20, 30), "dog": (64, 64), "room": (33, 57)}.items():
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / "images" / f"{name}.png")
+    rows = [
+        {"prompt": "put the cat from picture 2 on the sofa", "image": ["images/sofa.png", "images/cat.png"]},
+        {"prompt": "make the room red", "image": "images/room.png"},
+        {"prompt": "put pictures 2 and 3 in it", "image": ["images/room.png", "images/dog.png", "images/cat.png"]},
+        {"prompt": "remove the dog", "image": "images/dog.png"},
+        {"prompt": "bad reference", "image": ["images/sofa.png", "images/missing.png"]},
+    ]
+    (root / "train_metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return root
+
+
+class _Brightness:
+    """A reward that records which reference images it was shown (mean brightness of the edit)."""
+
+    def __new__(cls):
+        from editr1.rewards.base import RewardModel
+
+        class Reward(RewardModel):
+            seen: list = []
+
+            def score(self, inputs):
+                self.seen.extend(len(r or []) for r in (inputs.references or [None] * len(inputs.instructions)))
+                return inputs.edits.mean(dim=(1, 2, 3))
+
+        return Reward()
+
+
+def test_a_fit_step_on_mixed_sizes_and_multi_image_rows(tmp_path):
+    from conftest import small_module, small_trainer
+    from editr1.callbacks import RewardCallback
+    from editr1.data import EditDataModule
+    from editr1.settings import RolloutSettings
+
+    folder = _mixed_folder(tmp_path / "data")
+    reward = _Brightness()
+    rollout = RolloutSettings(group_size=2, steps=2, batch_size=8)
+    module = small_module(policy=Flux2KleinPolicy(resolution=32, max_sequence_length=40), rollout=rollout)
+    callback = RewardCallback(model=reward, log_images_every_n_steps=0)
+    trainer = small_trainer([callback], max_steps=1)
+    trainer.fit(module, datamodule=EditDataModule(path=str(folder), batch_size=4, shuffle=False))
+    assert trainer.global_step == 1
+    assert sorted(reward.seen) == [0, 0, 0, 0, 1, 1, 2, 2]  # K = 2 edits of 4 prompts, in one rollout
+    assert callback.counts["data_skipped/missing_reference_file"] == 1
+    # a single-image model refuses the rows before the first step (data.references: skip drops and counts them,
+    # test_data_multi_image.py)
+    kontext = small_trainer([RewardCallback(model=_Brightness(), log_images_every_n_steps=0)], max_steps=1)
+    with pytest.raises(ValueError, match="2 training rows have reference images.*data.references: skip"):
+        kontext.fit(small_module(), datamodule=EditDataModule(path=str(folder), batch_size=2))

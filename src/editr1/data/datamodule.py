@@ -300,6 +300,11 @@ class EditDataModule(L.LightningDataModule):
         rows = getattr(self.dataset(split), "skipped_rows", None)
         return {str(reason): int(n) for reason, n in rows.items()} if rows else {}
 
+    def multi_image_rows(self, split: Literal["train", "val", "test", "predict"]) -> int:
+        """Rows of ``split`` with reference images, for sources read up front (JSONL folders); 0 otherwise."""
+        count = getattr(self.dataset(split), "multi_image_rows", None)
+        return int(count()) if callable(count) else 0
+
     # ------------------------------------------------------------------ data position in checkpoints
     def state_dict(self) -> dict:
         """Where the training stream is: the epoch and the batches this process consumed in it (saved
