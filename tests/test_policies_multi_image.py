@@ -44,9 +44,8 @@ def test_a_batch_of_rows_with_0_1_and_2_references_equals_each_row_alone(policy)
     assert not torch.allclose(mixed[1], policy.velocity(x[1:2], t[1:2], cond.select([0]))[0], atol=1e-4)
 
 
-def test_edit_images_takes_references_and_pads_them_for_sharded_runs(policy):
-    if isinstance(policy, QwenImageEditPolicy):
-        pytest.skip("the editing path is the policy-independent part: one multi-image model covers it")
+def test_edit_images_takes_references_and_pads_them_for_sharded_runs():
+    policy = Flux2KleinPolicy(resolution=32, max_sequence_length=40)  # the editing path is policy-independent
     sources, refs = _images(4, 2), [[_images(5, 1)[0]], []]
     a = edit_images(policy, sources, PROMPTS[:2], [1, 2], steps=2, solver="euler", batch_size=2, references=refs)
     assert a.cond["image_count"].tolist() == [2, 1]
