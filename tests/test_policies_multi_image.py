@@ -57,6 +57,14 @@ def test_edit_images_takes_references_and_pads_them_for_sharded_runs():
     torch.testing.assert_close(a.images[1:], alone.images, atol=1e-5, rtol=1e-5)
     plain = encode_padded(policy, sources, PROMPTS[:2], references=[[], None])  # no references at all: encode
     assert "image_count" not in plain.tensors
+    calls = []
+    encode_prompt = policy.pipe.encode_prompt
+    policy.pipe.encode_prompt = lambda **kw: calls.append(len(kw["prompt"])) or encode_prompt(**kw)
+    try:  # one text-encoder call for a batch with mixed image counts (sharded encoders: the same on every process)
+        policy.encode_rows(_images(8, 3), [_images(9, 2), None, _images(9, 1)], PROMPTS)
+    finally:
+        del policy.pipe.encode_prompt
+    assert calls == [3]
 
 
 def test_single_image_models_refuse_references_with_a_clear_error():

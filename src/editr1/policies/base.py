@@ -196,11 +196,7 @@ class EditPolicy(nn.Module, ABC):
                 f"{1 + max(counts)} (the edited image and {max(counts)} references): use a multi-image model, "
                 "or data.references: skip to drop such rows"
             )
-        parts = []
-        for count in sorted(set(counts)):
-            rows = [i for i, c in enumerate(counts) if c == count]
-            pictures = [sources[rows]] + [torch.stack([references[i][j] for i in rows]) for j in range(count)]
-            parts.append((rows, self.encode_multi(pictures, [prompts[i] for i in rows])))
+        parts = self.encode_groups(sources, references, prompts, counts)
         drop = set(self.images_shared(1))
         tensors = {}
         for key in parts[0][1].tensors:
@@ -214,6 +210,19 @@ class EditPolicy(nn.Module, ABC):
         tensors["image_count"] = torch.tensor([1 + c for c in counts], device=sources.device)
         shared = {k: v for k, v in parts[0][1].shared.items() if k not in drop}
         return Condition(tensors, shared)
+
+    def encode_groups(
+        self, sources: torch.Tensor, references: Sequence, prompts: list[str], counts: list[int]
+    ) -> list[tuple[list[int], Condition]]:
+        """``(rows, condition)`` for the rows of each reference count (:meth:`encode_multi` of each group).
+        Under FSDP2 the text encoders are sharded: a policy that encodes prompts in one batched call overrides
+        this to keep one text-encoder call per batch whatever the mix of counts (every process the same)."""
+        parts = []
+        for count in sorted(set(counts)):
+            rows = [i for i, c in enumerate(counts) if c == count]
+            pictures = [sources[rows]] + [torch.stack([references[i][j] for i in rows]) for j in range(count)]
+            parts.append((rows, self.encode_multi(pictures, [prompts[i] for i in rows])))
+        return parts
 
     def velocity_by_image_count(self, x_t: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
         """:meth:`velocity` of a Condition from :meth:`encode_rows`: the rows of each image count in one call

@@ -228,18 +228,38 @@ class Flux2KleinPolicy(EditPolicy):
             self._check_images(im)
             if im.shape[0] != len(prompts):
                 raise ValueError(f"{im.shape[0]} images but {len(prompts)} prompts")
-        device = self.device
-        prompt_embeds, text_ids = self.pipe.encode_prompt(
-            prompt=list(prompts),
-            device=device,
-            max_sequence_length=self.max_sequence_length,
-            text_encoder_out_layers=self.text_encoder_out_layers,
-        )
+        prompt_embeds, text_ids = self._encode_text(prompts)
         image_latents = torch.cat([self.encode_images(im) for im in images], dim=1)
         return Condition(
             tensors={"prompt_embeds": prompt_embeds, "image_latents": image_latents},
-            shared={"text_ids": text_ids[:1], **self.images_shared(len(images))},
+            shared={"text_ids": text_ids, **self.images_shared(len(images))},
         )
+
+    def _encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt embeddings ``(N, max_sequence_length, width)`` and the text position ids (shared)."""
+        prompt_embeds, text_ids = self.pipe.encode_prompt(
+            prompt=list(prompts),
+            device=self.device,
+            max_sequence_length=self.max_sequence_length,
+            text_encoder_out_layers=self.text_encoder_out_layers,
+        )
+        return prompt_embeds, text_ids[:1]
+
+    @torch.no_grad()
+    def encode_groups(self, sources, references, prompts, counts):
+        """One text-encoder call for every row whatever their image counts (sharded encoders: the same calls
+        on every process), then each count's images through the VAE."""
+        prompt_embeds, text_ids = self._encode_text(prompts)
+        parts = []
+        for count in sorted(set(counts)):
+            rows = [i for i, c in enumerate(counts) if c == count]
+            pictures = [sources[rows]] + [torch.stack([references[i][j] for i in rows]) for j in range(count)]
+            for im in pictures:
+                self._check_images(im)
+            latents = torch.cat([self.encode_images(im) for im in pictures], dim=1)
+            tensors = {"prompt_embeds": prompt_embeds[rows], "image_latents": latents}
+            parts.append((rows, Condition(tensors, {"text_ids": text_ids, **self.images_shared(1 + count)})))
+        return parts
 
     def images_shared(self, num_images: int) -> dict[str, torch.Tensor]:
         """Position ids (T, H, W, L) of the noisy latents (T = 0) then of each condition image (T = 10, 20, …)."""
