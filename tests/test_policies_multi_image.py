@@ -65,6 +65,21 @@ def test_edit_images_takes_references_and_pads_them_for_sharded_runs():
     finally:
         del policy.pipe.encode_prompt
     assert calls == [3]
+    mixed = policy.encode_rows(_images(8, 2), [_images(9, 1), None], PROMPTS[:2])
+    x, t = torch.randn((2, *policy.latent_shape())), torch.tensor([0.5, 0.5])
+
+    class Sharded(torch.nn.Parameter):
+        def full_tensor(self):  # what FSDP2's DTensor parameters have
+            return self
+
+    parameters = policy.transformer.parameters
+    policy.transformer.parameters = lambda *a, **k: iter([Sharded(torch.zeros(1))])
+    try:  # one call per count would differ between processes: a clear error, not a hang
+        with pytest.raises(ValueError, match="shard: false"):
+            policy.velocity(x, t, mixed)
+        policy.velocity(x[:1], t[:1], mixed.select([0]))  # one count per call is fine
+    finally:
+        policy.transformer.parameters = parameters
 
 
 def test_single_image_models_refuse_references_with_a_clear_error():

@@ -229,8 +229,15 @@ class EditPolicy(nn.Module, ABC):
         (their image latents cut to that count, the count's shared entries restored), results in row order."""
         counts = cond.tensors["image_count"]
         tokens = self.latent_shape()[0]  # condition images are encoded at the policy's resolution
+        distinct = torch.unique(counts).tolist()
+        if len(distinct) > 1 and hasattr(next(self.transformer.parameters()), "full_tensor"):
+            raise ValueError(
+                "a forward pass mixes rows with different numbers of images, which takes one call per count: "
+                "under FSDP2 sharding (shard: true) every process must make the same calls. Use data whose rows "
+                "all have as many images, or shard: false"
+            )
         out = None
-        for count in torch.unique(counts).tolist():
+        for count in distinct:
             rows = torch.nonzero(counts == count).flatten()
             sub = {k: v.index_select(0, rows) for k, v in cond.tensors.items() if k != "image_count"}
             sub["image_latents"] = sub["image_latents"][:, : int(count) * tokens]
