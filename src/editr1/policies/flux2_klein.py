@@ -254,9 +254,7 @@ class Flux2KleinPolicy(EditPolicy):
         for count in sorted(set(counts)):
             rows = [i for i, c in enumerate(counts) if c == count]
             pictures = [sources[rows]] + [torch.stack([references[i][j] for i in rows]) for j in range(count)]
-            for im in pictures:
-                self._check_images(im)
-            latents = torch.cat([self.encode_images(im) for im in pictures], dim=1)
+            latents = torch.cat([self.encode_images(im) for im in pictures], dim=1)  # (checks each size)
             tensors = {"prompt_embeds": prompt_embeds[rows], "image_latents": latents}
             parts.append((rows, Condition(tensors, {"text_ids": text_ids, **self.images_shared(1 + count)})))
         return parts
