@@ -219,8 +219,10 @@ def test_fit_on_the_bundled_uniworld_folder(tmp_path, monkeypatch):
     assert 0.0 <= float(cli.trainer.callback_metrics["val/reward"]) <= 1.0
 
 
-def test_fit_step_with_the_tiny_qwen_image_edit(tmp_path, monkeypatch):
-    from editr1.policies import QwenImageEditPolicy
+# tiny_flux2_klein.yaml is parsed by test_every_config_parses; its fit step runs in test_policies_multi_image.py
+@pytest.mark.parametrize("model", ["tiny_qwen_image_edit"])
+def test_fit_step_with_a_tiny_model_config(tmp_path, monkeypatch, model):
+    from editr1.policies import Flux2KleinPolicy, QwenImageEditPolicy
 
     monkeypatch.chdir(tmp_path)
     cli = cli_main(
@@ -228,17 +230,26 @@ def test_fit_step_with_the_tiny_qwen_image_edit(tmp_path, monkeypatch):
             "fit",
             *DEMO,
             "-c",
-            str(ROOT / "configs" / "model" / "tiny_qwen_image_edit.yaml"),
+            str(ROOT / "configs" / "model" / f"{model}.yaml"),
             "--trainer.max_steps=1",
             "--trainer.enable_progress_bar=false",
         ]
     )
-    assert isinstance(cli.model.policy, QwenImageEditPolicy)
+    assert isinstance(cli.model.policy, QwenImageEditPolicy if "qwen" in model else Flux2KleinPolicy)
     assert cli.trainer.global_step == 1
     assert (Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt").is_file()
 
 
-@pytest.mark.parametrize("model", ["flux_kontext_dev", "qwen_image_edit", "qwen_image_edit_2509"])
+REAL_MODELS = [
+    "flux_kontext_dev",
+    "qwen_image_edit",
+    "qwen_image_edit_2509",
+    "qwen_image_edit_2511",
+    "flux2_klein_base_4b",
+]
+
+
+@pytest.mark.parametrize("model", REAL_MODELS)
 def test_real_model_configs_compose_with_reward_and_trainer(model):
     cfg = parse(
         ROOT / "configs" / "model" / f"{model}.yaml",

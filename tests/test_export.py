@@ -15,7 +15,7 @@ from conftest import small_module, small_trainer, tiny_policy
 from editr1.callbacks import ExportLora, RewardCallback
 from editr1.cli import cli_main
 from editr1.export import diffusers_lora_state, export_checkpoint, export_module
-from editr1.policies import QwenImageEditPolicy
+from editr1.policies import Flux2KleinPolicy, QwenImageEditPolicy
 from editr1.policies import lora as adapters
 from editr1.rewards import SceneReward
 
@@ -79,6 +79,24 @@ def test_qwen_image_edit_export_round_trip(tmp_path):
     export_module(module, tmp_path / "q")
     fresh = make()
     fresh.pipe.load_lora_weights(str(tmp_path / "q"))
+    torch.testing.assert_close(_velocity(fresh), trained, atol=1e-5, rtol=1e-5)
+
+
+def test_flux2_klein_export_round_trip(tmp_path):
+    from editr1.policies.flux2_klein import FLUX2_TARGET_MODULES
+
+    make = lambda: Flux2KleinPolicy(resolution=32, max_sequence_length=24)  # noqa: E731
+    settings = adapters.LoraSettings(rank=4, alpha=8.0, target_modules=FLUX2_TARGET_MODULES)
+    module = small_module(policy=make(), lora=settings)
+    with torch.no_grad():
+        for p in module.policy.trainable_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    trained = _velocity(module.policy)
+    export_module(module, tmp_path / "k")
+    with safe_open(str(tmp_path / "k" / "pytorch_lora_weights.safetensors"), "pt") as f:
+        assert any(".to_qkv_mlp_proj.lora_A." in k for k in f.keys())  # noqa: SIM118
+    fresh = make()
+    fresh.pipe.load_lora_weights(str(tmp_path / "k"))  # Flux2LoraLoaderMixin's own loader
     torch.testing.assert_close(_velocity(fresh), trained, atol=1e-5, rtol=1e-5)
 
 

@@ -1,6 +1,6 @@
 """The EditPolicy contract, checked for every base model (tiny builds, no download).
 
-A new base model joins this suite by adding one entry to ``POLICIES`` (see docs/adding_a_model.md):
+A new base model joins this suite by adding one entry to ``CASES`` (see docs/adding_a_model.md):
 it must encode once per prompt and reuse that for its group, give float32 velocities of the packed
 latent shape that do not depend on batching, be deterministic, switch LoRA adapters (default / old /
 reference), decode to images, follow its own diffusers pipeline's Euler sampling exactly, and run a
@@ -17,7 +17,15 @@ import pytest
 import torch
 from PIL import Image
 
-from editr1.policies import EditPolicy, FluxKontextPolicy, QwenImageEditPolicy, TinyQwenImage, lora
+from editr1.policies import (
+    EditPolicy,
+    Flux2KleinPolicy,
+    FluxKontextPolicy,
+    QwenImageEditPolicy,
+    TinyFlux2Klein,
+    TinyQwenImage,
+    lora,
+)
 from editr1.sampling import sample
 
 PROMPTS = ["make the red circle blue", "remove the green square", "add a yellow triangle at top left"]
@@ -70,6 +78,27 @@ def _qwen_pipeline(p, image, prompt, noise, steps):
         edit.calculate_dimensions, plus.calculate_dimensions = saved
 
 
+def _klein_pipeline(p, image, prompt, noise, steps):
+    """Flux2KleinPipeline without CFG (guidance_scale 1); its latents come back unpacked and denormalised, so
+    they are packed and normalised again here (and the noise goes in in the pipeline's own layout)."""
+    h, w = p.latent_h // 2, p.latent_w // 2
+    grid = p.pipe(
+        image=image,
+        prompt=prompt,
+        height=p.height,
+        width=p.width,
+        num_inference_steps=steps,
+        guidance_scale=1.0,
+        max_sequence_length=p.max_sequence_length,
+        text_encoder_out_layers=p.text_encoder_out_layers,
+        latents=noise.transpose(1, 2).reshape(noise.shape[0], -1, h, w).clone(),
+        output_type="latent",
+    ).images
+    patches = p.pipe._patchify_latents(grid)
+    mean, std = p._bn_stats(patches)
+    return p.pipe._pack_latents((patches - mean) / std)
+
+
 CASES = {
     "flux_kontext": Case(
         lambda **kw: FluxKontextPolicy(resolution=32, max_sequence_length=16, **kw), 32, _flux_pipeline
@@ -77,6 +106,21 @@ CASES = {
     "qwen_image_edit": Case(lambda **kw: QwenImageEditPolicy(resolution=64, **kw), 64, _qwen_pipeline),
     "qwen_image_edit_2509": Case(
         lambda **kw: QwenImageEditPolicy(resolution=64, variant="edit_plus", **kw), 64, _qwen_pipeline
+    ),
+    "qwen_image_edit_2511": Case(
+        lambda **kw: QwenImageEditPolicy(
+            resolution=64, variant="edit_plus", tiny=TinyQwenImage(zero_cond_t=True), **kw
+        ),
+        64,
+        _qwen_pipeline,
+    ),
+    # the pipeline takes images of 64 px or more: a three-stage VAE keeps the latents at 8 x 8 tokens
+    "flux2_klein": Case(
+        lambda **kw: Flux2KleinPolicy(
+            resolution=64, max_sequence_length=64, tiny=TinyFlux2Klein(vae_channels=[8, 16, 16]), **kw
+        ),
+        64,
+        _klein_pipeline,
     ),
 }
 

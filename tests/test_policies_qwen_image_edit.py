@@ -138,3 +138,20 @@ def test_architecture_builds_those_sizes_with_random_weights_and_runs():
     assert v.shape == (1, *p.latent_shape()) and torch.isfinite(v).all()
     example = p.example_condition(2, 7)
     assert example["prompt_embeds"].shape == (2, 7, 24) and example["prompt_mask"].device.type == "cpu"
+
+
+def test_2511_zero_cond_t_modulates_the_condition_tokens_at_t_zero():
+    """Qwen-Image-Edit-2511's transformer (zero_cond_t) is 2509's with the condition images' tokens modulated at
+    t = 0: the same weights give the same velocity at σ = 0 and a different one elsewhere."""
+    plus = QwenImageEditPolicy(resolution=32, variant="edit_plus")
+    zero = QwenImageEditPolicy(resolution=32, variant="edit_plus", tiny=TinyQwenImage(zero_cond_t=True))
+    assert zero.transformer.config.zero_cond_t and not plus.transformer.config.zero_cond_t
+    images = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    cond = plus.encode_multi([images, images.flip(-1)], ["put picture 2 on picture 1"])
+    x = torch.randn((2, *plus.latent_shape()), generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([0.0, 0.6])
+    a, b = plus.velocity(x, t, cond.select([0, 0])), zero.velocity(x, t, cond.select([0, 0]))
+    torch.testing.assert_close(b[0], a[0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(b[1], a[1], atol=1e-4)
+    with pytest.raises(ValueError, match="zero_cond_t.*edit_plus"):
+        QwenImageEditPolicy(resolution=32, tiny=TinyQwenImage(zero_cond_t=True))

@@ -293,6 +293,28 @@ def test_sources_are_encoded_once_per_group():
     assert len(set(urls)) == 2
 
 
+def test_rows_with_references_show_every_image_served_and_local_alike(local, server):
+    x = inputs(4)
+    g = torch.Generator().manual_seed(7)
+    x.references = [[torch.rand(3, 32, 32, generator=g)] if i < 2 else [] for i in range(4)]  # group 0: picture 2
+    c = client(server.url, max_pixels=56 * 56)
+    try:
+        served, direct = c.score(x), local.score(x)
+    finally:
+        c.close()
+    torch.testing.assert_close(served, direct, rtol=0, atol=1e-4)
+    plain = local.score(inputs(4))
+    assert not torch.allclose(direct[:2], plain[:2], atol=1e-4) and torch.allclose(direct[2:], plain[2:], atol=1e-5)
+    with FakeOpenAI([("ok", TOP)]) as fake:
+        c = client(fake.url)
+        c.score(x)
+        c.close()
+    contents = [r["body"]["messages"][0]["content"] for r in fake.requests]
+    assert sorted(sum(part["type"] == "image_url" for part in content) for content in contents) == [2, 2, 3, 3]
+    text = next(content[-1]["text"] for content in contents if len(content) == 4)
+    assert text.startswith("This edit was made from 2 input images") and "picture 2 (a reference)" in text
+
+
 def test_fit_step_with_the_served_reward(server, tmp_path, monkeypatch):
     from editr1.cli import cli_main
 

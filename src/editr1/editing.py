@@ -6,7 +6,7 @@ Shared by rollouts (training), evaluation and prediction. Sample i starts from n
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,22 +24,37 @@ class Edits:
     sigmas: torch.Tensor  # the schedule used, ending with 0
 
 
-def encode_padded(policy: EditPolicy, sources: torch.Tensor, prompts: list[str], min_prompts: int = 0) -> Condition:
+def encode_padded(
+    policy: EditPolicy,
+    sources: torch.Tensor,
+    prompts: list[str],
+    min_prompts: int = 0,
+    references: Sequence[Sequence | torch.Tensor | None] | None = None,
+) -> Condition:
     """``policy.encode`` of at least ``min_prompts`` prompts: the first prompt (or, with none, a blank picture
     and an empty instruction) repeated to fill up. Under FSDP2 the text encoders are sharded too, and a policy
     that encodes prompt by prompt (Qwen-Image-Edit) makes one encoder call per prompt: every process must make
-    as many as the others, whatever its number of prompts. The caller keeps the first ``len(prompts)`` rows."""
+    as many as the others, whatever its number of prompts. The caller keeps the first ``len(prompts)`` rows.
+
+    ``references[i]``: row i's reference images (pictures 2, 3, …; PIL images or tensors in [0, 1], resized
+    by the policy), encoded with :meth:`EditPolicy.encode_rows` (a single-image policy refuses them)."""
     n = len(prompts)
+    refs = None
+    if references is not None and any(r is not None and len(r) for r in references):
+        refs = [policy.preprocess(list(r)) if r is not None and len(r) else None for r in references]
     extra = max(0, min_prompts - n)
     if extra == 0:
-        return policy.encode(sources, prompts)
+        return policy.encode_rows(sources, refs, prompts) if refs else policy.encode(sources, prompts)
     if n:
         pad = sources[:1].expand(extra, *sources.shape[1:])
         fill = [prompts[0]] * extra
     else:
         pad = torch.zeros((extra, 3, policy.height, policy.width), device=policy.device)
         fill = [""] * extra
-    return policy.encode(torch.cat([sources.to(pad.device), pad]) if n else pad, list(prompts) + fill)
+    images = torch.cat([sources.to(pad.device), pad]) if n else pad
+    if refs:
+        return policy.encode_rows(images, refs + [refs[0]] * extra, list(prompts) + fill)
+    return policy.encode(images, list(prompts) + fill)
 
 
 @torch.no_grad()
@@ -56,6 +71,7 @@ def edit_images(
     first_order_second_to_last: bool = False,
     on_chunk: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
     min_prompts: int = 0,
+    references: Sequence[Sequence | torch.Tensor | None] | None = None,
 ) -> Edits:
     """``group_size`` edits of each prompt with whatever adapter is active on ``policy``.
 
@@ -65,6 +81,7 @@ def edit_images(
     would make — encode at least that many (see :func:`encode_padded`) and run idle denoising passes
     (results discarded) up to that many chunks — so every process makes the same sharded forward calls.
     With no prompts of its own, a process makes only those calls and the result is empty.
+    ``references[i]``: prompt i's reference images (pictures 2, 3, …), see :func:`encode_padded`.
     """
     n = len(prompts) * group_size
     if n == 0 and min_prompts == 0:
@@ -74,7 +91,7 @@ def edit_images(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     min_chunks = -(-min_prompts * group_size // batch_size)
-    padded = encode_padded(policy, sources, prompts, min_prompts)
+    padded = encode_padded(policy, sources, prompts, min_prompts, references)
     cond = padded.select(torch.arange(len(prompts))) if min_prompts > len(prompts) else padded
     sigmas = policy.sigmas(steps)
     group_index = torch.arange(len(prompts)).repeat_interleave(group_size)

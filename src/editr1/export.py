@@ -17,7 +17,7 @@ from typing import Literal
 
 import torch
 
-PIPELINES = ("FluxKontextPipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline")
+PIPELINES = ("FluxKontextPipeline", "Flux2KleinPipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline")
 PREFIX = "policy.transformer."
 
 

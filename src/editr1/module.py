@@ -22,6 +22,7 @@ import torch
 
 from editr1.algorithms.nft import ema_decay, old_policy_eta
 from editr1.editing import edit_images
+from editr1.efficiency import apply_efficiency
 from editr1.objectives import OBJECTIVES, Objective
 from editr1.policies import lora as adapters
 from editr1.policies.base import EditPolicy
@@ -56,19 +57,6 @@ __all__ = [
     "RolloutSettings",
     "SFTSettings",
 ]
-
-
-def apply_efficiency(policy: EditPolicy, cfg: EfficiencySettings) -> None:
-    """Turn on the switches of ``cfg`` on ``policy``'s transformer (nothing when all are off).
-
-    Activation checkpointing recomputes a block's forward in backward with whatever adapter is active
-    then: ``training_step`` calls backward with θ ("default") active, the adapter its forward used.
-    """
-    if cfg.activation_checkpointing:
-        policy.transformer.enable_gradient_checkpointing()
-    policy.autocast_dtype = torch.bfloat16 if cfg.autocast == "bf16" else None
-    if cfg.compile:
-        policy.transformer.compile(backend=cfg.compile_backend)
 
 
 ADAPTERS = {"default": adapters.DEFAULT, "old": adapters.OLD, "ema": adapters.EMA, "reference": None}
@@ -242,6 +230,7 @@ class EditR1Module(L.LightningModule):
                     requirements=[requirements[i] for i in g],
                     targets=None if targets is None else targets[index // k],
                     source_ids=g,
+                    references=[batch["references"][i] for i in g] if any(batch.get("references") or []) else None,
                 )
             )
 
@@ -259,6 +248,7 @@ class EditR1Module(L.LightningModule):
                 first_order_second_to_last=cfg.first_order_second_to_last,
                 on_chunk=chunk_ready if on_chunk is not None else None,
                 min_prompts=min_prompts,
+                references=batch.get("references"),
             )
         guards.check_finite_rollout(self, out.x0)
         ro = Rollout(
@@ -438,10 +428,12 @@ class EditR1Module(L.LightningModule):
                 batch_size=cfg.batch_size,
                 first_order_second_to_last=self.rollout_settings.first_order_second_to_last,
                 min_prompts=min_prompts,
+                references=batch.get("references"),
             ).images
         targets = self.policy.preprocess(batch["target"]) if batch.get("target") is not None else None
         return {
             "sources": sources,
+            "references": batch.get("references"),
             "edits": edits,
             "targets": targets,
             "prompts": list(batch["prompt"]),

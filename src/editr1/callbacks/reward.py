@@ -162,6 +162,15 @@ class RewardCallback(Callback):
         if rows and not any(k.startswith("data_skipped/") for k in self.counts):  # not again after a resume
             for reason, n in rows.items():
                 self.counts[f"data_skipped/{reason}"] += n
+        # a single-image model never silently drops reference images: refuse before the first step (shard
+        # streams, read as they go, are refused by the policy at the first batch that has one)
+        multi = dm.multi_image_rows("train") if hasattr(dm, "multi_image_rows") else 0
+        if multi and getattr(pl_module.policy, "max_condition_images", None) == 1:
+            raise ValueError(
+                f"{multi} training rows have reference images, but {type(pl_module.policy).__name__} takes one "
+                "condition image per prompt: use a multi-image model (Qwen-Image-Edit-2509/2511, FLUX.2 [klein]) "
+                "or data.references: skip to drop those rows (counted)"
+            )
 
     # --------------------------------------------------------------------------- training
     def on_train_batch_start(
@@ -424,6 +433,7 @@ class RewardCallback(Callback):
             instructions=[outputs["prompts"][i] for i in keep],
             requirements=[outputs["requirements"][i] for i in keep],
             targets=None if outputs["targets"] is None else outputs["targets"][sel],
+            references=[outputs["references"][i] for i in keep] if any(outputs.get("references") or []) else None,
         )
         rewards = self.model.score(inputs).float().reshape(-1)
         check_rewards(rewards, inputs.edits.shape[0])

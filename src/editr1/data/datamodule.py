@@ -68,6 +68,8 @@ def collate_prompts(items: list[dict]) -> dict:
         else:
             good.append(item)
     batch: dict = {f: [item.get(f) for item in good] for f in FIELDS}
+    # each row's reference images (picture 2, 3, …), a list per row whatever its length (none: empty)
+    batch["references"] = [list(item.get("references") or []) for item in good]
     if any(t is None for t in batch["target"]):
         with_target = sum(t is not None for t in batch["target"])
         if with_target:  # a batch mixes rows with and without a target: it carries none (counted)
@@ -145,6 +147,9 @@ class EditDataModule(L.LightningDataModule):
             without one carries none, counted), ``require`` (only rows/samples with a target, the others
             skipped and counted — for ``model.objective: sft`` on partly-targeted data) or ``ignore``.
         shuffle: shuffle training prompts each epoch.
+        references: rows with reference images (``"image"`` a list of several paths): ``keep`` (for models
+            that edit from several images; a model that takes one refuses them with an error) or ``skip``
+            (drop them, counted as ``multi_image_row``: train a single-image model on mixed data).
     """
 
     def __init__(
@@ -167,6 +172,7 @@ class EditDataModule(L.LightningDataModule):
         metadata_file: str = "train_metadata.jsonl",
         shuffle: bool = True,
         targets: Literal["auto", "require", "ignore"] = "auto",
+        references: Literal["keep", "skip"] = "keep",
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -193,6 +199,9 @@ class EditDataModule(L.LightningDataModule):
         if targets not in ("auto", "require", "ignore"):
             raise ValueError(f"targets must be auto, require or ignore, got {targets!r}")
         self.targets = targets
+        if references not in ("keep", "skip"):
+            raise ValueError(f"references must be keep or skip, got {references!r}")
+        self.references = references
         if test_format not in ("jsonl", "imgedit", "gedit"):
             raise ValueError(f"test_format must be jsonl, imgedit or gedit, got {test_format!r}")
         if test_format != "jsonl" and test_path is None:
@@ -243,6 +252,7 @@ class EditDataModule(L.LightningDataModule):
                 repeat=True,
                 load_targets=self.targets != "ignore",
                 require_targets=self.targets == "require",
+                skip_references=self.references == "skip",
             )
             log.info("train data: %d shards", len(ds.urls))
         elif split == "test" and self.test_format == "imgedit":
@@ -260,6 +270,7 @@ class EditDataModule(L.LightningDataModule):
                 self.metadata_file,
                 load_targets=self.targets != "ignore",
                 require_targets=split == "train" and self.targets == "require",
+                skip_references=self.references == "skip",
             )
             have, rows = ds.targets_present()
             if self.targets == "auto" and 0 < have < rows:
@@ -288,6 +299,11 @@ class EditDataModule(L.LightningDataModule):
         samples are counted per batch, under ``batch["skipped"]``)."""
         rows = getattr(self.dataset(split), "skipped_rows", None)
         return {str(reason): int(n) for reason, n in rows.items()} if rows else {}
+
+    def multi_image_rows(self, split: Literal["train", "val", "test", "predict"]) -> int:
+        """Rows of ``split`` with reference images, for sources read up front (JSONL folders); 0 otherwise."""
+        count = getattr(self.dataset(split), "multi_image_rows", None)
+        return int(count()) if callable(count) else 0
 
     # ------------------------------------------------------------------ data position in checkpoints
     def state_dict(self) -> dict:

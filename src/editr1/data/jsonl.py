@@ -5,6 +5,12 @@ A folder holds ``images/`` and ``train_metadata.jsonl``, one JSON object a line:
     {"prompt": "make the sky purple", "image": "images/0001.png", "requirement": "keep the buildings"}
 
 with optional ``"target"`` (an image path, for supervised warm-up) and ``"task"`` (a category).
+``"image"`` may be a list of paths for models that edit from several images: the first is the image
+being edited, the others are references in order ("picture 2", "picture 3", …)::
+
+    {"prompt": "put the cat from picture 2 on the sofa", "image": ["images/sofa.png", "images/cat.png"]}
+
+Every path is checked alike; a row with a bad reference is skipped and counted (``reference_*`` reasons).
 Bad rows are skipped and counted with their reason; a folder with no usable row is an error before
 training starts. Images are read lazily; one that cannot be read is skipped and counted too. A path the
 OS refuses (a NUL byte, an over-long name, a symlink loop) is a skipped row like any other; images are
@@ -32,6 +38,7 @@ log = logging.getLogger(__name__)
 
 MAX_INSTRUCTION_CHARS = 2000
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # decompression-bomb guard: 64 megapixels
+MAX_IMAGES_PER_ROW = 7  # the edited image and up to 6 references (+ the edit: a served judge's 8 images)
 
 
 @dataclass(frozen=True)
@@ -41,11 +48,12 @@ class EditRecord:
     requirement: str = ""
     target: Path | None = None
     task: str = ""
+    references: tuple[Path, ...] = ()  # further input images, in order (picture 2, 3, …)
 
     @property
     def key(self) -> str:
-        """Groups are keyed by (source image, instruction), not by instruction text alone."""
-        return f"{self.image.as_posix()}::{self.prompt}"
+        """Groups are keyed by (every input image, instruction), not by instruction text alone."""
+        return "+".join(p.as_posix() for p in (self.image, *self.references)) + f"::{self.prompt}"
 
 
 def parse_line(line: str, root: Path) -> EditRecord | str:
@@ -60,13 +68,23 @@ def parse_line(line: str, root: Path) -> EditRecord | str:
     if reason:
         return reason
     image = obj.get("image")
-    if not isinstance(image, str) or not image.strip():
+    images = image if isinstance(image, list) else [image]
+    if isinstance(image, list) and not image:
         return "missing_image_field"
-    image_path = locate(root, image)
-    if isinstance(image_path, str):
-        return {"outside_folder": "image_outside_folder", "missing_file": "missing_image_file"}.get(
-            image_path, "image_" + image_path
-        )
+    if len(images) > MAX_IMAGES_PER_ROW:
+        return "too_many_images"
+    paths = []
+    for n, rel in enumerate(images):
+        role = "image" if n == 0 else "reference"
+        if not isinstance(rel, str) or not rel.strip():
+            return f"missing_{role}_field"
+        path = locate(root, rel)
+        if isinstance(path, str):
+            return {"outside_folder": f"{role}_outside_folder", "missing_file": f"missing_{role}_file"}.get(
+                path, f"{role}_{path}"
+            )
+        paths.append(path)
+    image_path, references = paths[0], tuple(paths[1:])
     requirement = obj.get("requirement", "")
     if requirement is None:
         requirement = ""
@@ -82,7 +100,8 @@ def parse_line(line: str, root: Path) -> EditRecord | str:
         if isinstance(target_path, str):
             return "target_" + target_path
     task = obj.get("task", "")
-    return EditRecord(prompt, image_path, requirement.strip(), target_path, str(task) if task is not None else "")
+    task = str(task) if task is not None else ""
+    return EditRecord(prompt, image_path, requirement.strip(), target_path, task, references)
 
 
 def check_prompt(prompt) -> tuple[str, str | None]:
@@ -202,8 +221,17 @@ class JsonlEditDataset(Dataset):
         filename: str = "train_metadata.jsonl",
         load_targets: bool = True,
         require_targets: bool = False,
+        skip_references: bool = False,
     ) -> None:
         self.records, self.skipped_rows = read_metadata(folder, filename)
+        if skip_references:  # a single-image model on data with multi-image rows: those are counted, not used
+            multi = self.multi_image_rows()
+            if multi:
+                self.skipped_rows["multi_image_row"] += multi
+                self.records = [r for r in self.records if not r.references]
+                log.warning("%s: %d rows with reference images are skipped (data.references: skip)", folder, multi)
+            if not self.records:
+                raise ValueError(f"{folder}: data.references is 'skip' but every row has reference images")
         if require_targets:  # only the rows with a target (supervised training); the others are counted
             without = sum(r.target is None for r in self.records)
             if without:
@@ -221,6 +249,10 @@ class JsonlEditDataset(Dataset):
         """(rows with a target, rows)."""
         return sum(r.target is not None for r in self.records), len(self.records)
 
+    def multi_image_rows(self) -> int:
+        """Rows with at least one reference image besides the image being edited."""
+        return sum(bool(r.references) for r in self.records)
+
     def tasks(self) -> list[str]:
         """Each row's ``task`` (its category in evaluations)."""
         return [r.task for r in self.records]
@@ -230,6 +262,12 @@ class JsonlEditDataset(Dataset):
         image = load_image(rec.image)
         if isinstance(image, str):
             return {"skipped": image, "key": rec.key, "task": rec.task}
+        references = []
+        for path in rec.references:
+            ref = load_image(path)
+            if isinstance(ref, str):  # e.g. reference_unreadable_image, reference_image_too_large
+                return {"skipped": "reference_" + ref, "key": rec.key, "task": rec.task}
+            references.append(ref)
         target = None
         if self.load_targets and rec.target is not None:
             target = load_image(rec.target)
@@ -242,4 +280,5 @@ class JsonlEditDataset(Dataset):
             "target": target,
             "task": rec.task,
             "key": rec.key,
+            "references": references,
         }

@@ -5,6 +5,7 @@ A sample is the files of one key in a shard::
     0000042.json      {"prompt": "...", "requirement": "...", "task": "..."}
     0000042.src.png   the source image (any format PIL reads)
     0000042.tgt.png   optional target image (supervised objective)
+    0000042.ref1.png  optional reference images (picture 2, 3, …: ref1, ref2, … in order)
 
 Shards are given the way webdataset takes them: a brace pattern (``/data/edits-{000000..000127}.tar``),
 a list, URLs (``https://…``, ``s3://…`` through ``pipe:`` commands). Each epoch the shard list is put
@@ -27,7 +28,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset
 from webdataset.utils import pytorch_worker_info
 
-from editr1.data.jsonl import check_prompt, load_image, read_metadata
+from editr1.data.jsonl import MAX_IMAGES_PER_ROW, check_prompt, load_image, read_metadata
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +55,12 @@ def _field(sample: dict, role: str) -> bytes | None:
     return None
 
 
-def decode_sample(sample: dict, load_targets: bool = True, require_targets: bool = False) -> dict:
+def decode_sample(
+    sample: dict, load_targets: bool = True, require_targets: bool = False, skip_references: bool = False
+) -> dict:
     """One raw webdataset sample (bytes per extension) → a prompt item, or ``{"skipped": reason}``
-    (``missing_target`` when ``require_targets`` and the sample has no ``tgt``)."""
+    (``missing_target`` when ``require_targets`` and the sample has no ``tgt``; ``multi_image_row`` when
+    ``skip_references`` and it has a ``ref1``)."""
     raw = sample.get("json")
     if raw is None:
         return {"skipped": "missing_json"}
@@ -78,6 +82,17 @@ def decode_sample(sample: dict, load_targets: bool = True, require_targets: bool
     image = load_image(src)
     if isinstance(image, str):
         return {"skipped": image}
+    if skip_references and _field(sample, "ref1") is not None:
+        return {"skipped": "multi_image_row"}
+    references = []
+    for n in range(1, MAX_IMAGES_PER_ROW):
+        ref = _field(sample, f"ref{n}")
+        if ref is None:
+            break
+        ref = load_image(ref)
+        if isinstance(ref, str):
+            return {"skipped": "reference_" + ref}
+        references.append(ref)
     target = None
     tgt = _field(sample, "tgt")
     if require_targets and tgt is None:
@@ -93,7 +108,8 @@ def decode_sample(sample: dict, load_targets: bool = True, require_targets: bool
         "requirement": requirement.strip(),
         "target": target,
         "task": str(obj.get("task") or ""),
-        "key": f"{shard}/{sample.get('__key__')}::{prompt}",
+        "key": f"{shard}/{sample.get('__key__')}::{prompt}",  # one sample: every image it holds
+        "references": references,
     }
 
 
@@ -117,6 +133,7 @@ class ShardEditDataset(IterableDataset):
         repeat: start the next epoch when one ends (training); ``False`` reads one epoch.
         load_targets: decode ``tgt`` images when present.
         require_targets: skip (and count) samples without a ``tgt`` image.
+        skip_references: skip (and count) samples with reference images (``ref1``, …).
     """
 
     def __init__(
@@ -127,8 +144,10 @@ class ShardEditDataset(IterableDataset):
         repeat: bool = True,
         load_targets: bool = True,
         require_targets: bool = False,
+        skip_references: bool = False,
     ) -> None:
         self.urls = expand_urls(urls)
+        self.skip_references = skip_references
         self.shuffle = shuffle
         self.seed = seed
         self.repeat = repeat
@@ -186,7 +205,7 @@ class ShardEditDataset(IterableDataset):
             samples = wds.DataPipeline(wds.SimpleShardList(shards), wds.tarfile_to_samples(handler=handler))
             for sample in samples:
                 yield from self._drain(errors)
-                yield decode_sample(sample, self.load_targets, self.require_targets)
+                yield decode_sample(sample, self.load_targets, self.require_targets, self.skip_references)
             yield from self._drain(errors)
             if not self.repeat:
                 return
@@ -244,6 +263,11 @@ def _sample(rec, key: str) -> dict | str:
         "json": json.dumps({"prompt": rec.prompt, "requirement": rec.requirement, "task": rec.task}).encode(),
         f"src.{_ext(rec.image)}": src,
     }
+    for n, path in enumerate(rec.references, 1):
+        ref = _checked_bytes(path)
+        if isinstance(ref, str):
+            return "reference_" + ref
+        sample[f"ref{n}.{_ext(path)}"] = ref
     if rec.target is not None:
         tgt = _checked_bytes(rec.target)
         if isinstance(tgt, str):

@@ -59,9 +59,8 @@ class SFTObjective(Objective):
             return Work(count=0, can_idle=False)
         with torch.no_grad():  # sharded encoders: equal calls on every process
             min_prompts = int(distributed.reduce(n, "max", world=world, device=device)) if module.sharded else 0
-            cond = encode_padded(policy, policy.preprocess(batch["image"]), prompts, min_prompts).select(
-                torch.arange(n)
-            )
+            sources = policy.preprocess(batch["image"])
+            cond = encode_padded(policy, sources, prompts, min_prompts, batch.get("references")).select(torch.arange(n))
             x0 = policy.encode_images(policy.preprocess(batch["target"]))
         ids = group_ids(keys)
         step = module.global_step

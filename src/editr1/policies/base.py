@@ -136,6 +136,7 @@ class EditPolicy(nn.Module, ABC):
 
     transformer: nn.Module
     autocast_dtype: torch.dtype | None = None  # set: every transformer forward runs under torch.autocast
+    max_condition_images: int | None = 1  # condition images one prompt may have; None: any number
 
     def __init__(self, height: int, width: int) -> None:
         super().__init__()
@@ -174,6 +175,95 @@ class EditPolicy(nn.Module, ABC):
         with them on the meta device; benchmarks time it alone). A model that ``editr1 plan`` should size
         implements it."""
         raise NotImplementedError(f"{type(self).__name__} does not describe its condition (example_condition)")
+
+    # ----------------------------------------------------------------- several condition images
+    def encode_multi(self, images: Sequence[torch.Tensor], prompts: list[str]) -> Condition:
+        """Condition from ``images[j]`` (the j-th picture of every prompt, ``(N, 3, H, W)``); single-image
+        models take one."""
+        if len(images) != 1:
+            raise ValueError(f"{type(self).__name__} takes one condition image per prompt, got {len(images)}")
+        return self.encode(images[0], prompts)
+
+    def images_shared(self, num_images: int) -> dict[str, torch.Tensor]:
+        """The ``Condition.shared`` entries that depend on the number of condition images (position ids, …)."""
+        return {}
+
+    def encode_rows(
+        self, sources: torch.Tensor, references: Sequence[torch.Tensor | None] | None, prompts: list[str]
+    ) -> Condition:
+        """Condition of rows with different numbers of images: row i edits ``sources[i]`` with
+        ``references[i]`` (``(k_i, 3, H, W)``, or ``None`` / empty for none) as pictures 2 … k_i + 1.
+
+        Rows without references are :meth:`encode` as ever. Otherwise rows with as many images are encoded
+        together by :meth:`encode_multi` and put back in order, their image latents zero-padded to the longest
+        row, with each row's number of images in ``tensors["image_count"]``: :meth:`velocity_by_image_count`
+        runs the transformer on the rows of one count at a time. A single-image model refuses references
+        (they would be silently dropped otherwise)."""
+        n = len(prompts)
+        counts = [0 if r is None else int(r.shape[0]) for r in references] if references else [0] * n
+        if len(counts) != n:
+            raise ValueError(f"{len(counts)} reference lists but {n} prompts")
+        if not any(counts):
+            return self.encode(sources, prompts)
+        limit = self.max_condition_images
+        if limit is not None and 1 + max(counts) > limit:
+            raise ValueError(
+                f"{type(self).__name__} takes at most {limit} condition image(s) per prompt, but a row has "
+                f"{1 + max(counts)} (the edited image and {max(counts)} references): use a multi-image model, "
+                "or data.references: skip to drop such rows"
+            )
+        parts = self.encode_groups(sources, references, prompts, counts)
+        drop = set(self.images_shared(1))
+        tensors = {}
+        for key in parts[0][1].tensors:
+            width = max(c.tensors[key].shape[1] for _, c in parts)
+            first = parts[0][1].tensors[key]
+            out = first.new_zeros((n, width, *first.shape[2:]))
+            for rows, c in parts:
+                v = c.tensors[key]
+                out[rows, : v.shape[1]] = v
+            tensors[key] = out
+        tensors["image_count"] = torch.tensor([1 + c for c in counts], device=sources.device)
+        shared = {k: v for k, v in parts[0][1].shared.items() if k not in drop}
+        return Condition(tensors, shared)
+
+    def encode_groups(
+        self, sources: torch.Tensor, references: Sequence, prompts: list[str], counts: list[int]
+    ) -> list[tuple[list[int], Condition]]:
+        """``(rows, condition)`` for the rows of each reference count (:meth:`encode_multi` of each group).
+        Under FSDP2 the text encoders are sharded: a policy that encodes prompts in one batched call overrides
+        this to keep one text-encoder call per batch whatever the mix of counts (every process the same)."""
+        parts = []
+        for count in sorted(set(counts)):
+            rows = [i for i, c in enumerate(counts) if c == count]
+            pictures = [sources[rows]] + [torch.stack([references[i][j] for i in rows]) for j in range(count)]
+            parts.append((rows, self.encode_multi(pictures, [prompts[i] for i in rows])))
+        return parts
+
+    def velocity_by_image_count(self, x_t: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
+        """:meth:`velocity` of a Condition from :meth:`encode_rows`: the rows of each image count in one call
+        (their image latents cut to that count, the count's shared entries restored), results in row order."""
+        counts = cond.tensors["image_count"]
+        tokens = self.latent_shape()[0]  # condition images are encoded at the policy's resolution
+        distinct = torch.unique(counts).tolist()
+        if len(distinct) > 1 and hasattr(next(self.transformer.parameters()), "full_tensor"):
+            raise ValueError(
+                "a forward pass mixes rows with different numbers of images, which takes one call per count: "
+                "under FSDP2 sharding (shard: true) every process must make the same calls. Use data whose rows "
+                "all have as many images, or shard: false"
+            )
+        out = None
+        for count in distinct:
+            rows = torch.nonzero(counts == count).flatten()
+            sub = {k: v.index_select(0, rows) for k, v in cond.tensors.items() if k != "image_count"}
+            sub["image_latents"] = sub["image_latents"][:, : int(count) * tokens]
+            shared = {**cond.shared, **self.images_shared(int(count))}
+            v = self.velocity(
+                x_t.index_select(0, rows.to(x_t.device)), t.index_select(0, rows.to(t.device)), Condition(sub, shared)
+            )
+            out = v.new_zeros((x_t.shape[0], *v.shape[1:])) if out is None else out
+            out[rows.to(out.device)] = v
+        return out
 
     # ----------------------------------------------------------------- shared behaviour
     def preprocess(self, images: Sequence[Image.Image | torch.Tensor]) -> torch.Tensor:

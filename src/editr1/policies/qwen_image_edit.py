@@ -57,6 +57,7 @@ class TinyQwenImage:
     text_hidden: int = 32  # Qwen2.5-VL text width (= the transformer's joint_attention_dim)
     text_layers: int = 1  # Qwen2.5-VL decoder layers
     vision_hidden: int = 32  # Qwen2.5-VL vision tower width
+    zero_cond_t: bool = False  # condition tokens modulated at t = 0 (Qwen-Image-Edit-2511's transformer)
     seed: int = 0  # seed of the random initialisation
     weights: str | None = None  # optional safetensors file with trained weights for these components
 
@@ -94,6 +95,7 @@ def build_tiny_pipeline(cfg: TinyQwenImage, variant: str = "edit"):
             num_attention_heads=cfg.heads,
             joint_attention_dim=cfg.text_hidden,
             axes_dims_rope=(2 * r, 3 * r, 3 * r),
+            zero_cond_t=cfg.zero_cond_t,
         )
         stages = len(cfg.vae_dim_mult) - 1
         vae = AutoencoderKLQwenImage(
@@ -211,6 +213,11 @@ class QwenImageEditPolicy(EditPolicy):
             pipe = VARIANTS[variant].from_pretrained(
                 pretrained_model_name_or_path, revision=revision, dtype=dtype, local_files_only=local_files_only
             )
+        if getattr(pipe.transformer.config, "zero_cond_t", False) and variant != "edit_plus":
+            raise ValueError(
+                "this transformer has zero_cond_t (Qwen-Image-Edit-2511): it needs variant 'edit_plus' "
+                "(QwenImageEditPlusPipeline), as its model_index.json says"
+            )
         self.variant = variant
         self.pipe = pipe  # not a module: holds the tokenizer, processor and scheduler
         self.transformer = pipe.transformer
@@ -227,6 +234,7 @@ class QwenImageEditPolicy(EditPolicy):
         self.latent_h = height // self.vae_scale_factor
         self.latent_w = width // self.vae_scale_factor
         self.latent_channels = self.vae.config.z_dim
+        self.max_condition_images = None if variant == "edit_plus" else 1
 
     # ---------------------------------------------------------------------------------- encoding
     def encode(self, images: torch.Tensor, prompts: list[str]) -> Condition:
@@ -261,8 +269,11 @@ class QwenImageEditPolicy(EditPolicy):
         image_latents = torch.cat([self.encode_images(im) for im in images], dim=1)
         return Condition(
             tensors={"prompt_embeds": prompt_embeds, "prompt_mask": prompt_mask, "image_latents": image_latents},
-            shared={"num_images": torch.tensor(len(images))},
+            shared=self.images_shared(len(images)),
         )
+
+    def images_shared(self, num_images: int) -> dict[str, torch.Tensor]:
+        return {"num_images": torch.tensor(num_images)}
 
     def _condition_pil(self, image: torch.Tensor):
         """The picture the Qwen2.5-VL encoder sees: the source at ``condition_resolution``."""
@@ -311,6 +322,8 @@ class QwenImageEditPolicy(EditPolicy):
 
     # ---------------------------------------------------------------------------------- denoising
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
+        if "image_count" in cond.tensors:  # rows with different numbers of images (encode_rows)
+            return self.velocity_by_image_count(x_t, t, cond)
         dtype = self.transformer.dtype
         hidden = torch.cat([x_t.to(dtype), cond["image_latents"].to(dtype)], dim=1)
         shape = (1, self.latent_h // 2, self.latent_w // 2)

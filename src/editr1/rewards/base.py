@@ -15,7 +15,9 @@ class RewardInputs:
 
     Images are float tensors in [0, 1], shape (N, 3, H, W); ``sources[i]`` is the image that
     ``edits[i]`` was made from. ``targets`` holds the known correct result where the data has one
-    (synthetic scenes, supervised pairs) and is ``None`` otherwise.
+    (synthetic scenes, supervised pairs) and is ``None`` otherwise. ``references[i]`` lists the further
+    input images ``edits[i]`` was made from (pictures 2, 3, …: PIL images or ``(3, h, w)`` tensors, any
+    size), empty or ``None`` for single-image rows; a judge shows them all.
     """
 
     sources: torch.Tensor
@@ -24,6 +26,7 @@ class RewardInputs:
     requirements: list[str]
     targets: torch.Tensor | None = None
     source_ids: list[int] | None = None  # edits with the same id share one source (encode it once)
+    references: list[list] | None = None  # per edit: its reference images (pictures 2, 3, …)
 
     def __post_init__(self) -> None:
         n = self.edits.shape[0]
@@ -36,6 +39,8 @@ class RewardInputs:
             raise ValueError(f"RewardInputs: {n} edits but {self.targets.shape[0]} targets")
         if self.source_ids is not None and len(self.source_ids) != n:
             raise ValueError(f"RewardInputs: {n} edits but {len(self.source_ids)} source ids")
+        if self.references is not None and len(self.references) != n:
+            raise ValueError(f"RewardInputs: {n} edits but {len(self.references)} reference lists")
 
     def select(self, start: int, stop: int) -> RewardInputs:
         """Edits ``start:stop``."""
@@ -46,6 +51,7 @@ class RewardInputs:
             requirements=self.requirements[start:stop],
             targets=None if self.targets is None else self.targets[start:stop],
             source_ids=None if self.source_ids is None else self.source_ids[start:stop],
+            references=None if self.references is None else self.references[start:stop],
         )
 
 

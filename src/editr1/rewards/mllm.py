@@ -1,10 +1,10 @@
 """A multimodal LLM as a training-free reward, read from its logits (local, in-process).
 
-One user turn shows the source image, the edited image, then the prompt (instruction, requirement,
-0–5 rubric, "answer with the number"). The reward is the expected digit of the first answer token,
-``Σ_d p(d)·d / 5``, with p the softmax over the six digit tokens (ids from the tokenizer). Any
-transformers image-text-to-text chat model works through the Auto classes (Qwen2.5-VL by default;
-Qwen2-VL, Qwen3-VL). Batched with left padding; optional 8-/4-bit loading through bitsandbytes.
+One user turn shows the source image (then any reference images, named in the text), the edited image,
+then the prompt (instruction, requirement, 0–5 rubric, "answer with the number"). The reward is the
+expected digit of the first answer token, ``Σ_d p(d)·d / 5``, with p the softmax over the six digit tokens
+(ids from the tokenizer). Any transformers image-text-to-text chat model works through the Auto classes
+(Qwen2.5-VL by default; Qwen2-VL, Qwen3-VL). Batched with left padding; optional 8-/4-bit loading through bitsandbytes.
 """
 
 from __future__ import annotations
@@ -29,16 +29,28 @@ log = logging.getLogger(__name__)
 Quantization = Literal["none", "8bit", "4bit"]
 
 
-def judge_images(inputs: RewardInputs, max_pixels: int | None = None) -> list[tuple[Image.Image, Image.Image]]:
-    """(source, edit) PIL pairs; each distinct source is converted once."""
-    cache: dict[int, Image.Image] = {}
-    pairs = []
+def judge_images(inputs: RewardInputs, max_pixels: int | None = None) -> list[list[Image.Image]]:
+    """The images of each judgement as PIL: ``[source, *references, edit]``; each distinct source (with its
+    references) is converted once."""
+    cache: dict[int, list[Image.Image]] = {}
+    out = []
     for i in range(inputs.edits.shape[0]):
         sid = inputs.source_ids[i] if inputs.source_ids is not None else -1 - i
         if sid not in cache:
-            cache[sid] = limit_pixels(tensor_to_image(inputs.sources[i]), max_pixels)
-        pairs.append((cache[sid], limit_pixels(tensor_to_image(inputs.edits[i]), max_pixels)))
-    return pairs
+            refs = inputs.references[i] if inputs.references is not None else None
+            cache[sid] = [limit_pixels(_pil(im), max_pixels) for im in [inputs.sources[i], *(refs or [])]]
+        out.append([*cache[sid], limit_pixels(tensor_to_image(inputs.edits[i]), max_pixels)])
+    return out
+
+
+def reference_counts(inputs: RewardInputs) -> list[int]:
+    """How many reference images each judgement shows besides the source and the edit."""
+    refs = inputs.references or [None] * inputs.edits.shape[0]
+    return [len(r or []) for r in refs]
+
+
+def _pil(image) -> Image.Image:
+    return image if isinstance(image, Image.Image) else tensor_to_image(image)
 
 
 def user_turn(text: str, n_images: int = 2) -> list[dict]:
@@ -217,8 +229,8 @@ class LocalMLLMReward(RewardModel):
 
     def texts(self, inputs: RewardInputs) -> list[str]:
         return [
-            self.judge.chat_text(user_turn(render(self.template, ins, req)))
-            for ins, req in zip(inputs.instructions, inputs.requirements)
+            self.judge.chat_text(user_turn(render(self.template, ins, req, refs), 2 + refs))
+            for ins, req, refs in zip(inputs.instructions, inputs.requirements, reference_counts(inputs))
         ]
 
     def score(self, inputs: RewardInputs) -> torch.Tensor:

@@ -26,6 +26,14 @@ Answer with the number only."""
 
 NO_REQUIREMENT = "none beyond the instruction"
 
+# Rows with reference images: the images come as picture 1 (the one edited), the references (picture 2, …),
+# then the edit; this names them before the template's text (which calls the edit "the second image").
+MULTI_IMAGE_PREAMBLE = (
+    "This edit was made from {inputs} input images, shown first in order: picture 1 (the original, the "
+    "image being edited){references}. The last image shown is the edited result; in the text below, "
+    '"the first image" means picture 1 and "the second image" means the edited result.\n\n'
+)
+
 
 def load_template(template: str | None = None, template_file: str | None = None) -> str:
     """The template to use: ``template`` or the contents of ``template_file`` (not both), else ours."""
@@ -50,5 +58,10 @@ def check_template(template: str) -> None:
         raise ValueError("judge prompt must contain {instruction}")
 
 
-def render(template: str, instruction: str, requirement: str) -> str:
-    return template.format(instruction=instruction.strip(), requirement=requirement.strip() or NO_REQUIREMENT)
+def render(template: str, instruction: str, requirement: str, references: int = 0) -> str:
+    """The judge's text; with ``references`` > 0 reference images, a preamble names every image first."""
+    text = template.format(instruction=instruction.strip(), requirement=requirement.strip() or NO_REQUIREMENT)
+    if references <= 0:
+        return text
+    named = "".join(f", picture {k} (a reference)" for k in range(2, references + 2))
+    return MULTI_IMAGE_PREAMBLE.format(inputs=references + 1, references=named) + text

@@ -25,7 +25,7 @@ import torch
 from editr1.images import data_url
 from editr1.rewards.base import RewardInputs, RewardModel
 from editr1.rewards.http import OpenAIClient, error_message, retryable
-from editr1.rewards.mllm import judge_images
+from editr1.rewards.mllm import judge_images, reference_counts
 from editr1.rewards.prompts import load_template, render
 from editr1.rewards.scoring import DigitTokens, MissingDigits, checked_pair, score_top_logprobs
 
@@ -202,34 +202,27 @@ class ServedMLLMReward(RewardModel):
     def _score(self, inputs: RewardInputs, requests: ThreadPoolExecutor) -> torch.Tensor:
         client = self._get_client()
         urls = self._encode(inputs)
-        texts = [render(self.template, i, r) for i, r in zip(inputs.instructions, inputs.requirements)]
-        futures = [requests.submit(self._judge, client, src, edit, text) for (src, edit), text in zip(urls, texts)]
+        counts = reference_counts(inputs)
+        texts = [render(self.template, i, r, k) for i, r, k in zip(inputs.instructions, inputs.requirements, counts)]
+        futures = [requests.submit(self._judge, client, images, text) for images, text in zip(urls, texts)]
         return torch.tensor([f.result() for f in futures], dtype=torch.float32)
 
-    def _encode(self, inputs: RewardInputs) -> list[tuple[str, str]]:
-        """Data URLs of (source, edit); each distinct source is encoded once."""
-        cache: dict[int, str] = {}
+    def _encode(self, inputs: RewardInputs) -> list[list[str]]:
+        """Data URLs of [source, *references, edit]; each distinct source (and its references) is encoded once."""
+        cache: dict[int, list[str]] = {}
         out = []
-        for i, (src, edit) in enumerate(judge_images(inputs, self.max_pixels)):
-            sid = inputs.source_ids[i] if inputs.source_ids is not None else id(src)
+        for i, images in enumerate(judge_images(inputs, self.max_pixels)):
+            sid = inputs.source_ids[i] if inputs.source_ids is not None else id(images[0])
             if sid not in cache:
-                cache[sid] = data_url(src, self.image_format)
-            out.append((cache[sid], data_url(edit, self.image_format)))
+                cache[sid] = [data_url(im, self.image_format) for im in images[:-1]]
+            out.append([*cache[sid], data_url(images[-1], self.image_format)])
         return out
 
-    def _judge(self, client: OpenAIClient, source_url: str, edit_url: str, text: str) -> float:
+    def _judge(self, client: OpenAIClient, image_urls: list[str], text: str) -> float:
+        content = [{"type": "image_url", "image_url": {"url": url}} for url in image_urls]
         payload = {
             "model": self.model,
-            "messages": [
-                {
-                    "role": "user",
-                    "content": [
-                        {"type": "image_url", "image_url": {"url": source_url}},
-                        {"type": "image_url", "image_url": {"url": edit_url}},
-                        {"type": "text", "text": text},
-                    ],
-                }
-            ],
+            "messages": [{"role": "user", "content": [*content, {"type": "text", "text": text}]}],
             "max_tokens": 1,
             "temperature": 0.0,
             "logprobs": True,
