@@ -33,7 +33,8 @@ TESTED_IN: dict[str, str] = {
     "objectives/nft.py": "test_objectives_nft.py",
     # one test module for the benchmark protocol and its callback
     "evaluation/benchmark.py": "test_benchmark.py",
-    "config_errors.py": "test_cli.py",  # the CLI's errors, tested through the CLI
+    "config_errors.py": "test_cli.py",
+    "callbacks/reward_eval.py": "test_callbacks_reward.py",  # the reward callback's evaluation half  # the CLI's errors, tested through the CLI
     "callbacks/benchmark.py": "test_benchmark.py",
 }
 
