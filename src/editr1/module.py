@@ -22,14 +22,17 @@ import torch
 
 from editr1.algorithms.nft import ema_decay, old_policy_eta
 from editr1.editing import edit_images
+from editr1.efficiency import apply_efficiency
 from editr1.objectives import OBJECTIVES, Objective
 from editr1.policies import lora as adapters
 from editr1.policies.base import EditPolicy
 from editr1.rewards.base import RewardInputs
 from editr1.seeding import EVAL_NOISE, ROLLOUT_NOISE, derive_seed
 from editr1.settings import (
+    AWMSettings,
     EfficiencySettings,
     EvalSettings,
+    FlowGRPOSettings,
     NFTSettings,
     OldPolicySettings,
     OptimSettings,
@@ -58,19 +61,6 @@ __all__ = [
 ]
 
 
-def apply_efficiency(policy: EditPolicy, cfg: EfficiencySettings) -> None:
-    """Turn on the switches of ``cfg`` on ``policy``'s transformer (nothing when all are off).
-
-    Activation checkpointing recomputes a block's forward in backward with whatever adapter is active
-    then: ``training_step`` calls backward with θ ("default") active, the adapter its forward used.
-    """
-    if cfg.activation_checkpointing:
-        policy.transformer.enable_gradient_checkpointing()
-    policy.autocast_dtype = torch.bfloat16 if cfg.autocast == "bf16" else None
-    if cfg.compile:
-        policy.transformer.compile(backend=cfg.compile_backend)
-
-
 ADAPTERS = {"default": adapters.DEFAULT, "old": adapters.OLD, "ema": adapters.EMA, "reference": None}
 
 
@@ -88,9 +78,12 @@ class EditR1Module(L.LightningModule):
         ema: keep an EMA adapter of θ (decay min((1+s)/(10+s), 0.9)) for evaluation and export.
         seed: base of every per-sample random stream; ``None`` takes ``torch.initial_seed()`` (the
             value of ``seed_everything``) when training starts.
-        objective: ``nft`` (Edit-R1: rollouts, rewards, DiffusionNFT) or ``sft`` (supervised flow
-            matching towards each row's ``target`` image; no rollouts, no reward).
+        objective: ``nft`` (Edit-R1: rollouts, rewards, DiffusionNFT), ``flow_grpo`` (SDE rollouts, PPO-clipped
+            ratios), ``awm`` (advantage weighted matching) or ``sft`` (supervised flow matching towards each row's
+            ``target`` image; no rollouts, no reward).
         sft: settings of the supervised objective.
+        flow_grpo: settings of Flow-GRPO.
+        awm: settings of advantage weighted matching.
         efficiency: activation checkpointing, ``torch.compile`` and bf16 autocast of the transformer.
         lora_weights: start from a diffusers LoRA (``pytorch_lora_weights.safetensors`` or its folder, e.g.
             a finished run's ``lora/``) loaded into every adapter — for ``test``/``predict`` with a trained
@@ -108,8 +101,10 @@ class EditR1Module(L.LightningModule):
         evaluation: EvalSettings = EvalSettings(),
         ema: bool = False,
         seed: int | None = None,
-        objective: Literal["nft", "sft"] = "nft",
+        objective: Literal["nft", "sft", "flow_grpo", "awm"] = "nft",
         sft: SFTSettings = SFTSettings(),
+        flow_grpo: FlowGRPOSettings = FlowGRPOSettings(),
+        awm: AWMSettings = AWMSettings(),
         efficiency: EfficiencySettings = EfficiencySettings(),
         lora_weights: str | None = None,
     ) -> None:
@@ -130,7 +125,8 @@ class EditR1Module(L.LightningModule):
         self.evaluation = evaluation
         self.efficiency = efficiency
         self.use_ema = ema
-        self.objective: Objective = OBJECTIVES[objective]({"nft": nft, "sft": sft}[objective])
+        chosen = {"nft": nft, "sft": sft, "flow_grpo": flow_grpo, "awm": awm}[objective]
+        self.objective: Objective = OBJECTIVES[objective](chosen)
         names = [adapters.DEFAULT, adapters.OLD] + ([adapters.EMA] if ema else [])
         policy.add_adapters(lora, names)
         self.lora_weights = lora_weights
@@ -259,6 +255,7 @@ class EditR1Module(L.LightningModule):
                 first_order_second_to_last=cfg.first_order_second_to_last,
                 on_chunk=chunk_ready if on_chunk is not None else None,
                 min_prompts=min_prompts,
+                sde=self.objective.rollout_sde,
             )
         guards.check_finite_rollout(self, out.x0)
         ro = Rollout(
@@ -274,6 +271,8 @@ class EditR1Module(L.LightningModule):
             group_size=k,
             index=self.rollouts_done,
             base_seed=int(self.seed),
+            latents=out.latents,
+            log_probs=out.log_probs,
         )
         self.rollouts_done += 1
         return ro
