@@ -163,8 +163,10 @@ class AWMSettings:
     def __post_init__(self) -> None:
         if min(self.ghuber_power, self.clip_range, self.adv_clip, self.advantage_max) <= 0 or self.kl_weight < 0:
             raise ValueError("awm: ghuber_power, clip_range, adv_clip and advantage_max must be > 0, kl_weight >= 0")
-        if self.weighting not in ("uniform", "t", "t2", "ghuber") or self.micro_batch_size < 1:
-            raise ValueError(f"awm: weighting must be uniform, t, t2 or ghuber (got {self.weighting!r})")
+        if self.weighting not in ("uniform", "t", "t2", "ghuber"):
+            raise ValueError(f"awm.weighting must be uniform, t, t2 or ghuber, got {self.weighting!r}")
+        if not 0.0 < self.timestep_fraction <= 1.0 or self.micro_batch_size < 1:
+            raise ValueError("awm: timestep_fraction must be in (0, 1] and micro_batch_size >= 1")
 
 
 @dataclass(frozen=True)
