@@ -86,10 +86,10 @@ def edit_images(
     shape = policy.latent_shape()
 
     def denoise(c: Condition, noise: torch.Tensor, chunk_seeds: list[int]):
-        fn = lambda x, t: policy.velocity(x, t, c)  # noqa: E731
+        fn = lambda x, t: policy.velocity(x, t, c)
         if sde is None:
             return sample(fn, noise, sigmas, solver, first_order_second_to_last)
-        step = lambda i: per_sample_randn(shape, [derive_seed(s, i) for s in chunk_seeds], policy.device)  # noqa: E731
+        step = lambda i: per_sample_randn(shape, [derive_seed(s, i) for s in chunk_seeds], policy.device)
         return sample_sde(fn, noise, sigmas, sde, step)
 
     x0_chunks, image_chunks, trajectories = [], [], []
