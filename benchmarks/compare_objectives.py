@@ -155,15 +155,20 @@ def run(arm: str, seed: int, args) -> list[dict]:
 
 
 def curve(runs: list[list[dict]], mark: str, split: str = "heldout") -> list[tuple[float, float, float, int]]:
-    """``(mark, mean, std, seeds)`` over the runs' points that answer each mark (``time_mark`` or ``step_mark``)."""
-    by_mark: dict[float, list[float]] = {}
+    """``(x, mean, std, seeds)`` over the runs' points that answer each mark (``time_mark`` or ``step_mark``); x is
+    the step mark, or for time marks the mean training time the points were actually taken at (the first batch
+    end past the mark)."""
+    by_mark: dict[float, list[dict]] = {}
     for points in runs:
         for p in points:
             if p[mark] is not None:
-                by_mark.setdefault(p[mark], []).append(p[split])
-    return [
-        (m, statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v)) for m, v in sorted(by_mark.items())
-    ]
+                by_mark.setdefault(p[mark], []).append(p)
+    out = []
+    for m, pts in sorted(by_mark.items()):
+        v = [p[split] for p in pts]
+        x = statistics.mean(p["train_s"] for p in pts) if mark == "time_mark" else m
+        out.append((x, statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v)))
+    return out
 
 
 def time_to_reach(points: list[tuple[float, float, float, int]], target: float) -> float | None:
@@ -187,7 +192,7 @@ def summarise(results: dict[str, list[list[dict]]], budget_s: float) -> str:
     ]
     for arm, runs in results.items():
         lines.append(
-            f"| {ARMS[arm]} | {len(runs)} | {mean_std([r[-1]['step'] for r in runs])} | "
+            f"| {ARMS[arm]} | {len(runs)} | {statistics.mean(r[-1]['step'] for r in runs):.0f} | "
             f"{mean_std([r[0]['heldout'] for r in runs])} | {mean_std([r[-1]['heldout'] for r in runs])} | "
             f"{mean_std([r[-1]['unseen'] for r in runs])} |"
         )
@@ -196,7 +201,10 @@ def summarise(results: dict[str, list[list[dict]]], budget_s: float) -> str:
         target, t_grpo = grpo[-1][1], grpo[-1][0]
         t_nft = time_to_reach(curve(results["nft"], "time_mark"), target)
         if t_nft is None:
-            lines.append(f"\nNFT did not reach Flow-GRPO's final held-out reward {target:.3f} within {budget_s:.0f} s.")
+            lines.append(
+                f"\nNFT did not reach Flow-GRPO's final held-out reward ({target:.3f}, after {t_grpo:.0f} s) within "
+                f"its {budget_s:.0f} s of training."
+            )
         else:
             lines.append(
                 f"\nTime for NFT to reach Flow-GRPO's final held-out reward ({target:.3f}) / Flow-GRPO's time: "
