@@ -1,7 +1,8 @@
 """Every settings dataclass of a run, each field documented (``editr1 fit --help`` shows these texts).
 
 They are the typed sections of the config: ``model.rollout`` (:class:`RolloutSettings`), ``model.nft``
-(:class:`NFTSettings`), ``model.sft``, ``model.old_policy``, ``model.optim``, ``model.evaluation``,
+(:class:`NFTSettings`), ``model.flow_grpo`` (:class:`FlowGRPOSettings`), ``model.awm`` (:class:`AWMSettings`),
+``model.sft``, ``model.old_policy``, ``model.optim``, ``model.evaluation``,
 ``model.efficiency`` and ``reward.filter`` (:class:`FilterSettings`); ``model.lora`` is
 :class:`editr1.policies.lora.LoraSettings`. All are frozen and validated when built, so a bad value stops
 the run before any model is loaded.
