@@ -466,3 +466,26 @@ def test_reference_recipe_runs_a_cpu_smoke_fit(tmp_path, monkeypatch):
     assert cli.model.nft.normalize == "reference" and cli.model.use_ema
     assert all(b.startswith("instruction:") for b in cb.banned)
     assert "val/reward" in cli.trainer.callback_metrics
+
+
+@pytest.mark.parametrize(
+    ("objective", "model"),
+    [("nft", "qwen_image_edit"), ("flow_grpo", "flux_kontext_dev"), ("awm", "qwen_image_edit_2509")],
+)
+def test_objective_configs_compose_with_the_demo_model_and_reward_configs(objective, model):
+    obj = ROOT / "configs" / "objectives" / f"{objective}.yaml"
+    cfg = parse(
+        ROOT / "configs" / "model" / f"{model}.yaml",
+        ROOT / "configs" / "reward" / "qwen25vl_32b_vllm.yaml",
+        obj,
+        ROOT / "configs" / "trainer" / "gpu.yaml",
+    )
+    assert cfg.model.objective == objective
+    model_cfg = yaml.safe_load((ROOT / "configs" / "model" / f"{model}.yaml").read_text())["model"]
+    assert cfg.model.rollout.steps == model_cfg["rollout"]["steps"]  # the objective leaves the model's settings
+    demo = parse(ROOT / "configs" / "demo.yaml", obj, ROOT / "configs" / "demo_smoke.yaml")
+    assert demo.model.objective == objective and demo.trainer.max_steps == 2
+    section = yaml.safe_load(obj.read_text())["model"][objective]
+    assert {k: v for k, v in vars(cfg.model[objective]).items() if k in section} == {
+        k: tuple(v) if isinstance(v, list) else v for k, v in section.items()
+    }

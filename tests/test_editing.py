@@ -146,3 +146,17 @@ def test_min_prompts_adds_idle_passes_and_keeps_the_real_results():
     assert plain_policy.velocity_calls == 3  # one chunk, 3 Euler steps
     assert padded_policy.velocity_calls == 3 * 3  # the chunks of 3 prompts × 2 edits at batch 2
     assert padded_policy.encoded[0][1] == [PROMPTS[0]] * 3
+
+
+def test_sde_edits_keep_their_trajectory_whatever_the_chunk_size():
+    from editr1.sampling import SDESampling
+
+    whole = _edit(FakePolicy(), batch_size=6, sde=SDESampling(0.7))
+    split = _edit(FakePolicy(), batch_size=4, sde=SDESampling(0.7))
+    assert whole.latents.shape == (6, 4, 2) and whole.log_probs.shape == (6, 3)
+    for a, b in [(whole.x0, split.x0), (whole.latents, split.latents), (whole.log_probs, split.log_probs)]:
+        torch.testing.assert_close(a, b)
+    assert torch.equal(whole.latents[:, -1], whole.x0)
+    ode = _edit(FakePolicy(), batch_size=6)
+    assert ode.latents is None and ode.log_probs is None
+    assert not torch.allclose(ode.x0, whole.x0)  # the SDE adds noise the ODE does not

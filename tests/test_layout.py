@@ -31,10 +31,12 @@ TESTED_IN: dict[str, str] = {
     "rewards/scenes.py": "test_scene_reward.py",
     "evaluation/scenes.py": "test_scene_evaluation.py",  # beside the callback that runs it
     "objectives/nft.py": "test_objectives_nft.py",
+    "objectives/flow_grpo.py": "test_objectives_flow_grpo.py",  # test_flow_grpo.py: algorithms/flow_grpo.py
+    "objectives/awm.py": "test_objectives_awm.py",  # test_awm.py: algorithms/awm.py
     # one test module for the benchmark protocol and its callback
     "evaluation/benchmark.py": "test_benchmark.py",
-    "config_errors.py": "test_cli.py",
-    "callbacks/reward_eval.py": "test_callbacks_reward.py",  # the reward callback's evaluation half  # the CLI's errors, tested through the CLI
+    "config_errors.py": "test_cli.py",  # the CLI's errors, tested through the CLI
+    "callbacks/reward_eval.py": "test_callbacks_reward.py",  # the reward callback's evaluation half
     "callbacks/benchmark.py": "test_benchmark.py",
 }
 

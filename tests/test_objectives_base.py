@@ -6,7 +6,15 @@ from types import SimpleNamespace
 
 import pytest
 
-from editr1.objectives import OBJECTIVES, NFTObjective, Objective, SFTObjective, Work
+from editr1.objectives import (
+    OBJECTIVES,
+    AWMObjective,
+    FlowGRPOObjective,
+    NFTObjective,
+    Objective,
+    SFTObjective,
+    Work,
+)
 from editr1.settings import NFTSettings, SFTSettings
 
 
@@ -16,7 +24,12 @@ def test_work_defaults_describe_a_process_that_can_idle():
 
 
 def test_registry_maps_config_names_to_classes():
-    assert dict(OBJECTIVES) == {"nft": NFTObjective, "sft": SFTObjective}
+    assert dict(OBJECTIVES) == {
+        "nft": NFTObjective,
+        "sft": SFTObjective,
+        "flow_grpo": FlowGRPOObjective,
+        "awm": AWMObjective,
+    }
     assert all(cls.name == name for name, cls in OBJECTIVES.items())
     assert all(cls.needs in ("rollouts", "targets") for cls in OBJECTIVES.values())
     assert all(issubclass(cls, Objective) for cls in OBJECTIVES.values())
@@ -41,7 +54,7 @@ def test_the_inherited_defaults():
     obj = Minimal(SimpleNamespace(micro_batch_size="6"))
     assert obj.micro_batch_size == 6 and isinstance(obj.micro_batch_size, int)
     assert obj.steps_without_samples is False
-    assert obj.progress_bar == "loss" and obj.keep_old is None
+    assert obj.progress_bar == "loss" and obj.keep_old is None and obj.rollout_sde is None
     with pytest.raises(NotImplementedError, match="objective 'minimal' is not trained on rewarded rollouts"):
         obj.group_settings()
     work = obj.prepare(None, {"prompt": ["a", "b"]})

@@ -310,3 +310,50 @@ def test_gaussian_data_exact_solution():
     assert d6 < e6
     # first- vs second-order convergence (measured: Euler 0.010, DPM-Solver++ 0.00045 at 200 steps)
     assert e200 < 0.02 and d200 < 2e-3 and d200 < 0.2 * e200
+
+
+# ----------------------------------------------------------------------------------------- Flow-GRPO's SDE sampler
+def _step_noise(batch: int, dim: int, seed: int = 3):
+    return lambda i: torch.randn(batch, dim, generator=torch.Generator().manual_seed(seed * 1000 + i))
+
+
+def test_the_sde_sampler_keeps_its_trajectory_and_a_window_is_ode_elsewhere(linear_velocity):
+    from editr1.algorithms.flow_grpo import sde_step
+    from editr1.sampling import SDESampling, sample_sde
+
+    sigmas = torch.linspace(1, 0, 5)
+    noise = _noise()
+    out = sample_sde(linear_velocity, noise, sigmas, SDESampling(0.7), _step_noise(3, DIM))
+    assert out.latents.shape == (3, 5, DIM) and out.log_probs.shape == (3, 4)
+    assert torch.equal(out.latents[:, 0], noise) and torch.equal(out.latents[:, -1], out.x0)
+    for i in range(4):  # each transition is scored by the step it was drawn from
+        x = out.latents[:, i]
+        v = linear_velocity(x, torch.full((3,), float(sigmas[i])))
+        lp = sde_step(x, v, sigmas[i], sigmas[i + 1], sigma_max=0.75, noise_level=0.7, x_next=out.latents[:, i + 1])
+        torch.testing.assert_close(lp.log_prob, out.log_probs[:, i])
+    fast = sample_sde(linear_velocity, noise, sigmas, SDESampling(0.7, (1, 3)), _step_noise(3, DIM))
+    assert torch.isnan(fast.log_probs[:, [0, 3]]).all() and torch.isfinite(fast.log_probs[:, 1:3]).all()
+    first = euler_step(noise, linear_velocity(noise, torch.ones(3)), 1.0, 0.75)
+    torch.testing.assert_close(fast.latents[:, 1], first)  # step 0 is the ODE
+    with pytest.raises(ValueError, match="window"):
+        sample_sde(linear_velocity, noise, sigmas, SDESampling(0.7, (3, 9)), _step_noise(3, DIM))
+
+
+def test_the_sde_keeps_the_flow_marginals_of_a_gaussian():
+    """x0 ~ N(0, c²): the exact velocity is v(x, t) = x·(t − (1 − t)c²)/((1 − t)²c² + t²); with it the SDE
+    (noise level 0.7) must end with the data std c, as the ODE does."""
+    from editr1.sampling import SDESampling, sample_sde
+
+    c = 0.5
+
+    def velocity(x, t):
+        t = t[:, None].double()
+        return (x.double() * (t - (1 - t) * c**2) / ((1 - t) ** 2 * c**2 + t**2)).float()
+
+    n, steps = 4000, 50
+    sigmas = torch.linspace(1, 0, steps + 1)
+    noise = torch.randn(n, 1, generator=torch.Generator().manual_seed(0))
+    out = sample_sde(velocity, noise, sigmas, SDESampling(0.7), _step_noise(n, 1))
+    assert float(out.x0.std()) == pytest.approx(c, rel=0.05)
+    mid = out.latents[:, steps // 2]  # and the marginal at t = 0.5 too: sqrt(0.25·c² + 0.25)
+    assert float(mid.std()) == pytest.approx(math.sqrt(0.25 * c**2 + 0.25), rel=0.05)

@@ -8,9 +8,11 @@ import pytest
 
 from editr1.settings import (
     FILTER_RULES,
+    AWMSettings,
     EfficiencySettings,
     EvalSettings,
     FilterSettings,
+    FlowGRPOSettings,
     NFTSettings,
     OldPolicySettings,
     OptimSettings,
@@ -27,6 +29,8 @@ ALL = (
     EvalSettings,
     EfficiencySettings,
     FilterSettings,
+    FlowGRPOSettings,
+    AWMSettings,
 )
 
 
@@ -42,6 +46,10 @@ def test_defaults_are_the_papers_where_it_gives_them():
     assert (n.beta, n.adv_clip, n.std_mode, n.normalize, n.timesteps) == (1.0, 5.0, "global", "kept", "rollout")
     assert EfficiencySettings() == EfficiencySettings(False, False, "inductor", "no")  # every switch off
     assert FILTER_RULES == ("paper", "strict", "none")
+    g = FlowGRPOSettings()  # yifan123/flow_grpo config/base.py and config/grpo.py
+    assert (g.noise_level, g.clip_range, g.adv_clip, g.kl_weight, g.timestep_fraction) == (0.7, 1e-4, 5.0, 0.04, 0.99)
+    a = AWMSettings()  # scxue/advantage_weighted_matching config/dgx_awm.py
+    assert (a.weighting, a.ghuber_power, a.clip_range, a.advantage_max, a.kl_weight) == ("ghuber", 0.25, 1.0, 1.0, 1e-3)
 
 
 @pytest.mark.parametrize("cls", ALL)
@@ -76,6 +84,11 @@ def test_equal_settings_compare_and_hash_equal():
         (lambda: FilterSettings(rule="loose"), "rule"),
         (lambda: FilterSettings(ban_rule="loose"), "ban_rule"),
         (lambda: FilterSettings(group_by="prompt"), "reward.filter.group_by"),
+        (lambda: FlowGRPOSettings(noise_level=0.0), "noise_level"),
+        (lambda: FlowGRPOSettings(timestep_fraction=0.0), "timestep_fraction"),
+        (lambda: AWMSettings(weighting="huber"), "awm.weighting"),
+        (lambda: AWMSettings(advantage_max=0.0), "advantage_max"),
+        (lambda: AWMSettings(micro_batch_size=0), "micro_batch_size"),
     ],
 )
 def test_a_bad_value_is_refused_with_its_field_named(build, field):

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from editr1.policies.base import Condition, EditPolicy
-from editr1.sampling import Solver, sample
-from editr1.seeding import per_sample_randn
+from editr1.sampling import SDESampling, Solver, sample, sample_sde
+from editr1.seeding import derive_seed, per_sample_randn
 
 
 @dataclass
@@ -22,6 +22,8 @@ class Edits:
     images: torch.Tensor  # (G·K, 3, H, W) in [0, 1]
     cond: Condition  # one row per prompt
     sigmas: torch.Tensor  # the schedule used, ending with 0
+    latents: torch.Tensor | None = None  # SDE rollouts: (G·K, steps + 1, *latent_shape) every latent
+    log_probs: torch.Tensor | None = None  # SDE rollouts: (G·K, steps) each transition's log-probability
 
 
 def encode_padded(
@@ -72,6 +74,7 @@ def edit_images(
     on_chunk: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
     min_prompts: int = 0,
     references: Sequence[Sequence | torch.Tensor | None] | None = None,
+    sde: SDESampling | None = None,
 ) -> Edits:
     """``group_size`` edits of each prompt with whatever adapter is active on ``policy``.
 
@@ -82,6 +85,8 @@ def edit_images(
     (results discarded) up to that many chunks — so every process makes the same sharded forward calls.
     With no prompts of its own, a process makes only those calls and the result is empty.
     ``references[i]``: prompt i's reference images (pictures 2, 3, …), see :func:`encode_padded`.
+    ``sde``: sample with Flow-GRPO's SDE (``solver`` unused) and keep every latent and each step's
+    log-probability; step i of sample j draws its noise from ``derive_seed(seeds[j], i)``.
     """
     n = len(prompts) * group_size
     if n == 0 and min_prompts == 0:
@@ -95,12 +100,24 @@ def edit_images(
     cond = padded.select(torch.arange(len(prompts))) if min_prompts > len(prompts) else padded
     sigmas = policy.sigmas(steps)
     group_index = torch.arange(len(prompts)).repeat_interleave(group_size)
-    x0_chunks, image_chunks = [], []
+    shape = policy.latent_shape()
+
+    def denoise(c: Condition, noise: torch.Tensor, chunk_seeds: list[int]):
+        fn = lambda x, t: policy.velocity(x, t, c)
+        if sde is None:
+            return sample(fn, noise, sigmas, solver, first_order_second_to_last)
+        step = lambda i: per_sample_randn(shape, [derive_seed(s, i) for s in chunk_seeds], policy.device)
+        return sample_sde(fn, noise, sigmas, sde, step)
+
+    x0_chunks, image_chunks, trajectories = [], [], []
     for s in range(0, n, batch_size):
         idx = torch.arange(s, min(s + batch_size, n))
         c = cond.select(group_index[idx])
-        noise = per_sample_randn(policy.latent_shape(), seeds[s : s + batch_size], device=policy.device)
-        x0 = sample(lambda x, t, c=c: policy.velocity(x, t, c), noise, sigmas, solver, first_order_second_to_last)
+        noise = per_sample_randn(shape, seeds[s : s + batch_size], device=policy.device)
+        x0 = denoise(c, noise, seeds[s : s + batch_size])
+        if sde is not None:
+            trajectories.append(x0)
+            x0 = x0.x0
         images = policy.decode(x0)
         x0_chunks.append(x0)
         image_chunks.append(images)
@@ -108,9 +125,10 @@ def edit_images(
             on_chunk(idx, images)
     for _ in range(len(x0_chunks), min_chunks):  # idle passes, one sample each
         c = padded.select([0])
-        noise = torch.zeros((1, *policy.latent_shape()), device=policy.device)
-        sample(lambda x, t, c=c: policy.velocity(x, t, c), noise, sigmas, solver, first_order_second_to_last)
+        denoise(c, torch.zeros((1, *shape), device=policy.device), [0])
     if not x0_chunks:  # nothing of our own to edit: the idle calls above were all
-        x0 = torch.zeros((0, *policy.latent_shape()), device=policy.device)
+        x0 = torch.zeros((0, *shape), device=policy.device)
         return Edits(x0, torch.zeros((0, 3, policy.height, policy.width)), cond, sigmas)
-    return Edits(torch.cat(x0_chunks), torch.cat(image_chunks), cond, sigmas)
+    latents = torch.cat([tr.latents for tr in trajectories]) if trajectories else None
+    log_probs = torch.cat([tr.log_probs for tr in trajectories]) if trajectories else None
+    return Edits(torch.cat(x0_chunks), torch.cat(image_chunks), cond, sigmas, latents, log_probs)

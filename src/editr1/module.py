@@ -29,8 +29,10 @@ from editr1.policies.base import EditPolicy
 from editr1.rewards.base import RewardInputs
 from editr1.seeding import EVAL_NOISE, ROLLOUT_NOISE, derive_seed
 from editr1.settings import (
+    AWMSettings,
     EfficiencySettings,
     EvalSettings,
+    FlowGRPOSettings,
     NFTSettings,
     OldPolicySettings,
     OptimSettings,
@@ -76,9 +78,12 @@ class EditR1Module(L.LightningModule):
         ema: keep an EMA adapter of θ (decay min((1+s)/(10+s), 0.9)) for evaluation and export.
         seed: base of every per-sample random stream; ``None`` takes ``torch.initial_seed()`` (the
             value of ``seed_everything``) when training starts.
-        objective: ``nft`` (Edit-R1: rollouts, rewards, DiffusionNFT) or ``sft`` (supervised flow
-            matching towards each row's ``target`` image; no rollouts, no reward).
+        objective: ``nft`` (Edit-R1: rollouts, rewards, DiffusionNFT), ``flow_grpo`` (SDE rollouts, PPO-clipped
+            ratios), ``awm`` (advantage weighted matching) or ``sft`` (supervised flow matching towards each row's
+            ``target`` image; no rollouts, no reward).
         sft: settings of the supervised objective.
+        flow_grpo: settings of Flow-GRPO.
+        awm: settings of advantage weighted matching.
         efficiency: activation checkpointing, ``torch.compile`` and bf16 autocast of the transformer.
         lora_weights: start from a diffusers LoRA (``pytorch_lora_weights.safetensors`` or its folder, e.g.
             a finished run's ``lora/``) loaded into every adapter — for ``test``/``predict`` with a trained
@@ -96,8 +101,10 @@ class EditR1Module(L.LightningModule):
         evaluation: EvalSettings = EvalSettings(),
         ema: bool = False,
         seed: int | None = None,
-        objective: Literal["nft", "sft"] = "nft",
+        objective: Literal["nft", "sft", "flow_grpo", "awm"] = "nft",
         sft: SFTSettings = SFTSettings(),
+        flow_grpo: FlowGRPOSettings = FlowGRPOSettings(),
+        awm: AWMSettings = AWMSettings(),
         efficiency: EfficiencySettings = EfficiencySettings(),
         lora_weights: str | None = None,
     ) -> None:
@@ -118,7 +125,8 @@ class EditR1Module(L.LightningModule):
         self.evaluation = evaluation
         self.efficiency = efficiency
         self.use_ema = ema
-        self.objective: Objective = OBJECTIVES[objective]({"nft": nft, "sft": sft}[objective])
+        chosen = {"nft": nft, "sft": sft, "flow_grpo": flow_grpo, "awm": awm}[objective]
+        self.objective: Objective = OBJECTIVES[objective](chosen)
         names = [adapters.DEFAULT, adapters.OLD] + ([adapters.EMA] if ema else [])
         policy.add_adapters(lora, names)
         self.lora_weights = lora_weights
@@ -249,6 +257,7 @@ class EditR1Module(L.LightningModule):
                 on_chunk=chunk_ready if on_chunk is not None else None,
                 min_prompts=min_prompts,
                 references=batch.get("references"),
+                sde=self.objective.rollout_sde,
             )
         guards.check_finite_rollout(self, out.x0)
         ro = Rollout(
@@ -264,6 +273,8 @@ class EditR1Module(L.LightningModule):
             group_size=k,
             index=self.rollouts_done,
             base_seed=int(self.seed),
+            latents=out.latents,
+            log_probs=out.log_probs,
         )
         self.rollouts_done += 1
         return ro

@@ -9,9 +9,12 @@ the same σ's. Convention: ``x_σ = (1 − σ)·x0 + σ·ε``, the model returns
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
+
+from editr1.algorithms.flow_grpo import sde_step
 
 Solver = Literal["euler", "dpmpp_2m"]
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -103,3 +106,56 @@ def sample(
             x = dpmpp_second_order(x, x0, x0_prev, sig[i - 1], sig[i], sig[i + 1])
         x0_prev = x0
     return x
+
+
+@dataclass(frozen=True)
+class SDESampling:
+    """Rollouts by Flow-GRPO's SDE sampler (:func:`editr1.algorithms.flow_grpo.sde_step`): noise level ``a`` on
+    the steps ``window = (start, stop)`` (``None``: every step), Euler ODE steps elsewhere (Flow-GRPO-Fast)."""
+
+    noise_level: float = 0.7
+    window: tuple[int, int] | None = None
+
+
+@dataclass
+class Trajectory:
+    """An SDE rollout: the final latents, every latent ``(B, steps + 1, …)`` (``latents[:, 0]`` the noise) and
+    the log-probability ``(B, steps)`` of each step's transition under the sampling policy (NaN on ODE steps)."""
+
+    x0: torch.Tensor
+    latents: torch.Tensor
+    log_probs: torch.Tensor
+
+
+@torch.no_grad()
+def sample_sde(
+    velocity: VelocityFn,
+    noise: torch.Tensor,
+    sigmas: torch.Tensor,
+    sde: SDESampling,
+    step_noise: Callable[[int], torch.Tensor],
+) -> Trajectory:
+    """Integrate from ``noise`` with the SDE on ``sde.window`` and Euler elsewhere, recording the trajectory.
+
+    ``step_noise(i)`` gives the standard normal noise of step ``i`` for the whole batch (per-sample streams,
+    so the rollout does not depend on chunking). Float32 throughout."""
+    if sigmas.ndim != 1 or sigmas.numel() < 3:
+        raise ValueError("an SDE rollout needs a 1-d schedule with at least 2 steps (3 entries with the final one)")
+    sig = [float(s) for s in sigmas]
+    num_steps = len(sig) - 1
+    start, stop = sde.window if sde.window is not None else (0, num_steps)
+    if not 0 <= start < stop <= num_steps:
+        raise ValueError(f"sde window must satisfy 0 <= start < stop <= {num_steps}, got {sde.window}")
+    x = noise.to(torch.float32)
+    latents, log_probs = [x], []
+    for i in range(num_steps):
+        t = torch.full((x.shape[0],), sig[i], device=x.device, dtype=torch.float32)
+        v = velocity(x, t).to(torch.float32)
+        if start <= i < stop:
+            out = sde_step(x, v, sig[i], sig[i + 1], sigma_max=sig[1], noise_level=sde.noise_level, noise=step_noise(i))
+            x, lp = out.x_next, out.log_prob
+        else:
+            x, lp = euler_step(x, v, sig[i], sig[i + 1]), torch.full((x.shape[0],), float("nan"), device=x.device)
+        latents.append(x)
+        log_probs.append(lp)
+    return Trajectory(x, torch.stack(latents, dim=1), torch.stack(log_probs, dim=1))

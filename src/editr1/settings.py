@@ -1,7 +1,8 @@
 """Every settings dataclass of a run, each field documented (``editr1 fit --help`` shows these texts).
 
 They are the typed sections of the config: ``model.rollout`` (:class:`RolloutSettings`), ``model.nft``
-(:class:`NFTSettings`), ``model.sft``, ``model.old_policy``, ``model.optim``, ``model.evaluation``,
+(:class:`NFTSettings`), ``model.flow_grpo`` (:class:`FlowGRPOSettings`), ``model.awm`` (:class:`AWMSettings`),
+``model.sft``, ``model.old_policy``, ``model.optim``, ``model.evaluation``,
 ``model.efficiency`` and ``reward.filter`` (:class:`FilterSettings`); ``model.lora`` is
 :class:`editr1.policies.lora.LoraSettings`. All are frozen and validated when built, so a bad value stops
 the run before any model is loaded.
@@ -12,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from editr1.algorithms.awm import Weighting
 from editr1.algorithms.grouping import FilterRule, NanPolicy, StdMode
 from editr1.algorithms.timesteps import TimestepMode
 from editr1.sampling import Solver
@@ -81,6 +83,91 @@ class NFTSettings:
             raise ValueError("nft: beta and adv_clip must be > 0, kl_weight >= 0, micro_batch_size >= 1")
         if self.normalize not in ("kept", "reference"):
             raise ValueError(f"nft.normalize must be 'kept' or 'reference', got {self.normalize!r}")
+
+
+@dataclass(frozen=True)
+class FlowGRPOSettings:
+    """Flow-GRPO on SDE rollouts (``objective: flow_grpo``). Defaults are the released code's
+    (yifan123/flow_grpo: ``config/base.py``, and ``config/grpo.py`` for β_KL and the timestep fraction).
+
+    Attributes:
+        noise_level: a in σ_t = a·sqrt(t/(1 − t)) of the rollout SDE (``sample.noise_level`` 0.7).
+        sde_window: ``[start, stop]``: the SDE only on rollout steps start … stop − 1, Euler ODE elsewhere, and
+            training only there (the "Fast" variant); ``null``: every step (the reference).
+        clip_range: ε of the PPO ratio clip ``clip(ρ, 1 − ε, 1 + ε)`` (``train.clip_range`` 1e-4).
+        adv_clip: advantages are clipped to ±adv_clip (``train.adv_clip_max`` 5).
+        std_mode: the advantages' normaliser: the std of the whole step (``global``, ``sample.global_std``) or
+            each group's own; the mean is always the group's (per-prompt stat tracking).
+        kl_weight: β_KL on the KL of the step's Gaussians to the reference's (``train.beta`` 0.04 in the
+            GenEval/OCR recipes, 0.01 PickScore, 0 in base.py); 0 skips the reference forward.
+        timestep_fraction: train each sample on the first int(n × fraction) SDE steps (0.99 in the recipes).
+        on_policy: θ_old (which samples the rollouts) copies θ after every optimiser step, so the ratio is 1 on
+            the step's update as in the reference's first update per rollout; ``false``: θ_old follows the
+            ``old_policy`` schedule and the clip acts.
+        micro_batch_size: samples per forward/backward.
+    """
+
+    noise_level: float = 0.7
+    sde_window: tuple[int, int] | None = None
+    clip_range: float = 1e-4
+    adv_clip: float = 5.0
+    std_mode: StdMode = "global"
+    kl_weight: float = 0.04
+    timestep_fraction: float = 0.99
+    on_policy: bool = True
+    micro_batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        if self.noise_level <= 0 or self.clip_range <= 0 or self.adv_clip <= 0 or self.kl_weight < 0:
+            raise ValueError("flow_grpo: noise_level, clip_range and adv_clip must be > 0 and kl_weight >= 0")
+        if not 0.0 < self.timestep_fraction <= 1.0 or self.micro_batch_size < 1:
+            raise ValueError("flow_grpo: timestep_fraction must be in (0, 1] and micro_batch_size >= 1")
+
+
+@dataclass(frozen=True)
+class AWMSettings:
+    """Advantage Weighted Matching on ODE rollouts (``objective: awm``). Defaults are the released recipe's
+    (scxue/advantage_weighted_matching, ``config/dgx_awm.py``, GenEval) unless noted.
+
+    Attributes:
+        weighting: w of log p = −w(t, ℓ) for the flow-matching error ℓ: ``uniform`` (the paper's plain loss),
+            ``t``, ``t2`` or ``ghuber`` (the recipe's robust t·((ℓ + 1e-10)^p − 1e-10^p)/p).
+        ghuber_power: p of ``ghuber`` (0.25).
+        clip_range: ε of the ratio clip (``train.clip_range`` 1).
+        adv_clip: advantages are clipped to ±adv_clip (``train.adv_clip_max`` 5) ...
+        advantage_max: ... then scaled to ±advantage_max (``train.advantage_max`` 1).
+        std_mode: the advantages' normaliser (``sample.global_std``: ``global``).
+        kl_weight: λ on mean((v_θ − v_ref)²) to the frozen base (``train.beta`` 0.001, ``kl_weight: Uniform``).
+        timesteps: training timesteps, as ``nft.timesteps`` (``rollout``: the rollout's own σ's, permuted).
+        timestep_fraction: train each sample on int(steps × fraction) timesteps (``train.timestep_fraction`` 0.9).
+        t_min: lower end of t in the continuous timestep modes.
+        t_max: upper end of t in the continuous timestep modes.
+        on_policy: log p_old is log p detached (the recipe's ``off_policy: false``; ρ = 1) and θ_old copies θ
+            after each step; ``false``: log p_old from θ_old (one more forward) on the ``old_policy`` schedule.
+        micro_batch_size: samples per forward/backward.
+    """
+
+    weighting: Weighting = "ghuber"
+    ghuber_power: float = 0.25
+    clip_range: float = 1.0
+    adv_clip: float = 5.0
+    advantage_max: float = 1.0
+    std_mode: StdMode = "global"
+    kl_weight: float = 0.001
+    timesteps: TimestepMode = "rollout"
+    timestep_fraction: float = 0.9
+    t_min: float = 0.0
+    t_max: float = 1.0
+    on_policy: bool = True
+    micro_batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        if min(self.ghuber_power, self.clip_range, self.adv_clip, self.advantage_max) <= 0 or self.kl_weight < 0:
+            raise ValueError("awm: ghuber_power, clip_range, adv_clip and advantage_max must be > 0, kl_weight >= 0")
+        if self.weighting not in ("uniform", "t", "t2", "ghuber"):
+            raise ValueError(f"awm.weighting must be uniform, t, t2 or ghuber, got {self.weighting!r}")
+        if not 0.0 < self.timestep_fraction <= 1.0 or self.micro_batch_size < 1:
+            raise ValueError("awm: timestep_fraction must be in (0, 1] and micro_batch_size >= 1")
 
 
 @dataclass(frozen=True)

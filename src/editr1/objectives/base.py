@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 if TYPE_CHECKING:
     from editr1.module import EditR1Module
+    from editr1.sampling import SDESampling
 
 
 @dataclass
@@ -73,6 +74,12 @@ class Objective(ABC):
     @property
     def steps_without_samples(self) -> bool:
         return False
+
+    @property
+    def rollout_sde(self) -> SDESampling | None:
+        """How rollouts are sampled: ``None``, the ODE solver of ``model.rollout``; an
+        :class:`~editr1.sampling.SDESampling`, Flow-GRPO's SDE with the trajectory kept in the rollout."""
+        return None
 
     def group_settings(self) -> tuple[str, float]:
         """``(std_mode, adv_clip)`` for the advantages of the reward stage (objectives trained on rollouts)."""

@@ -42,6 +42,7 @@ class Rollout:
 
     ``cond`` has one row per prompt; ``group_index[i]`` is the prompt of sample i (``(G·K,)``,
     samples of a group are contiguous). ``x0`` are the final clean latents the NFT loss regresses to.
+    SDE rollouts (Flow-GRPO) also keep every latent and each step's log-probability under θ_old.
     """
 
     prompts: list[str]
@@ -56,6 +57,8 @@ class Rollout:
     group_size: int
     index: int  # how many rollouts came before this one in the run
     base_seed: int
+    latents: torch.Tensor | None = None  # SDE rollouts: (G·K, steps + 1, *latent_shape), latents[:, 0] the noise
+    log_probs: torch.Tensor | None = None  # SDE rollouts: (G·K, steps), NaN on ODE steps
 
     def __post_init__(self) -> None:
         self._ids = group_ids(self.keys)
