@@ -235,6 +235,7 @@ def run_timers(folder: str) -> str:
 
 
 def _fit(cli_main, rest: list[str]) -> None:
+    sys.argv = sys.argv[:1]  # the options go in as args (LightningCLI warns when it sees both)
     cli_main(["fit", *rest])
 
 

@@ -29,4 +29,4 @@ def test_the_module_replaces_only_the_default_rich_bar():
     assert "StepProgressBar" in added([RichProgressBar()])
     assert "StepProgressBar" not in added([TQDMProgressBar()])  # the config's choice stays
     assert "StepProgressBar" not in added([])  # enable_progress_bar: false
-    assert added([]) == ["RunGuard", "ImageWriter"]
+    assert added([]) == ["RunGuard", "RunClock", "ImageWriter"]
