@@ -1,4 +1,4 @@
-"""The run's own elapsed time, printed as the last line of ``fit``: what ``time editr1 fit`` would show."""
+"""The run's own elapsed time, printed at the end of ``fit``: what ``time editr1 fit`` would show."""
 
 from __future__ import annotations
 
