@@ -24,7 +24,7 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "default": ("Edit-R1 (DPM-Solver++ rollouts, paper filter, β = 1)", []),
     "no_filter": ("without group filtering", ["--reward.filter.rule=none"]),
     "beta_0.1": ("β = 0.1", ["--model.nft.beta=0.1"]),
-    "euler": ("Euler rollouts (same 6 steps)", ["--model.rollout.solver=euler"]),
+    "euler": ("Euler rollouts (same number of steps)", ["--model.rollout.solver=euler"]),
     "sft": ("supervised LoRA (configs/sft_demo.yaml), same wall time", ["SFT"]),
 }
 
@@ -97,7 +97,7 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--out", default="runs/results", help="run folders")
     ap.add_argument("--json", default="runs/results/results.json", help="all figures, for the docs")
-    ap.add_argument("--sft-steps", type=int, default=640, help="steps of the supervised arm (~ the demo's wall time)")
+    ap.add_argument("--sft-steps", type=int, default=350, help="steps of the supervised arm (~ the demo's wall time)")
     ap.add_argument(
         "--table-only",
         nargs="*",

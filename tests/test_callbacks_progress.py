@@ -29,7 +29,7 @@ def test_the_module_replaces_only_the_default_rich_bar():
     assert "StepProgressBar" in added([RichProgressBar()])
     assert "StepProgressBar" not in added([TQDMProgressBar()])  # the config's choice stays
     assert "StepProgressBar" not in added([])  # enable_progress_bar: false
-    assert added([]) == ["RunGuard", "ImageWriter"]
+    assert added([]) == ["RunGuard", "RunClock", "ImageWriter"]
 
 
 def test_a_phase_shows_beside_the_description_of_a_running_bar():

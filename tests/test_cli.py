@@ -123,7 +123,11 @@ def test_demo_config_runs_in_process_into_one_run_folder(tmp_path, monkeypatch, 
     cli = cli_main(
         ["fit", *DEMO, "--trainer.max_steps=3", "--trainer.val_check_interval=3", "--reward.log_images_every_n_steps=2"]
     )
-    err = capfd.readouterr().err
+    captured = capfd.readouterr()
+    err = captured.err
+    lines = [line.strip() for line in captured.out.splitlines()]
+    done = [i for i, line in enumerate(lines) if line.startswith("editr1 fit: done in ")]
+    assert len(done) == 1 and any(line.startswith("editr1 run summary") for line in lines[: done[0]])  # at the end
     assert "litlogger" not in err and "LeafSpec" not in err and "kernels-community" not in err  # quiet
     assert cli.trainer.global_step == 3
     run = Path(cli.trainer.log_dir).resolve()

@@ -166,16 +166,17 @@ class EditR1Module(L.LightningModule):
 
     def configure_callbacks(self) -> list:
         """Callbacks no config can drop by accident: :class:`~editr1.callbacks.RunGuard` (a checkpoint on Ctrl-C
-        or SIGTERM), for ``predict`` an :class:`~editr1.callbacks.ImageWriter` when none is configured, and the
-        step-counting progress bar in place of Lightning's default rich bar."""
+        or SIGTERM), :class:`~editr1.callbacks.RunClock` (fit's elapsed time), for ``predict`` an ImageWriter
+        when none is configured, and the step-counting progress bar in place of Lightning's default rich bar."""
         from lightning.pytorch.callbacks import BasePredictionWriter, RichProgressBar
 
         from editr1.callbacks.image_writer import ImageWriter
         from editr1.callbacks.progress import StepProgressBar
+        from editr1.callbacks.run_clock import RunClock
         from editr1.callbacks.run_guard import RunGuard
 
         present = self.trainer.callbacks if self._trainer is not None else []
-        out = [] if any(isinstance(c, RunGuard) for c in present) else [RunGuard()]
+        out = [c() for c in (RunGuard, RunClock) if not any(isinstance(p, c) for p in present)]
         if not any(isinstance(c, BasePredictionWriter) for c in present):
             out.append(ImageWriter(output_dir=None))
         if any(type(c) is RichProgressBar for c in present):  # Lightning's default; a chosen bar stays

@@ -6,6 +6,7 @@ from editr1.callbacks.export_lora import ExportLora
 from editr1.callbacks.image_writer import ImageWriter
 from editr1.callbacks.progress import StepProgressBar
 from editr1.callbacks.reward import RewardCallback, check_rewards
+from editr1.callbacks.run_clock import RunClock
 from editr1.callbacks.run_guard import RunGuard
 from editr1.callbacks.scene_evaluation import SceneEvaluation
 from editr1.settings import FilterSettings
@@ -16,6 +17,7 @@ __all__ = [
     "FilterSettings",
     "ImageWriter",
     "RewardCallback",
+    "RunClock",
     "RunGuard",
     "SceneEvaluation",
     "StepProgressBar",
