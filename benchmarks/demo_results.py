@@ -97,7 +97,7 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--out", default="runs/results", help="run folders")
     ap.add_argument("--json", default="runs/results/results.json", help="all figures, for the docs")
-    ap.add_argument("--sft-steps", type=int, default=350, help="steps of the supervised arm (~ the demo's wall time)")
+    ap.add_argument("--sft-steps", type=int, default=500, help="steps of the supervised arm (~ the demo's wall time)")
     ap.add_argument(
         "--table-only",
         nargs="*",
