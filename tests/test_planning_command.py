@@ -119,3 +119,11 @@ def test_plan_prints_the_table_for_the_demo_sharded_over_two_processes(capsys, t
     largest = [int(line.rsplit(":", 1)[1]) for line in out.splitlines() if line.startswith("largest micro-batch")]
     # the demo's 8 prompts x K 8 = 64 samples a step need more than 100 MB in one micro-batch without checkpointing
     assert len(largest) == 2 and 8 <= largest[0] < 64 and largest[1] > largest[0]  # checkpointing fits more
+
+
+def test_a_model_config_alone_is_enough_no_reward_needed():
+    from editr1.planning.command import load_run_config
+
+    cfg = load_run_config([str(ROOT / "configs" / "model" / "flux_kontext_dev.yaml")])  # no reward config given
+    assert cfg["model"]["policy"]["class_path"].endswith("FluxKontextPolicy")
+    assert cfg["reward"]["model"]["class_path"] == "editr1.rewards.SceneReward"  # the stand-in: not part of the plan

@@ -44,7 +44,7 @@ COMMANDS = {  # every command with its one-line help, in the order `editr1 --hel
     "validate": "edit the validation prompts and score them (val/reward)",
     "test": "evaluate on the test set or a benchmark protocol",
     "predict": "write edited images (the ImageWriter callback)",
-    "serve-reward": "serve an MLLM judge over an OpenAI-compatible API",
+    "serve-reward": "serve an MLLM judge (OpenAI-compatible API) or any reward (--reward)",
     "export-lora": "write a checkpoint's adapter as a diffusers LoRA",
     "make-shards": "convert a UniWorld-format folder into WebDataset shards",
     "plan": "will a run fit? per-GPU memory of a config, built on the meta device",

@@ -78,7 +78,11 @@ def load_run_config(files: list[str]) -> dict:
         def _set_seed(self) -> None:  # nothing runs: no global seed
             pass
 
-    args = [a for f in files or [str(config_path())] for a in ("--config", f)]
+    # the reward does not change what the policy needs: a model config alone is enough (a reward config given
+    # after it replaces this stand-in)
+    stand_in = '{"reward": {"model": {"class_path": "editr1.rewards.SceneReward"}}}'
+    args = ["--config", stand_in] if files else []
+    args += [a for f in files or [str(config_path())] for a in ("--config", f)]
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "LightningCLI's args parameter")  # plan's own options are in argv
@@ -292,8 +296,9 @@ _FILES: list[str] = []  # the run's config files of the command being run (set b
 
 def plan_main(args: list[str]) -> None:
     """``editr1 plan [-c FILE ...] [--devices N] [--num_nodes M] [--gpu_memory 80GB]``."""
-    from editr1.cli import PROG, function_cli
+    from editr1.cli import PROG, _quiet, function_cli
 
+    _quiet()  # as fit: no bitsandbytes kernel notice, no Lightning advertisement
     files, rest = split_configs(list(args))
     _FILES[:] = files
     function_cli(plan, rest, f"{PROG} plan", as_positional=False, user_errors=(FileNotFoundError, ValueError))
