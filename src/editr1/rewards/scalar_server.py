@@ -22,7 +22,7 @@ import torch
 
 from editr1.images import image_to_tensor
 from editr1.rewards.base import RewardInputs, RewardModel
-from editr1.rewards.server_http import LOOPBACK, Limits, RequestError, decode_data_url, make_httpd
+from editr1.rewards.server_http import HTTPService, Limits, RequestError, decode_data_url
 
 log = logging.getLogger("editr1.rewards.server")
 
@@ -44,7 +44,7 @@ def load_reward(spec: str, kwargs: dict | None = None) -> RewardModel:
     return reward
 
 
-class ScalarRewardServer:
+class ScalarRewardServer(HTTPService):
     """Serves ``reward`` on ``POST /v1/score``. ``start()`` serves in a background thread; ``serve_forever()``
     blocks."""
 
@@ -59,30 +59,11 @@ class ScalarRewardServer:
     ) -> None:
         self.reward, self.limits, self.api_key = reward, limits or Limits(), api_key
         self.model_name = model_name or type(reward).__name__
-        if host not in LOOPBACK and not api_key:
-            log.warning("serve-reward is listening on %s without an API key: anyone who can reach it can use it", host)
         self._lock = threading.Lock()
         self.routes = {"/v1/score": self.score}
-        self.httpd = make_httpd(self, host, port)
+        self.listen(host, port)
 
-    @property
-    def url(self) -> str:
-        host, port = self.httpd.server_address[:2]
-        return f"http://{host}:{port}/v1"
-
-    def start(self) -> ScalarRewardServer:
-        threading.Thread(target=self.httpd.serve_forever, name="editr1-scalar-reward-server", daemon=True).start()
-        return self
-
-    def serve_forever(self) -> None:
-        try:
-            self.httpd.serve_forever()
-        finally:
-            self.shutdown()
-
-    def shutdown(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    def close(self) -> None:
         self.reward.close()
 
     def _image(self, body: dict, key: str, required: bool = True) -> torch.Tensor | None:

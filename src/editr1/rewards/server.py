@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 
 from editr1.rewards.mllm import MLLMJudge, Quantization
-from editr1.rewards.server_http import LOOPBACK, Limits, RequestError, _brief, decode_data_url, make_httpd
+from editr1.rewards.server_http import HTTPService, Limits, RequestError, _brief, decode_data_url
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ class Batcher:
         job.future.set_exception(exc)
 
 
-class RewardServer:
+class RewardServer(HTTPService):
     """The HTTP server. ``start()`` serves in a background thread; ``serve_forever()`` blocks."""
 
     def __init__(
@@ -184,8 +184,6 @@ class RewardServer:
         self.limits = limits or Limits()
         self.api_key = api_key
         self.model_name = model_name or judge.name
-        if host not in LOOPBACK and not api_key:
-            log.warning("serve-reward is listening on %s without an API key: anyone who can reach it can use it", host)
         judge.load(judge.device)
         # prompt tokens are counted on a copy: a fast tokenizer used by two threads can fail "Already borrowed"
         try:
@@ -194,28 +192,9 @@ class RewardServer:
             self._tokenizer, self._tokenizer_lock = judge.processor.tokenizer, judge._lock
         self.batcher = Batcher(judge, self.limits)
         self.routes = {"/v1/chat/completions": self.complete}
-        self.httpd = make_httpd(self, host, port)
-        self._thread: threading.Thread | None = None
+        self.listen(host, port)
 
-    @property
-    def url(self) -> str:
-        host, port = self.httpd.server_address[:2]
-        return f"http://{host}:{port}/v1"
-
-    def start(self) -> RewardServer:
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="editr1-reward-server", daemon=True)
-        self._thread.start()
-        return self
-
-    def serve_forever(self) -> None:
-        try:
-            self.httpd.serve_forever()
-        finally:
-            self.shutdown()
-
-    def shutdown(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    def close(self) -> None:
         self.batcher.stop()
 
     def complete(self, body: dict) -> dict:

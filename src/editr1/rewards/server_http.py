@@ -8,6 +8,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -162,3 +163,37 @@ def make_httpd(server: Any, host: str, port: int) -> ThreadingHTTPServer:
     returning the JSON answer), ``api_key``, ``model_name`` and ``limits``."""
     handler = type("Handler", (_Handler,), {"server_ref": server, "timeout": server.limits.socket_timeout_s})
     return _HTTPServer((host, port), handler)
+
+
+class HTTPService:
+    """What both servers share: listening (with a warning when exposed without a token), ``url``, ``start`` in a
+    background thread, ``serve_forever`` and ``shutdown``; a subclass sets ``routes``, ``api_key``, ``model_name``
+    and ``limits``, calls :meth:`listen`, and releases its own resources in :meth:`close`."""
+
+    def listen(self, host: str, port: int) -> None:
+        if host not in LOOPBACK and not self.api_key:
+            log.warning("serve-reward is listening on %s without an API key: anyone who can reach it can use it", host)
+        self.httpd = make_httpd(self, host, port)
+
+    @property
+    def url(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def start(self):
+        threading.Thread(target=self.httpd.serve_forever, name="editr1-reward-server", daemon=True).start()
+        return self
+
+    def serve_forever(self) -> None:
+        try:
+            self.httpd.serve_forever()
+        finally:
+            self.shutdown()
+
+    def shutdown(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.close()
+
+    def close(self) -> None:
+        """Release what the service holds besides the socket."""
