@@ -9,6 +9,7 @@ like a real judge's — needed for a server's top-20 log-probabilities to contai
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,8 @@ from tokenizers.pre_tokenizers import ByteLevel
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, Qwen2Tokenizer
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+from editr1.asset_paths import resolve_asset
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -49,20 +52,41 @@ class TinyJudge:
     vision_hidden: int = 32  # vision tower width
     max_pixels: int = 56 * 56  # images are resized to at most this many pixels (4 merged tokens)
     seed: int = 0  # initialisation seed
-    warmup_steps: int = 80  # supervised steps that teach it to answer with a digit
+    warmup_steps: int = 80  # supervised steps that teach it to answer with a digit (not with weights)
+    patch_size: int = 14  # vision patch side (px); images are resized to multiples of 2 x this
+    min_pixels: int = 28 * 28  # images are resized to at least this many pixels
+    vision_depth: int = 1  # vision tower blocks
+    kv_heads: int = 1  # key/value heads of the text decoder
+    weights: str | None = None  # safetensors of a trained judge (its tokenizer in the metadata), e.g. the demo's
 
 
-def build_processor(max_pixels: int = 56 * 56) -> Qwen2_5_VLProcessor:
-    alphabet = sorted(ByteLevel.alphabet())
-    vocab = {c: i for i, c in enumerate(alphabet)}
+def build_processor(
+    max_pixels: int = 56 * 56,
+    patch_size: int = 14,
+    min_pixels: int = 28 * 28,
+    vocab: dict[str, int] | None = None,
+    merges: list | None = None,
+) -> Qwen2_5_VLProcessor:
+    """Qwen2.5-VL's processor with a byte-level tokenizer: one token per byte, or the BPE ``vocab``/``merges``
+    of a trained judge (which must hold every byte, so any text encodes)."""
+    if vocab is None:
+        alphabet = sorted(ByteLevel.alphabet())
+        vocab = {c: i for i, c in enumerate(alphabet)}
+        merges = []
+    vocab = dict(vocab)
     for s in SPECIAL_TOKENS:
-        vocab[s] = len(vocab)
+        vocab.setdefault(s, len(vocab))
     tokenizer = Qwen2Tokenizer(
-        vocab=vocab, merges=[], unk_token=None, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+        vocab=vocab,
+        merges=[tuple(m) for m in merges or []],
+        unk_token=None,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
     )
     tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS})
     image_processor = Qwen2VLImageProcessor(
-        min_pixels=28 * 28, max_pixels=max_pixels, patch_size=14, merge_size=2, temporal_patch_size=2
+        min_pixels=min_pixels, max_pixels=max_pixels, patch_size=patch_size, merge_size=2, temporal_patch_size=2
     )
     return Qwen2_5_VLProcessor(
         image_processor=image_processor,
@@ -72,10 +96,15 @@ def build_processor(max_pixels: int = 56 * 56) -> Qwen2_5_VLProcessor:
     )
 
 
-def build_tiny_judge(cfg: TinyJudge | None = None) -> tuple[Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor]:
-    """(model in eval mode, processor), deterministic in ``cfg.seed``."""
+def build_tiny_judge(
+    cfg: TinyJudge | None = None, tokenizer: dict | None = None
+) -> tuple[Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor]:
+    """(model in eval mode, processor), deterministic in ``cfg.seed``. ``tokenizer``: a BPE ``{"vocab", "merges"}``
+    instead of the byte-level one (a trained judge's comes from its weights file)."""
     cfg = cfg or TinyJudge()
-    processor = build_processor(cfg.max_pixels)
+    state, meta = _read_weights(cfg.weights) if cfg.weights else (None, {})
+    tok_spec = tokenizer or (json.loads(meta["tokenizer"]) if "tokenizer" in meta else {})
+    processor = build_processor(cfg.max_pixels, cfg.patch_size, cfg.min_pixels, **tok_spec)
     tok = processor.tokenizer
     ids = {s: tok.convert_tokens_to_ids(s) for s in SPECIAL_TOKENS}
     head_dim = cfg.hidden // cfg.heads
@@ -88,7 +117,7 @@ def build_tiny_judge(cfg: TinyJudge | None = None) -> tuple[Qwen2_5_VLForConditi
             intermediate_size=cfg.hidden * 2,
             num_hidden_layers=cfg.layers,
             num_attention_heads=cfg.heads,
-            num_key_value_heads=1,
+            num_key_value_heads=cfg.kv_heads,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
             max_position_embeddings=1024,
             bos_token_id=None,
@@ -96,16 +125,16 @@ def build_tiny_judge(cfg: TinyJudge | None = None) -> tuple[Qwen2_5_VLForConditi
             pad_token_id=ids["<|endoftext|>"],
         ),
         vision_config=dict(
-            depth=1,
+            depth=cfg.vision_depth,
             hidden_size=cfg.vision_hidden,
             intermediate_size=cfg.vision_hidden * 2,
             num_heads=2,
             out_hidden_size=cfg.hidden,
-            patch_size=14,
+            patch_size=cfg.patch_size,
             spatial_merge_size=2,
             temporal_patch_size=2,
-            window_size=56,
-            fullatt_block_indexes=[0],
+            window_size=4 * cfg.patch_size,
+            fullatt_block_indexes=list(range(cfg.vision_depth)),
         ),
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
@@ -115,9 +144,32 @@ def build_tiny_judge(cfg: TinyJudge | None = None) -> tuple[Qwen2_5_VLForConditi
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = Qwen2_5_VLForConditionalGeneration(config)
-        if cfg.warmup_steps > 0:
+        if state is not None:
+            _load(model, state, cfg.weights)
+        elif cfg.warmup_steps > 0:
             _warmup(model, processor, cfg.warmup_steps)
     return model.eval(), processor
+
+
+def _read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    with safe_open(resolve_asset(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}  # noqa: SIM118 - no __iter__
+
+
+def _load(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
+    """Strict load with an error that names the sizes to fix."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in state if k in own and own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"{path}: these weights do not fit a judge of the given sizes (set `tiny:` to the sizes it was trained "
+            f"with): missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {wrong[:3]}"
+        )
+    model.load_state_dict(state, strict=True)
 
 
 def _warmup(model, processor, steps: int, batch: int = 8) -> None:
