@@ -17,7 +17,8 @@ tokens; it is stored in the weights file's metadata. Held-out agreement with the
 
     python -m editr1.demo_judge --out data/demo_judge
 
-and see ``data/demo_judge/README.md`` for what the shipped judge was trained with and how well it agrees.
+It writes ``model.safetensors`` (load it with ``TinyJudge(weights=..., <the sizes of DEMO_JUDGE>)``) and
+``metrics.json`` (the agreement figures, the training history and settings) into ``--out``.
 """
 
 from __future__ import annotations
