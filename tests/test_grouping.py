@@ -365,3 +365,68 @@ def test_pooled_groups_share_mean_and_std_by_hand():
     assert_close(nan_pool[0], [0.4, 0.4]) and assert_close(nan_pool[1], [0.0, 0.0])
     with pytest.raises(ValueError, match="pool"):
         group_stats(rewards, torch.tensor([0, 1]))
+
+
+# ---------------------------------------------------------------------------------------------- combine_advantages
+
+
+def test_combine_advantages_group_std_by_hand():
+    from editr1.algorithms.grouping import combine_advantages
+
+    a = t64([[0.0, 1.0], [1.0, 1.0]])  # group 0: mean 0.5, std 0.5; group 1: all equal → 0
+    b = t64([[0.5, 0.5], [0.0, 1.0]])  # group 0: all equal → 0; group 1: mean 0.5, std 0.5
+    x = 0.5 / (0.5 + 1e-4)
+    got = combine_advantages({"a": a, "b": b}, {"a": 2.0, "b": 1.0}, "group")
+    assert_close(got, [[-2 * x, 2 * x], [-x, x]])
+    # the weighted mean's own advantages differ: (2a + b)/3 = [[1/6, 5/6], [2/3, 1]] → ±1/(1/3 + ε), ±1/(1/6 + ε)·(1/6)
+    total = (2 * a + b) / 3
+    assert_close(
+        advantages(total, "group"),
+        [[-(1 / 3) / (1 / 3 + 1e-4), (1 / 3) / (1 / 3 + 1e-4)], [-(1 / 6) / (1 / 6 + 1e-4), (1 / 6) / (1 / 6 + 1e-4)]],
+    )
+
+
+def test_combine_advantages_global_std_by_hand():
+    from editr1.algorithms.grouping import combine_advantages
+
+    a = t64([[0.0, 1.0], [1.0, 1.0]])  # all four: mean 0.75, population var (0.5625 + 3·0.0625)/4 = 0.1875
+    b = t64([[0.5, 0.5], [0.0, 1.0]])  # all four: mean 0.5, population var (0 + 0 + 0.25 + 0.25)/4 = 0.125
+    sa, sb = math.sqrt(0.1875) + 1e-4, math.sqrt(0.125) + 1e-4
+    got = combine_advantages({"a": a, "b": b}, {"a": 1.0, "b": 0.5}, "global")
+    assert_close(got, [[-0.5 / sa, 0.5 / sa], [-0.25 / sb, 0.25 / sb]])
+
+
+def test_combine_advantages_a_nan_in_one_component_is_nan_in_all():
+    from editr1.algorithms.grouping import combine_advantages
+
+    a = t64([[0.0, 1.0, 0.3]])  # the third sample is left out of a's statistics too: mean 0.5, std 0.5
+    b = t64([[1.0, 0.5, NAN]])  # finite: mean 0.75, std 0.25
+    got = combine_advantages({"a": a, "b": b}, {"a": 1.0, "b": 1.0}, "group")
+    assert_close(got, [[-0.5 / 0.5001 + 0.25 / 0.2501, 0.5 / 0.5001 - 0.25 / 0.2501, NAN]])
+
+
+def test_combine_advantages_checks():
+    from editr1.algorithms.grouping import combine_advantages
+
+    with pytest.raises(ValueError, match="at least one component"):
+        combine_advantages({}, {})
+    with pytest.raises(ValueError, match=r"scores for \['a'\] but weights for \['b'\]"):
+        combine_advantages({"a": t64([[0.0, 1.0]])}, {"b": 1.0})
+    with pytest.raises(ValueError, match="different shapes"):
+        combine_advantages({"a": t64([[0.0, 1.0]]), "b": t64([[0.0, 1.0, 1.0]])}, {"a": 1.0, "b": 1.0})
+    with pytest.raises(ValueError, match="need their weights"):
+        decide(t64([[0.0, 1.0]]), components={"a": t64([[0.0, 1.0]])})
+
+
+def test_decide_with_components_filters_on_the_total():
+    # group 0: the components disagree → the total is flat (0.95, 0.95) and the paper rule drops it, though
+    # the components' advantages do not cancel under the global std; group 1 trains on the advantage sum
+    a = t64([[1.0, 0.9], [0.0, 1.0]])
+    b = t64([[0.9, 1.0], [0.0, 0.0]])
+    total = (a + b) / 2
+    d = decide(total, std_mode="group", components={"a": a, "b": b}, weights={"a": 1.0, "b": 1.0})
+    assert d.dropped_low_variance.tolist() == [True, False]
+    assert d.train_mask.tolist() == [[False, False], [True, True]]
+    x = 0.5 / 0.5001
+    assert_close(d.r[1], [-x / 10 + 0.5, x / 10 + 0.5])  # r = clip(A, ±5)/10 + 0.5 with A = A_a + A_b
+    assert_close(d.mean, [0.95, 0.25])

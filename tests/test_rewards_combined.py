@@ -108,3 +108,17 @@ def test_the_shipped_config_composes_with_the_demo():
     assert isinstance(cb.model, CombinedReward) and cb.model.weights == {"scene": 0.8, "preserve": 0.2}
     assert isinstance(cb.model.models["scene"], SceneReward)
     assert isinstance(cb.model.models["preserve"], PreservationReward)
+
+
+def test_components_are_given_one_by_one_for_advantage_sum():
+    reward = CombinedReward({"a": Fixed([0.2, NAN], delay=0.1), "b": Fixed([1.0, 0.5])}, combine="advantage_sum")
+    assert reward.combine == "advantage_sum"
+    parts = reward.submit_components(_inputs(2)).result(timeout=5)
+    assert parts["a"][0] == pytest.approx(0.2) and math.isnan(parts["a"][1]) and parts["b"].tolist() == [1.0, 0.5]
+    total = reward.total(parts)
+    assert total[0] == pytest.approx(0.6) and math.isnan(total[1])
+    step = reward.step_stats()  # the component NaN counts of the step, trl-style names
+    assert step["rewards/a/nan"] == 1.0 and step["rewards/b/nan"] == 0.0
+    assert reward.stats()["failed/a"] == 1.0
+    with pytest.raises(ValueError, match="combine must be one of"):
+        CombinedReward({"a": Fixed([])}, combine="sum")

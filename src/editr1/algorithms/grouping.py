@@ -86,6 +86,38 @@ def advantages(
     return (rewards.double() - mean[:, None]) / denom
 
 
+def combine_advantages(
+    component_scores: dict[str, torch.Tensor],
+    weights: dict[str, float],
+    std_mode: StdMode = "global",
+    pool: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``A = Σ_c w_c · A_c`` for ``(G, K)`` scores of several reward components, in float64: each component is
+    normalised on its own by :func:`advantages` (its group mean, its std by ``std_mode``: over the step's
+    finite scores of that component, or its group's), then weighted and summed. The weights are not
+    renormalised: their scale scales ``A`` (before any advantage clip).
+
+    A sample that any component could not judge (NaN) is NaN in every component before the statistics are
+    taken, so each component's mean and std are over the same samples, and its combined advantage is NaN.
+    ``pool``: see :func:`group_stats`. ``component_scores`` must hold every weighted name, all of one shape.
+    """
+    if not component_scores:
+        raise ValueError("combine_advantages: give at least one component")
+    if set(component_scores) != set(weights):
+        raise ValueError(f"combine_advantages: scores for {sorted(component_scores)} but weights for {sorted(weights)}")
+    shapes = {tuple(s.shape) for s in component_scores.values()}
+    if len(shapes) != 1:
+        raise ValueError(f"combine_advantages: components of different shapes {sorted(shapes)}")
+    stacked = torch.stack([component_scores[name].double() for name in weights])
+    for s in stacked:
+        _check_rewards(s)
+    bad = torch.isnan(stacked).any(dim=0)
+    total = torch.zeros_like(stacked[0])
+    for w, s in zip(weights.values(), stacked):
+        total = total + float(w) * advantages(torch.where(bad, torch.nan, s), std_mode, pool=pool)
+    return torch.where(bad, torch.nan, total)
+
+
 def optimality_probability(adv: torch.Tensor, clip: float = 5.0) -> torch.Tensor:
     """``r = clamp(clip(A, ±c) / (2c) + 0.5, 0, 1)``; NaN stays NaN."""
     if clip <= 0:
@@ -164,6 +196,8 @@ def decide(
     step_std: torch.Tensor | None = None,
     ban_rule: FilterRule | None = None,
     pool: torch.Tensor | None = None,
+    components: dict[str, torch.Tensor] | None = None,
+    weights: dict[str, float] | None = None,
 ) -> GroupDecision:
     """Advantages, r and the filter for one step's ``(G, K)`` rewards (all ranks gathered).
 
@@ -173,11 +207,25 @@ def decide(
     ``step_std`` overrides the global std (all ranks' rewards). ``ban_rule`` (default: ``rule``) marks
     the groups whose prompt is to be banned — the reference code masks with ``strict`` and bans with
     ``paper``. ``pool``: groups with equal ids share their statistics (see :func:`group_stats`).
+
+    ``components`` (name → ``(G, K)`` scores) with their ``weights``: the advantages are
+    :func:`combine_advantages` of the components (the sum of their own group-normalised advantages) instead
+    of the advantages of ``rewards``; ``rewards`` (their weighted mean, NaN where any component is NaN) still
+    decides the NaN drops, the low-variance filter and the bans, so τμ and τσ keep their meaning in reward
+    units.
     """
     if nan_policy not in ("group", "sample"):
         raise ValueError(f"nan_policy must be 'group' or 'sample', got {nan_policy!r}")
     mean, std = group_stats(rewards, pool)
-    r = optimality_probability(advantages(rewards, std_mode, step_std, pool), adv_clip)
+    if components is not None:
+        if weights is None:
+            raise ValueError("decide: components need their weights")
+        adv = combine_advantages(components, weights, std_mode, pool)
+        if adv.shape != rewards.shape:
+            raise ValueError(f"decide: components of shape {tuple(adv.shape)} for rewards {tuple(rewards.shape)}")
+    else:
+        adv = advantages(rewards, std_mode, step_std, pool)
+    r = optimality_probability(adv, adv_clip)
     finite = torch.isfinite(rewards)
     if nan_policy == "group":
         dropped_nan = ~finite.all(dim=1)

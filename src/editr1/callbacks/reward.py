@@ -189,21 +189,36 @@ class RewardCallback(EvalScoring, Callback):
         total, made = len(batch["prompt"]) * group_size, [0]
         show_phase(trainer, f"rollout 0/{total} edits")
 
+        names = self._component_names()  # advantage_sum: the combined reward's components reach the advantages
+        scorer = self.model.submit_components if names else self.model.submit
+
         def submit(chunk: RewardInputs) -> None:  # scored while the next chunk is generated
-            futures.append(self.model.submit(chunk))
+            futures.append(scorer(chunk))
             made[0] += chunk.edits.shape[0]
             show_phase(trainer, f"rollout {made[0]}/{total} edits")
 
         # a process without prompts still takes part in the step's collectives (the gather below, the ban, training)
         ro = pl_module.sample_groups(batch, on_chunk=submit)
         t1 = time.perf_counter()
-        rewards = self._collect(trainer, futures, ro) if ro is not None else torch.empty(0, group_size)
+        rewards, parts = self._collect(trainer, futures, ro) if ro is not None else (torch.empty(0, group_size), None)
+        if names and parts is None:
+            parts = {n: torch.empty(0, group_size) for n in names}
         t2 = time.perf_counter()  # time/reward_s: scoring time not hidden behind the rollout
         if self.on_failure == "zero":  # the reference code's 0.0 for a failed judgement, counted
             failed_here = ~torch.isfinite(rewards)
             self.counts["rewards_failed_as_zero"] += int(failed_here.sum())
-            rewards = torch.where(failed_here, torch.zeros_like(rewards), rewards)
+            if parts is not None:  # each component's failures score 0.0; the total is their weighted mean
+                parts = {n: torch.nan_to_num(c, nan=0.0) for n, c in parts.items()}
+                rewards = self.model.total({n: c.flatten() for n, c in parts.items()}).view_as(rewards)
+            else:
+                rewards = torch.where(failed_here, torch.zeros_like(rewards), rewards)
         everything, offset = distributed.gather_rows(rewards, world=world, rank=trainer.global_rank, device=device)
+        every_part = None
+        if parts is not None:
+            rank = trainer.global_rank
+            every_part = {
+                n: distributed.gather_rows(c, world=world, rank=rank, device=device)[0] for n, c in parts.items()
+            }
         if everything.shape[0] == 0:  # no process had a prompt
             batch["experience"] = Experience.nothing(group_size)
             return
@@ -233,6 +248,8 @@ class RewardCallback(EvalScoring, Callback):
             step_std=global_std(everything),
             ban_rule=f.ban_rule,
             pool=pool,
+            components=every_part,
+            weights=self.model.weights if every_part is not None else None,
         )
         local = slice(offset, offset + rewards.shape[0])
         decision = type(decision_all)(**{k: v[local] for k, v in vars(decision_all).items()})
@@ -244,7 +261,7 @@ class RewardCallback(EvalScoring, Callback):
         if ro is None:  # this process idles through the step (training_step joins its collectives)
             batch["experience"] = Experience(None, rewards, decision)
             return
-        batch["experience"] = Experience(ro, rewards.to(device), decision, started=t0)
+        batch["experience"] = Experience(ro, rewards.to(device), decision, started=t0, components=parts)
         kept = decision.num_groups - int((decision.dropped_low_variance | decision.dropped_nan).sum())
         show_phase(trainer, f"training on {kept} of {decision.num_groups} groups")
         if self.log_images_every_n_steps and (ro.index % self.log_images_every_n_steps == 0):
@@ -291,15 +308,34 @@ class RewardCallback(EvalScoring, Callback):
                 f"Checkpoint saved to {path}"
             )
 
-    def _collect(self, trainer, futures: list[Future], ro: Rollout) -> torch.Tensor:
-        """``(G, K)`` rewards of a rollout from its chunks' futures (NaN where the judge failed)."""
-        parts, total = [], ro.edits.shape[0]
+    def _component_names(self) -> list[str] | None:
+        """The combined reward's component names when it combines by ``advantage_sum``, else ``None``."""
+        if getattr(self.model, "combine", "weighted_mean") != "advantage_sum":
+            return None
+        return list(self.model.models)
+
+    def _collect(self, trainer, futures: list[Future], ro: Rollout) -> tuple[torch.Tensor, dict | None]:
+        """``(G, K)`` rewards of a rollout from its chunks' futures (NaN where the judge failed), and, when the
+        futures hold each component's scores (``advantage_sum``), those as ``(G, K)`` per name (the rewards are
+        then their weighted mean)."""
+        results, done, total = [], 0, ro.edits.shape[0]
         for f in futures:
-            show_phase(trainer, f"judging {sum(p.numel() for p in parts)}/{total} edits")
-            parts.append(f.result().float().reshape(-1).cpu())
-        rewards = torch.cat(parts)
-        check_rewards(rewards, ro.edits.shape[0])
-        return rewards.view(ro.num_groups, ro.group_size)
+            show_phase(trainer, f"judging {done}/{total} edits")
+            result = f.result()
+            results.append(result)
+            done += (next(iter(result.values())) if isinstance(result, dict) else result).numel()
+        shape = (ro.num_groups, ro.group_size)
+        parts = None
+        if results and isinstance(results[0], dict):
+            parts = {n: torch.cat([r[n].float().reshape(-1).cpu() for r in results]) for n in results[0]}
+            for c in parts.values():
+                check_rewards(c, total)
+            rewards = self.model.total(parts)
+            parts = {n: c.view(shape) for n, c in parts.items()}
+        else:
+            rewards = torch.cat([r.float().reshape(-1).cpu() for r in results])
+        check_rewards(rewards, total)
+        return rewards.view(shape), parts
 
     def _ban_id(self, key: str, prompt: str) -> str:
         """What a ban names: the row's key, or its instruction text under ``group_by: instruction``."""

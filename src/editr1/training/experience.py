@@ -24,12 +24,16 @@ class Experience:
         decision: this process's rows of the step's decision, made over every process's rewards: the
             optimality probability ``r``, the ``train_mask`` of samples that get a loss, which groups were
             dropped and why, which are banned, and the group statistics.
+        components: under a combined reward's ``combine: advantage_sum``, each component's ``(G, K)`` scores of
+            this process's groups (``rewards`` is then their weighted mean and ``decision.r`` comes from the
+            sum of their advantages); ``None`` otherwise.
     """
 
     rollout: Rollout | None
     rewards: torch.Tensor
     decision: GroupDecision
     started: float | None = None  # time.perf_counter() when the reward stage began (for time/step_s)
+    components: dict[str, torch.Tensor] | None = None
 
     @classmethod
     def nothing(cls, group_size: int) -> Experience:
