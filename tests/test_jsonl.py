@@ -189,7 +189,7 @@ def test_dataset_items(folder):
     assert len(ds) == 4
     assert sum(ds.skipped_rows.values()) == sum(len(v) for v in BAD.values())
     item = ds[0]
-    assert set(item) == {"image", "prompt", "requirement", "target", "task", "key", "references"}
+    assert set(item) == {"image", "prompt", "requirement", "target", "task", "key", "references", "mask"}
     assert item["references"] == []  # no reference images in this row
     assert item["prompt"] == "make the sky purple" and item["requirement"] == "keep the buildings"
     assert item["task"] == "recolor" and item["target"] is None

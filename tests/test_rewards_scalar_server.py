@@ -81,7 +81,7 @@ def test_a_reward_that_cannot_judge_answers_null_and_tokens_are_checked():
 
 
 def test_loading_reward_classes():
-    reward = load_reward("editr1.rewards.preservation:PreservationReward", {"kernel_size": 7})
+    reward = load_reward("editr1.rewards.preservation:PreservationReward", {"kernel_size": 7, "sigma": 0.8})
     assert isinstance(reward, PreservationReward) and reward.kernel_size == 7
     assert isinstance(load_reward("editr1.rewards.preservation.PreservationReward"), PreservationReward)
     with pytest.raises(ValueError, match="has no attribute 'Nope'"):

@@ -2,7 +2,7 @@
 
 * modes: :func:`to_rgb` (any PIL mode → RGB);
 * PIL ↔ tensor: :func:`image_to_tensor`, :func:`tensor_to_image`, :func:`to_tensor_images` (a batch at a
-  fixed size, cover-scaled and centre-cropped);
+  fixed size, cover-scaled and centre-cropped), :func:`to_tensor_masks` (greyscale edit masks alike);
 * sizes: :func:`limit_pixels` (downscale to a pixel budget), :func:`thumbnail` (a small tensor preview);
 * encoding: :func:`data_url` (an image as a base64 ``data:`` URL), :func:`data_url_bytes` (the bytes of
   one), :func:`decode_image` (a file or encoded bytes → image, refusing more than a pixel limit).
@@ -72,8 +72,27 @@ def to_tensor_images(images: Sequence[Image.Image | torch.Tensor], height: int, 
     return torch.stack(out)
 
 
+def to_tensor_masks(masks: Sequence[Image.Image | None], height: int, width: int) -> torch.Tensor:
+    """Greyscale edit masks (white = the region to edit; any PIL mode, read as its luminance) → ``(N, 1, height,
+    width)`` of 0.0 / 1.0: scaled and cropped as :func:`to_tensor_images` scales and crops the images they
+    belong to, then 1 where the scaled value is at least one half. ``None`` (a row without a mask) is all ones:
+    the whole image may change."""
+    out = []
+    for mask in masks:
+        if mask is None:
+            out.append(torch.ones(1, height, width))
+            continue
+        if not isinstance(mask, Image.Image):
+            raise TypeError(f"expected a PIL mask or None, got {type(mask).__name__}")
+        t = pil_to_tensor(to_rgb(mask).convert("L")).float() / 255.0
+        out.append((cover_crop(t, height, width) >= 0.5).float())
+    if not out:
+        raise ValueError("no masks given")
+    return torch.stack(out)
+
+
 def cover_crop(t: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """A ``(3, h, w)`` tensor scaled (bicubic, antialiased) to cover ``height x width``, then centre-cropped
+    """A ``(C, h, w)`` tensor scaled (bicubic, antialiased) to cover ``height x width``, then centre-cropped
     to it and clamped to [0, 1]; returned unchanged when it already has that size."""
     _, h, w = t.shape
     if (h, w) == (height, width):

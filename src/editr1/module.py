@@ -41,7 +41,7 @@ from editr1.settings import (
 )
 from editr1.training import distributed, guards
 from editr1.training.optim import build_optimizer
-from editr1.training.rollout import Rollout, group_ids, key_hash, sample_seed
+from editr1.training.rollout import Rollout, chunk_inputs, group_ids, key_hash, sample_seed
 from editr1.training.state import emergency_checkpoint, gathered_rng_states, restore_rng_states
 
 # The policy runs in eval mode on purpose (frozen base, deterministic forward passes).
@@ -229,19 +229,10 @@ class EditR1Module(L.LightningModule):
             sample_seed(int(self.seed), ROLLOUT_NOISE, self.rollouts_done, ids, k, i) for i in range(len(keys) * k)
         ]
 
+        make_inputs = chunk_inputs(batch, sources, targets, k)  # the reward's inputs of a chunk (with masks)
+
         def chunk_ready(index: torch.Tensor, images: torch.Tensor) -> None:
-            g = (index // k).tolist()
-            on_chunk(
-                RewardInputs(
-                    sources=sources[index // k],
-                    edits=images,
-                    instructions=[prompts[i] for i in g],
-                    requirements=[requirements[i] for i in g],
-                    targets=None if targets is None else targets[index // k],
-                    source_ids=g,
-                    references=[batch["references"][i] for i in g] if any(batch.get("references") or []) else None,
-                )
-            )
+            on_chunk(make_inputs(index, images))
 
         min_prompts = int(self.reduce(len(prompts), "max")) if self.sharded else 0
         with policy.adapter(adapters.OLD):

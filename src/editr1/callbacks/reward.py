@@ -353,7 +353,7 @@ class RewardCallback(EvalScoring, Callback):
             i for i, (k, p) in enumerate(zip(batch["key"], batch["prompt"])) if self._ban_id(k, p) not in self.banned
         ]
         self.counts["banned_prompts_skipped"] += len(batch["key"]) - len(keep)
-        for f in FIELDS:  # every per-row field of a batch, so the rows stay aligned
+        for f in (*FIELDS, "references"):  # every per-row field of a batch, so the rows stay aligned
             if batch.get(f) is not None:
                 batch[f] = [batch[f][i] for i in keep]
 

@@ -12,12 +12,21 @@ from torchmetrics import MeanMetric, SumMetric
 
 from editr1.algorithms.reward_hacking import diverging
 from editr1.callbacks.tensorboard import add_image, log_step
+from editr1.images import to_tensor_masks
 from editr1.rewards.base import RewardInputs
 from editr1.training.guards import RunStopped
 from editr1.training.state import emergency_checkpoint
 from editr1.visualize import captioned_grid
 
 log = logging.getLogger("editr1.callbacks.reward")
+
+
+def _masks(batch: dict | None, keep: list[int], edits: torch.Tensor) -> torch.Tensor | None:
+    """The edit masks of the batch's rows ``keep`` at the edits' size (see :class:`RewardInputs`), or ``None``."""
+    masks = (batch or {}).get("mask")
+    if masks is None:
+        return None
+    return to_tensor_masks([masks[i] for i in keep], *edits.shape[-2:]).to(edits.device)
 
 
 def check_rewards(rewards: torch.Tensor, n: int) -> None:
@@ -47,12 +56,12 @@ class EvalScoring:
         }
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._score_eval(trainer, pl_module, outputs, "val")
+        self._score_eval(trainer, pl_module, outputs, "val", batch)
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._score_eval(trainer, pl_module, outputs, "test")
+        self._score_eval(trainer, pl_module, outputs, "test", batch)
 
-    def _score_eval(self, trainer, pl_module, outputs: dict, prefix: str) -> None:
+    def _score_eval(self, trainer, pl_module, outputs: dict, prefix: str, batch: dict | None = None) -> None:
         if not self._eval:
             self._reset_eval(pl_module)
         if outputs["edits"] is None:
@@ -73,6 +82,7 @@ class EvalScoring:
             requirements=[outputs["requirements"][i] for i in keep],
             targets=None if outputs["targets"] is None else outputs["targets"][sel],
             references=[outputs["references"][i] for i in keep] if any(outputs.get("references") or []) else None,
+            masks=_masks(batch, keep, outputs["edits"]),
         )
         rewards = self.model.score(inputs).float().reshape(-1)
         check_rewards(rewards, inputs.edits.shape[0])

@@ -23,7 +23,7 @@ from editr1.data.shards import ShardEditDataset
 
 log = logging.getLogger(__name__)
 
-FIELDS = ("image", "prompt", "requirement", "target", "task", "key", "meta")
+FIELDS = ("image", "prompt", "requirement", "target", "task", "key", "meta", "mask")
 
 
 class ResumableSampler(DistributedSampler):
@@ -47,7 +47,8 @@ class ResumableSampler(DistributedSampler):
 
 
 def collate_prompts(items: list[dict]) -> dict:
-    """Lists per field (images stay PIL: the policy resizes them to its resolution). Items marked
+    """Lists per field (images and edit masks stay PIL: the policy resizes them to its resolution; ``mask`` is
+    ``None`` when no row has one, else a list with ``None`` for the rows without). Items marked
     ``{"skipped": reason}`` are dropped and counted under ``batch["skipped"]``; those that say which
     sample they were (``key``, ``task``, evaluation sets) are listed under ``batch["missing"]``."""
     skipped: Counter = Counter()
@@ -75,6 +76,8 @@ def collate_prompts(items: list[dict]) -> dict:
         if with_target:  # a batch mixes rows with and without a target: it carries none (counted)
             skipped["targets_dropped_mixed_batch"] += with_target
         batch["target"] = None
+    if all(m is None for m in batch["mask"]):  # edit masks: a list with None for rows without one, or None
+        batch["mask"] = None
     batch["skipped"] = dict(skipped)
     batch["missing"] = missing
     return batch

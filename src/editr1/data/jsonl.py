@@ -11,6 +11,9 @@ being edited, the others are references in order ("picture 2", "picture 3", …)
     {"prompt": "put the cat from picture 2 on the sofa", "image": ["images/sofa.png", "images/cat.png"]}
 
 Every path is checked alike; a row with a bad reference is skipped and counted (``reference_*`` reasons).
+An optional ``"mask"`` is the path of a greyscale image of the source's size, white where the edit is meant to
+change it (for rewards that look at the region, e.g. a preservation reward measured outside it); it is checked
+like the images (``mask_*`` reasons, ``mask_size_mismatch`` when its size is not the source's).
 Bad rows are skipped and counted with their reason; a folder with no usable row is an error before
 training starts. Images are read lazily; one that cannot be read is skipped and counted too. A path the
 OS refuses (a NUL byte, an over-long name, a symlink loop) is a skipped row like any other; images are
@@ -49,6 +52,7 @@ class EditRecord:
     target: Path | None = None
     task: str = ""
     references: tuple[Path, ...] = ()  # further input images, in order (picture 2, 3, …)
+    mask: Path | None = None  # greyscale, the source's size: white = the region to edit
 
     @property
     def key(self) -> str:
@@ -99,9 +103,18 @@ def parse_line(line: str, root: Path) -> EditRecord | str:
             return "missing_target_file"
         if isinstance(target_path, str):
             return "target_" + target_path
+    mask_path = None
+    if obj.get("mask") is not None:
+        if not isinstance(obj["mask"], str) or not obj["mask"].strip():
+            return "bad_mask"
+        mask_path = locate(root, obj["mask"])
+        if isinstance(mask_path, str):
+            return {"outside_folder": "mask_outside_folder", "missing_file": "missing_mask_file"}.get(
+                mask_path, f"mask_{mask_path}"
+            )
     task = obj.get("task", "")
     task = str(task) if task is not None else ""
-    return EditRecord(prompt, image_path, requirement.strip(), target_path, task, references)
+    return EditRecord(prompt, image_path, requirement.strip(), target_path, task, references, mask_path)
 
 
 def check_prompt(prompt) -> tuple[str, str | None]:
@@ -203,6 +216,18 @@ def load_image(source: Path | bytes) -> Image.Image | str:
         return "unreadable_image"
 
 
+def load_mask(source: Path | bytes, image: Image.Image) -> Image.Image | str:
+    """The greyscale (``L``, the luminance of what :func:`load_image` reads) edit mask of ``image`` from a file or
+    encoded bytes, upright as its EXIF orientation says, or the reason it cannot be used: ``mask_`` + a
+    :func:`load_image` reason, or ``mask_size_mismatch`` when it is not the image's size."""
+    mask = load_image(source)
+    if isinstance(mask, str):
+        return "mask_" + mask
+    if mask.size != image.size:
+        return "mask_size_mismatch"
+    return mask.convert("L")
+
+
 def _upright_rgb(img: Image.Image) -> Image.Image:
     """EXIF orientation applied, then RGB; the pixel limit holds for the turned image too."""
     img = ImageOps.exif_transpose(img)
@@ -273,6 +298,11 @@ class JsonlEditDataset(Dataset):
             target = load_image(rec.target)
             if isinstance(target, str):
                 return {"skipped": "target_" + target}
+        mask = None
+        if rec.mask is not None:
+            mask = load_mask(rec.mask, image)
+            if isinstance(mask, str):
+                return {"skipped": mask, "key": rec.key, "task": rec.task}
         return {
             "image": image,
             "prompt": rec.prompt,
@@ -281,4 +311,5 @@ class JsonlEditDataset(Dataset):
             "task": rec.task,
             "key": rec.key,
             "references": references,
+            "mask": mask,
         }

@@ -6,6 +6,7 @@ A sample is the files of one key in a shard::
     0000042.src.png   the source image (any format PIL reads)
     0000042.tgt.png   optional target image (supervised objective)
     0000042.ref1.png  optional reference images (picture 2, 3, …: ref1, ref2, … in order)
+    0000042.mask.png  optional edit mask (greyscale, the source's size, white = the region to edit)
 
 Shards are given the way webdataset takes them: a brace pattern (``/data/edits-{000000..000127}.tar``),
 a list, URLs (``https://…``, ``s3://…`` through ``pipe:`` commands). Each epoch the shard list is put
@@ -28,7 +29,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset
 from webdataset.utils import pytorch_worker_info
 
-from editr1.data.jsonl import MAX_IMAGES_PER_ROW, check_prompt, load_image, read_metadata
+from editr1.data.jsonl import MAX_IMAGES_PER_ROW, check_prompt, load_image, load_mask, read_metadata
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,11 @@ def decode_sample(
         target = load_image(tgt)
         if isinstance(target, str):
             return {"skipped": "target_" + target}
+    mask = _field(sample, "mask")
+    if mask is not None:
+        mask = load_mask(mask, image)
+        if isinstance(mask, str):
+            return {"skipped": mask}
     shard = Path(str(sample.get("__url__", ""))).name
     return {
         "image": image,
@@ -110,6 +116,7 @@ def decode_sample(
         "task": str(obj.get("task") or ""),
         "key": f"{shard}/{sample.get('__key__')}::{prompt}",  # one sample: every image it holds
         "references": references,
+        "mask": mask,
     }
 
 
@@ -224,7 +231,8 @@ def write_shards(
     """Convert a UniWorld-format folder into tar shards (``pattern`` like ``out/edits-%06d.tar``).
 
     Image bytes are copied as they are (no re-encoding), after the folder reader's checks: rows it skips,
-    and rows whose image or target it could not decode (or that exceed its pixel limit), are counted.
+    and rows whose image, reference, target or mask it could not decode (or that exceed its pixel limit, or a
+    mask not of the image's size), are counted. A row's ``"mask"`` becomes the sample's ``mask.<ext>``.
     Returns ``{"samples": n, "shards": [paths], "skipped": {reason: count}}``; no usable row is an error.
     """
     if "%" not in pattern:
@@ -258,6 +266,10 @@ def _sample(rec, key: str) -> dict | str:
     src = _checked_bytes(rec.image)
     if isinstance(src, str):
         return src
+    if rec.mask is not None:
+        mask = _checked_mask(rec.mask, src)
+        if isinstance(mask, str):
+            return mask
     sample = {
         "__key__": key,
         "json": json.dumps({"prompt": rec.prompt, "requirement": rec.requirement, "task": rec.task}).encode(),
@@ -273,7 +285,19 @@ def _sample(rec, key: str) -> dict | str:
         if isinstance(tgt, str):
             return "target_" + tgt
         sample[f"tgt.{_ext(rec.target)}"] = tgt
+    if rec.mask is not None:
+        sample[f"mask.{_ext(rec.mask)}"] = mask
     return sample
+
+
+def _checked_mask(path: Path, source: bytes) -> bytes | str:
+    """The mask file's bytes if :func:`~editr1.data.jsonl.load_mask` accepts them for ``source`` (the image's
+    bytes), else its reason."""
+    data = _checked_bytes(path)
+    if isinstance(data, str):
+        return "mask_" + data
+    mask = load_mask(data, load_image(source))
+    return mask if isinstance(mask, str) else data
 
 
 def _checked_bytes(path: Path) -> bytes | str:

@@ -17,7 +17,10 @@ class RewardInputs:
     ``edits[i]`` was made from. ``targets`` holds the known correct result where the data has one
     (synthetic scenes, supervised pairs) and is ``None`` otherwise. ``references[i]`` lists the further
     input images ``edits[i]`` was made from (pictures 2, 3, …: PIL images or ``(3, h, w)`` tensors, any
-    size), empty or ``None`` for single-image rows; a judge shows them all.
+    size), empty or ``None`` for single-image rows; a judge shows them all. ``masks`` is ``(N, 1, H, W)`` of
+    0.0 / 1.0 at the images' size, 1 where the edit is meant to change the source (the data's ``"mask"``,
+    white = the region to edit), or ``None`` when no row of the batch has one; a row without a mask in a
+    batch that has some is all ones (the whole image may change).
     """
 
     sources: torch.Tensor
@@ -27,6 +30,7 @@ class RewardInputs:
     targets: torch.Tensor | None = None
     source_ids: list[int] | None = None  # edits with the same id share one source (encode it once)
     references: list[list] | None = None  # per edit: its reference images (pictures 2, 3, …)
+    masks: torch.Tensor | None = None  # (N, 1, H, W): 1 = the region to edit
 
     def __post_init__(self) -> None:
         n = self.edits.shape[0]
@@ -41,6 +45,11 @@ class RewardInputs:
             raise ValueError(f"RewardInputs: {n} edits but {len(self.source_ids)} source ids")
         if self.references is not None and len(self.references) != n:
             raise ValueError(f"RewardInputs: {n} edits but {len(self.references)} reference lists")
+        if self.masks is not None and tuple(self.masks.shape) != (n, 1, *self.edits.shape[-2:]):
+            raise ValueError(
+                f"RewardInputs: masks must be (N, 1, H, W) = {(n, 1, *self.edits.shape[-2:])}, got "
+                f"{tuple(self.masks.shape)}"
+            )
 
     def select(self, start: int, stop: int) -> RewardInputs:
         """Edits ``start:stop``."""
@@ -52,6 +61,7 @@ class RewardInputs:
             targets=None if self.targets is None else self.targets[start:stop],
             source_ids=None if self.source_ids is None else self.source_ids[start:stop],
             references=None if self.references is None else self.references[start:stop],
+            masks=None if self.masks is None else self.masks[start:stop],
         )
 
 

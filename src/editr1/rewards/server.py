@@ -322,7 +322,7 @@ def serve_reward(
         reward: instead of a judge, serve this reward model (``package.module:Class``, any
             :class:`editr1.rewards.RewardModel`) on ``POST /v1/score`` (:mod:`editr1.rewards.scalar_server`);
             train against it with :class:`editr1.rewards.ServedScalarReward`.
-        reward_args: the reward class's keyword arguments, e.g. ``'{"kernel_size": 7}'``.
+        reward_args: the reward class's keyword arguments, e.g. ``'{"sigma": 1.0}'``.
     """
     if num_threads is not None:
         torch.set_num_threads(num_threads)

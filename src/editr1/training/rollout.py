@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from editr1.images import to_tensor_masks
 from editr1.policies.base import Condition
+from editr1.rewards.base import RewardInputs
 from editr1.seeding import derive_seed
 
 
@@ -80,3 +83,32 @@ class Rollout:
         if isinstance(per_group, torch.Tensor):
             return per_group.repeat_interleave(self.group_size, dim=0)
         return [v for v in per_group for _ in range(self.group_size)]
+
+
+def chunk_inputs(
+    batch: dict, sources: torch.Tensor, targets: torch.Tensor | None, group_size: int
+) -> Callable[[torch.Tensor, torch.Tensor], RewardInputs]:
+    """``make(index, images)``: the :class:`~editr1.rewards.base.RewardInputs` of a rollout chunk — the edits
+    ``images`` of samples ``index`` (sample ``i`` is an edit of prompt ``i // group_size``) with their prompts'
+    sources, instructions, requirements, targets, references and edit masks. ``sources``/``targets``: the
+    batch's, preprocessed to the policy's resolution; the masks (``batch["mask"]``) are scaled alike."""
+    prompts, requirements, refs = list(batch["prompt"]), list(batch["requirement"]), batch.get("references")
+    masks = batch.get("mask")
+    if masks is not None:
+        masks = to_tensor_masks(masks, *sources.shape[-2:]).to(sources.device)
+
+    def make(index: torch.Tensor, images: torch.Tensor) -> RewardInputs:
+        rows = index // group_size
+        g = rows.tolist()
+        return RewardInputs(
+            sources=sources[rows],
+            edits=images,
+            instructions=[prompts[i] for i in g],
+            requirements=[requirements[i] for i in g],
+            targets=None if targets is None else targets[rows],
+            source_ids=g,
+            references=[refs[i] for i in g] if any(refs or []) else None,
+            masks=None if masks is None else masks[rows.to(masks.device)],
+        )
+
+    return make
