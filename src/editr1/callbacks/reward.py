@@ -44,7 +44,11 @@ class RewardCallback(EvalScoring, Callback):
     (:meth:`~editr1.module.EditR1Module.sample_groups`), scores them with the reward model, gathers every
     process's rewards, applies the low-variance group filter and bans, computes the optimality probability
     r and puts one :class:`~editr1.training.experience.Experience` in the batch (``batch["experience"]``)
-    for ``training_step``. Also scores validation/test edits (``val/reward``).
+    for ``training_step``. Also scores validation/test edits (``val/reward``). With a
+    :class:`~editr1.rewards.combined.CombinedReward` that combines by ``advantage_sum`` it collects each
+    component's scores (``submit_components``), gathers them like the rewards and computes r from the sum of
+    their advantages (:func:`~editr1.algorithms.grouping.combine_advantages`); the rewards it logs, filters and
+    bans on are their weighted mean.
 
     Args:
         model: the reward model (the verifiable scene reward, an MLLM judge, …).
@@ -55,7 +59,9 @@ class RewardCallback(EvalScoring, Callback):
             client's own bounded retries, ``max_retries`` / ``retry_backoff``, which ride out short outages):
             ``drop`` their groups and count them (``filter/groups_dropped_nan``, ``reward_model/failed/*``),
             or ``stop`` the run with a checkpoint. ``zero`` is the released reference code's behaviour, for
-            reproducing it only: a failed judgement scores 0.0 and trains (counted as ``reward/failed_as_zero``,
+            reproducing it only: a failed judgement scores 0.0 (under a combined reward's ``advantage_sum``, each
+            component's failed score is 0.0 and the reward their weighted mean) and trains (counted as
+            ``reward/failed_as_zero``,
             with a warning at the start of the run); it teaches the policy that whatever the judge failed
             on is the worst edit.
         max_failed_steps: with ``on_failure: drop``, steps in a row in which the reward model could not judge

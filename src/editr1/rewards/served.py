@@ -56,7 +56,8 @@ def top_logprobs_of(response: Any) -> list[tuple[str, float]]:
 
 
 class ServedMLLMReward(RewardModel):
-    """An MLLM judge behind an OpenAI-compatible endpoint.
+    """An MLLM judge behind an OpenAI-compatible endpoint. It is shown the source, the references and the edit;
+    edit masks (``RewardInputs.masks``) are not sent.
 
     Args:
         base_url: the server's API root, e.g. ``http://127.0.0.1:8000/v1`` (``vllm serve`` or

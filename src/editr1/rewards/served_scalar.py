@@ -7,7 +7,8 @@ concurrency (``submit`` returns at once), transport failures and malformed answe
 and counted by reason, configuration errors (HTTP 400/401/403/404) stop the run with the server's message, the API
 key from an environment variable. A score is mapped from ``score_range`` to [0, 1]; a well-formed score outside it
 is NaN (``failed/out_of_range``) unless ``out_of_range: clamp`` (counted as ``clamped``); ``"score": null`` is the
-server saying it could not judge (``failed/not_judged``).
+server saying it could not judge (``failed/not_judged``). Edit masks (``RewardInputs.masks``) are not part of the
+protocol and are not sent: a mask-aware reward served this way sees none and measures the whole image.
 """
 
 from __future__ import annotations
