@@ -227,8 +227,10 @@ def test_dropping_banned_rows_keeps_every_per_row_field_aligned():
     cb = RewardCallback(Brightness(), log_images_every_n_steps=0)
     cb.banned = {"b"}
     batch = _batch(["a", "b"])
+    batch["references"], batch["mask"] = [["ref a"], ["ref b"]], ["mask a", None]
     cb._drop_banned(batch)
     assert len(batch["meta"]) == len(batch["key"]) == 1
+    assert batch["references"] == [["ref a"]] and batch["mask"] == ["mask a"]
 
 
 def test_rollout_images_go_to_tensorboard_every_n_rollouts(tmp_path):

@@ -129,3 +129,53 @@ def test_masks_are_scaled_like_the_images_and_reach_the_reward_inputs():
     )
     with pytest.raises(ValueError, match="masks must be"):
         type(inputs)(inputs.sources, inputs.edits, inputs.instructions, inputs.requirements, masks=torch.ones(3, 4, 4))
+
+
+def test_a_training_step_hands_the_rows_masks_to_the_reward(tmp_path):
+    from conftest import small_module, small_trainer
+    from editr1.callbacks import FilterSettings, RewardCallback
+    from editr1.data import EditDataModule
+    from editr1.rewards import RewardModel
+    from editr1.rewards.combined import CombinedReward
+    from editr1.rewards.preservation import PreservationReward
+
+    class Seen(RewardModel):
+        def __init__(self) -> None:
+            self.masks: list = []
+
+        def score(self, inputs):
+            self.masks.append(inputs.masks)
+            return torch.full((inputs.edits.shape[0],), 0.5)
+
+    root = tmp_path / "d"
+    (root / "images").mkdir(parents=True)
+    Image.new("RGB", (16, 16), (200, 50, 90)).save(root / "images" / "a.png")
+    left = Image.new("L", (16, 16), 0)
+    left.paste(255, (0, 0, 8, 16))
+    left.save(root / "images" / "left.png")
+    rows = [
+        {"prompt": "masked", "image": "images/a.png", "mask": "images/left.png"},
+        {"prompt": "not masked", "image": "images/a.png"},
+    ]
+    (root / "train_metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    seen = Seen()
+    reward = CombinedReward({"seen": seen, "keep": PreservationReward(outside_mask=True)}, combine="advantage_sum")
+    cb = RewardCallback(model=reward, filter=FilterSettings(rule="none"), log_images_every_n_steps=0)
+    data = EditDataModule(path=str(root), batch_size=2, shuffle=False)
+    small_trainer([cb], max_steps=1).fit(small_module(), datamodule=data)
+    masks = torch.cat(seen.masks)  # 2 prompts x K = 4 edits at the policy's 32 x 32
+    assert masks.shape == (8, 1, 32, 32)
+    assert masks[:4, 0, :, :16].eq(1).all() and masks[:4, 0, :, 16:].eq(0).all()  # the left half, scaled up
+    assert masks[4:].eq(1).all()  # the row without a mask: all ones
+    assert reward.models["keep"].stats() == {"whole_image_rows": 4.0}
+
+
+def test_validation_edits_are_scored_with_their_rows_masks():
+    from editr1.callbacks.reward_eval import _masks
+
+    half = Image.new("L", (8, 8), 0)
+    half.paste(255, (0, 0, 4, 8))
+    batch = {"mask": [None, half, None]}
+    got = _masks(batch, [1, 2], torch.zeros(2, 3, 4, 4))  # the kept (not padding) rows, at the edits' size
+    assert got.shape == (2, 1, 4, 4) and got[0, 0].tolist() == [[1.0, 1.0, 0.0, 0.0]] * 4 and got[1].eq(1).all()
+    assert _masks({"mask": None}, [0], torch.zeros(1, 3, 4, 4)) is None and _masks(None, [0], torch.zeros(1)) is None
