@@ -122,6 +122,23 @@ def test_two_ranks_sharded_and_replicated_match_one_rank(tmp_path, two_ranks_sha
         assert largest < 0.05 * lr and relative < 0.01, (name, results)
 
 
+def test_advantage_sum_over_two_ranks_matches_one_rank(tmp_path):
+    """The components' scores are gathered like the rewards: each component's global std and the filter see the
+    whole step, so two replicated ranks train what one rank trains on the same global batch."""
+    extra = (
+        "-c",
+        str(CONFIGS / "reward" / "scene_plus_preservation.yaml"),
+        "--reward.model.init_args.combine=advantage_sum",
+    )
+    one, _ = _adapters(_fit(tmp_path, "one", 1, 4, None, *extra))
+    two, ck = _adapters(_fit(tmp_path, "two", 2, 2, False, *extra))
+    assert ck["global_step"] == 2
+    b = [k for k in one if "lora_B.default" in k]
+    diff = torch.cat([(two[k] - one[k]).flatten() for k in b])
+    size = torch.cat([one[k].flatten() for k in b])
+    assert float(size.abs().max()) > 0 and float(diff.norm() / size.norm()) < 0.01
+
+
 @pytest.mark.timeout(900)
 def test_two_machines_of_one_process_under_torchrun_match_one_machine_of_two(tmp_path, two_ranks_sharded):
     """Two torchrun agents (two "machines", one process each, trainer.num_nodes 2) on a loopback rendezvous: the

@@ -267,7 +267,8 @@ class RewardCallback(EvalScoring, Callback):
         if ro is None:  # this process idles through the step (training_step joins its collectives)
             batch["experience"] = Experience(None, rewards, decision)
             return
-        batch["experience"] = Experience(ro, rewards.to(device), decision, started=t0, components=parts)
+        components = None if parts is None else {n: c.to(device) for n, c in parts.items()}
+        batch["experience"] = Experience(ro, rewards.to(device), decision, started=t0, components=components)
         kept = decision.num_groups - int((decision.dropped_low_variance | decision.dropped_nan).sum())
         show_phase(trainer, f"training on {kept} of {decision.num_groups} groups")
         if self.log_images_every_n_steps and (ro.index % self.log_images_every_n_steps == 0):
