@@ -79,8 +79,9 @@ class PreservationReward(RewardModel):
         sigma: the window's standard deviation: what sets the window.
         outside_mask: with rows that carry a ``"mask"`` (white = the region to edit), measure only the pixels
             outside it (the SSIM map averaged over them): an edit is not penalised for changing what it was
-            asked to change. Rows without a mask, and a batch without masks, are measured over the whole
-            image, as are rows whose mask covers every pixel (counted as ``whole_image_rows``).
+            asked to change. A batch without masks is measured over the whole image, as are rows whose mask
+            covers every pixel — rows without a mask in a batch with masks among them (all ones) — counted as
+            ``whole_image_rows``.
     """
 
     def __init__(self, kernel_size: int | None = None, sigma: float = 1.5, outside_mask: bool = False) -> None:
