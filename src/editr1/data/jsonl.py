@@ -253,6 +253,19 @@ class JsonlEditDataset(Dataset):
         """Rows with at least one reference image besides the image being edited."""
         return sum(bool(r.references) for r in self.records)
 
+    def image_sizes(self) -> list[tuple[int, int] | None]:
+        """Each row's edited image ``(height, width)``, upright, from its header (nothing decoded); ``None``
+        where the header cannot be read (that row is skipped and counted when it is loaded)."""
+        from editr1.data.buckets import image_size
+
+        sizes: list[tuple[int, int] | None] = []
+        for rec in self.records:
+            try:
+                sizes.append(image_size(rec.image))
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+                sizes.append(None)
+        return sizes
+
     def tasks(self) -> list[str]:
         """Each row's ``task`` (its category in evaluations)."""
         return [r.task for r in self.records]

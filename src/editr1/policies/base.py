@@ -15,8 +15,9 @@ LoRA adapters live on ``self.transformer`` (see :mod:`editr1.policies.lora`).
 from __future__ import annotations
 
 import contextlib
+import functools
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -114,6 +115,21 @@ def shifted_sigmas(scheduler_config, image_seq_len: int, num_steps: int) -> torc
     )
     scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
     return scheduler.sigmas.to(torch.float32).cpu()
+
+
+def at_batch_size(method: Callable) -> Callable:
+    """Run a module's ``method(self, batch, ...)`` with ``self.policy`` at the batch's ``"size"`` (an aspect-ratio
+    bucket, see :mod:`editr1.data.buckets`); a batch without one runs at the configured resolution."""
+
+    @functools.wraps(method)
+    def wrapper(self, batch, *args, **kwargs):
+        size = batch.get("size") if isinstance(batch, dict) else None
+        if size is None:
+            return method(self, batch, *args, **kwargs)
+        with self.policy.at_size(*size):
+            return method(self, batch, *args, **kwargs)
+
+    return wrapper
 
 
 def _largest_module_lists(root: nn.Module) -> list[nn.Module]:
@@ -264,6 +280,30 @@ class EditPolicy(nn.Module, ABC):
             out = v.new_zeros((x_t.shape[0], *v.shape[1:])) if out is None else out
             out[rows.to(out.device)] = v
         return out
+
+    # ----------------------------------------------------------------- size
+    @property
+    def spatial_multiple(self) -> int:
+        """Every image side is a multiple of this: the VAE's downsampling × the 2×2 latent patches."""
+        return int(self.vae_scale_factor) * 2
+
+    @contextlib.contextmanager
+    def at_size(self, height: int, width: int) -> Iterator[None]:
+        """``with policy.at_size(h, w):`` every operation (preprocess, encode, latent shape, σ schedule, decode)
+        works at ``h x w`` instead of the configured resolution, which comes back afterwards."""
+        m = self.spatial_multiple
+        if height <= 0 or width <= 0 or height % m or width % m:
+            raise ValueError(f"size {height}x{width} must be positive multiples of {m} for {type(self).__name__}")
+        names = [n for n in ("height", "width", "latent_h", "latent_w") if hasattr(self, n)]
+        saved = {n: getattr(self, n) for n in names}
+        self.height, self.width = int(height), int(width)
+        if "latent_h" in saved:
+            self.latent_h, self.latent_w = self.height // self.vae_scale_factor, self.width // self.vae_scale_factor
+        try:
+            yield
+        finally:
+            for n, v in saved.items():
+                setattr(self, n, v)
 
     # ----------------------------------------------------------------- shared behaviour
     def preprocess(self, images: Sequence[Image.Image | torch.Tensor]) -> torch.Tensor:
