@@ -207,3 +207,15 @@ def test_square_data_with_buckets_on_trains_on_the_same_batches(tmp_path):
     on = list(EditDataModule(**kw, buckets=True, bucket_area=1024, bucket_multiple=16).train_dataloader())
     assert [b["key"] for b in on] == plain and {b["size"] for b in on} == {(32, 32)}
     assert all(b["size"] is None for b in EditDataModule(**kw).train_dataloader())
+
+
+def test_resuming_with_other_buckets_is_refused(tmp_path):
+    folder = _write_folder(tmp_path / "data", {"a": (40, 40)}, [{"prompt": "p", "image": "images/a.png"}])
+    state = {"epoch": 0, "batches": 1, "stream_batches": 1, "seed": 0, "batch_size": 4}
+    EditDataModule(path=str(folder), seed=0).load_state_dict(state)  # a checkpoint from before buckets existed
+    on = EditDataModule(path=str(folder), seed=0, buckets=True, bucket_area=1024, bucket_multiple=16)
+    with pytest.raises(ValueError, match="training buckets None, this run has"):
+        on.load_state_dict(state)
+    on.load_state_dict({**state, "buckets": [[32, 32], [32, 48], [48, 32]]})
+    with pytest.raises(ValueError, match="training buckets"):
+        EditDataModule(path=str(folder), seed=0).load_state_dict({**state, "buckets": [[32, 32]]})

@@ -195,3 +195,49 @@ def test_a_bucketed_fit_on_mixed_sizes_and_multi_image_rows(name, tmp_path):
         ((40, 28), [0, 0, 1, 1]),
     ]
     assert (module.policy.height, module.policy.width) == (32, 32)  # validation and predict: the model's size
+
+
+def test_a_bucketed_run_stopped_and_resumed_sees_the_batches_of_an_uninterrupted_one(tmp_path):
+    """Resume from a checkpoint mid-epoch with several buckets: the same prompts at the same shapes, the same
+    adapters at the end (in-process; tests/test_resume.py kills real processes without buckets)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from conftest import small_module, small_trainer
+    from editr1.callbacks import RewardCallback
+    from editr1.data import EditDataModule
+    from editr1.rewards.base import RewardModel
+    from editr1.settings import RolloutSettings
+
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    rows = []
+    for n, (w, h) in enumerate([(48, 32), (30, 45), (40, 40), (64, 40), (33, 50), (20, 20)] * 2):
+        _pil(h, w, n).save(root / "images" / f"{n}.png")
+        rows.append({"prompt": f"edit {n}", "image": f"images/{n}.png"})
+    (root / "train_metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+    def run(max_steps: int, ckpt: str | None = None, save: bool = False):
+        class Seen(RewardModel):
+            def score(self, inputs):
+                seen.append((tuple(inputs.edits.shape[2:]), sorted(set(inputs.instructions))))
+                return inputs.edits.mean(dim=(1, 2, 3))
+
+        seen: list = []
+        torch.manual_seed(0)  # each run as a fresh process: the same LoRA initialisation
+        module = small_module(rollout=RolloutSettings(group_size=2, steps=2, batch_size=8))
+        callbacks = [RewardCallback(model=Seen(), log_images_every_n_steps=0)]
+        if save:
+            callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1))
+        trainer = small_trainer(callbacks, max_steps=max_steps, enable_checkpointing=save)
+        dm = EditDataModule(path=str(root), batch_size=2, seed=3, buckets=True)
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+        weights = {k: v.clone() for k, v in module.state_dict().items() if "lora_" in k}
+        return seen, weights
+
+    full, full_weights = run(3)
+    assert len({shape for shape, _ in full}) > 1  # several buckets in three steps
+    first, _ = run(1, save=True)
+    rest, weights = run(3, ckpt=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert first + rest == full
+    for k, v in full_weights.items():
+        torch.testing.assert_close(weights[k], v, atol=0, rtol=0)

@@ -346,6 +346,7 @@ class EditDataModule(L.LightningDataModule):
             "stream_batches": total,
             "seed": self._order_seed(),
             "batch_size": self.batch_size,
+            "buckets": self._bucket_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -357,7 +358,17 @@ class EditDataModule(L.LightningDataModule):
                 f"{state.get('batch_size')} and prompt-order seed {state.get('seed')}, this run has "
                 f"{self.batch_size} and {self._order_seed()}"
             )
+        saved = state.get("buckets")
+        if saved != self._bucket_state():
+            raise ValueError(
+                f"cannot resume the data position: the checkpoint was taken with training buckets {saved}, this run "
+                f"has {self._bucket_state()} (data.buckets, bucket_area, bucket_ratios, bucket_multiple)"
+            )
         self._resume = dict(state)
+
+    def _bucket_state(self) -> list[list[int]] | None:
+        """The training buckets as saved in checkpoints (lists: the same after any serialisation); None: off."""
+        return [list(b) for b in self.bucket_shapes()] if self.buckets else None
 
     def _order_seed(self) -> int:
         if self.seed is not None:
