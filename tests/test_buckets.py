@@ -61,8 +61,9 @@ def test_nearest_bucket_by_log_aspect_ratio():
     assert nearest_bucket(10, 10000, buckets) == (384, 688)  # beyond the widest: the widest
     with pytest.raises(ValueError, match="positive"):
         nearest_bucket(0, 5, buckets)
-    shapes, index = assign_buckets([(600, 800), None, (100, 100)], buckets)
-    assert shapes == [(448, 592), (512, 512), (512, 512)] and index == [1, 0, 0]
+    shapes, index = assign_buckets([(600, 800), None, (100, 100), (50, 50)], buckets)
+    assert shapes == [(448, 592), (512, 512), (512, 512), (512, 512)] and index == [1, 0, 0, 0]
+    assert assign_buckets([None, (600, 800)], buckets)[0] == [(448, 592)] * 2  # unreadable: the most common bucket
 
 
 def test_image_size_reads_the_header_upright(tmp_path):

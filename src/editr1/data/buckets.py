@@ -186,7 +186,10 @@ def assign_buckets(
     sizes: Sequence[tuple[int, int] | None], buckets: Sequence[tuple[int, int]]
 ) -> tuple[list[tuple[int, int]], list[int]]:
     """Each prompt's bucket shape and index from its image's ``(height, width)``; ``None`` (a header that could
-    not be read: the loader skips and counts that row later) goes to the first bucket."""
-    shapes = [buckets[0] if s is None else nearest_bucket(*s, buckets) for s in sizes]
+    not be read: the loader skips and counts that row later) goes to the most common bucket, so it never makes
+    a bucket of its own."""
+    known = [nearest_bucket(*s, buckets) for s in sizes if s is not None]
+    fallback = Counter(known).most_common(1)[0][0] if known else buckets[0]
+    shapes = [fallback if s is None else nearest_bucket(*s, buckets) for s in sizes]
     index = {b: n for n, b in enumerate(buckets)}
     return shapes, [index[s] for s in shapes]

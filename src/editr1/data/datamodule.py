@@ -3,7 +3,8 @@
 One batch = the prompts of one optimisation step on this process; the module samples a group of
 edits for each. Sources: a UniWorld-format folder (``path``), WebDataset tar shards (``shards``,
 streamed and split across ranks and workers) or the synthetic scenes (``scenes``, used when
-neither is given).
+neither is given). With ``buckets`` every training batch holds one aspect-ratio bucket and carries its
+shape as ``batch["size"]`` (:mod:`editr1.data.buckets`).
 """
 
 from __future__ import annotations

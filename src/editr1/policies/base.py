@@ -180,7 +180,8 @@ class EditPolicy(nn.Module, ABC):
 
     @abstractmethod
     def latent_shape(self) -> tuple[int, ...]:
-        """Shape of one sample's packed latents at the configured resolution."""
+        """Shape of one sample's packed latents at the current size (the configured resolution, or the size
+        :meth:`at_size` set)."""
 
     @abstractmethod
     def sigmas(self, num_steps: int) -> torch.Tensor:
@@ -307,7 +308,8 @@ class EditPolicy(nn.Module, ABC):
 
     # ----------------------------------------------------------------- shared behaviour
     def preprocess(self, images: Sequence[Image.Image | torch.Tensor]) -> torch.Tensor:
-        """Images from the data → ``(N, 3, H, W)`` in [0, 1] at the policy's resolution, on its device."""
+        """Images from the data → ``(N, 3, H, W)`` in [0, 1] at the policy's current size (scaled to cover it,
+        centre-cropped), on its device."""
         return to_tensor_images(images, self.height, self.width).to(self.device)
 
     def _check_images(self, images: torch.Tensor) -> None:
