@@ -220,3 +220,14 @@ def test_resuming_with_other_buckets_is_refused(tmp_path):
     on.load_state_dict({**state, "buckets": [[32, 32], [32, 48], [48, 32]]})
     with pytest.raises(ValueError, match="training buckets"):
         EditDataModule(path=str(folder), seed=0).load_state_dict({**state, "buckets": [[32, 32]]})
+
+
+def test_jsonl_image_sizes_from_headers_none_for_unreadable(tmp_path):
+    from editr1.data.jsonl import JsonlEditDataset
+
+    rows = [{"prompt": "a", "image": "images/wide.png"}, {"prompt": "b", "image": "images/broken.png"}]
+    folder = _write_folder(tmp_path / "data", {"wide": (64, 36)}, rows)
+    (folder / "images" / "broken.png").write_bytes(b"not a png")
+    ds = JsonlEditDataset(folder)
+    assert ds.image_sizes() == [(36, 64), None]
+    assert ds[1] == {"skipped": "unreadable_image", "key": ds.records[1].key, "task": ""}  # counted when loaded
