@@ -41,9 +41,11 @@ def test_buckets_of_512_squared_at_multiples_of_16_by_hand():
     assert make_buckets(32 * 32, 16) == [(32, 32), (32, 48), (48, 32)]
     assert make_buckets(1024 * 1024, 32, ["1:1"]) == [(1024, 1024)]
     assert parse_ratio("16:9") == 16 / 9 and parse_ratio(1.5) == 1.5
-    for bad in ("16x9", "0:1", "a:b", "1:0", -1, "1:2:3"):
+    for bad in ("16x9", "0:1", "a:b", "1:0", -1, "1:2:3", "17:1", 0.05):
         with pytest.raises(ValueError, match="bucket ratio"):
             parse_ratio(bad)
+    with pytest.raises(ValueError, match=r"unquoted 16:9 as 969; quote it \('16:9'\)"):
+        parse_ratio(969)  # what YAML makes of an unquoted 16:9
     with pytest.raises(ValueError, match="positive"):
         make_buckets(0, 16)
     with pytest.raises(ValueError, match="empty"):
@@ -195,6 +197,8 @@ def test_datamodule_batches_hold_one_bucket_from_jsonl_and_shards(tmp_path):
         EditDataModule(path=str(folder), buckets=True).bucket_shapes()
     with pytest.raises(ValueError, match="bucket ratio"):
         EditDataModule(path=str(folder), buckets=True, bucket_ratios=["wide"])
+    with pytest.raises(ValueError, match="unquoted 1:1 as 61"):
+        EditDataModule(path=str(folder), bucket_ratios=[61.0])  # YAML's reading of [1:1]
 
 
 def test_square_data_with_buckets_on_trains_on_the_same_batches(tmp_path):

@@ -30,10 +30,21 @@ DEFAULT_RATIOS = ("1:1", "4:3", "3:4", "3:2", "2:3", "16:9", "9:16")
 _TRANSPOSED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 
 
+MAX_RATIO = 16.0  # the widest bucket (and 1/16 the tallest)
+
+
 def parse_ratio(ratio: str | float | int) -> float:
-    """``"W:H"`` (or a number, width / height) → width / height; a clear error for anything else."""
+    """``"W:H"`` (or a number, width / height) → width / height, at most 16:1 either way; a clear error for
+    anything else. YAML 1.1 reads an unquoted ``16:9`` as the base-60 number 969: such numbers are refused
+    with that hint (quote the ratio)."""
     if isinstance(ratio, (int, float)) and not isinstance(ratio, bool):
         value = float(ratio)
+        if value > MAX_RATIO and float(value).is_integer():
+            n = int(value)
+            raise ValueError(
+                f"bucket ratio {n} is a number over {MAX_RATIO:g}: YAML reads an unquoted {n // 60}:{n % 60} as "
+                f"{n}; quote it ('{n // 60}:{n % 60}')"
+            )
     elif isinstance(ratio, str) and ratio.count(":") == 1:
         try:
             w, h = (float(x) for x in ratio.split(":"))
@@ -44,6 +55,8 @@ def parse_ratio(ratio: str | float | int) -> float:
         raise ValueError(f"bucket ratio {ratio!r} is not W:H (e.g. '16:9') or a number")
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"bucket ratio {ratio!r} must be positive")
+    if not 1 / MAX_RATIO <= value <= MAX_RATIO:
+        raise ValueError(f"bucket ratio {ratio!r} is beyond {MAX_RATIO:g}:1 either way")
     return value
 
 

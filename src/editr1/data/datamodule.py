@@ -162,7 +162,8 @@ class EditDataModule(L.LightningDataModule):
             centre-cropped). Off: every image is cover-cropped to the model's resolution. Validation, test and
             predict always run at the model's resolution.
         bucket_area: pixels of every bucket; ``None`` = the model's resolution (height × width).
-        bucket_ratios: the buckets' aspect ratios as ``"W:H"`` (width : height), one bucket each.
+        bucket_ratios: the buckets' aspect ratios as ``"W:H"`` (width : height; quote them in YAML, which reads an
+            unquoted 16:9 as a base-60 number) or numbers (width / height), one bucket each.
         bucket_multiple: each bucket side is a multiple of this; ``None`` = the model's spatial multiple (VAE
             downsampling × patch size, ``policy.spatial_multiple``).
     """
@@ -190,7 +191,7 @@ class EditDataModule(L.LightningDataModule):
         references: Literal["keep", "skip"] = "keep",
         buckets: bool = False,
         bucket_area: int | None = None,
-        bucket_ratios: list[str] = list(DEFAULT_RATIOS),  # noqa: B006 - jsonargparse shows list defaults; never mutated
+        bucket_ratios: list[str | float] = list(DEFAULT_RATIOS),  # noqa: B006 - jsonargparse shows list defaults; never mutated
         bucket_multiple: int | None = None,
     ) -> None:
         super().__init__()
@@ -241,8 +242,7 @@ class EditDataModule(L.LightningDataModule):
         self.bucket_area = bucket_area
         self.bucket_ratios = list(bucket_ratios)
         self.bucket_multiple = bucket_multiple
-        if buckets:
-            make_buckets(bucket_area or 1024, bucket_multiple or 16, self.bucket_ratios)  # bad ratios fail here
+        make_buckets(bucket_area or 1024, bucket_multiple or 16, self.bucket_ratios)  # bad ratios fail here
         self._datasets: dict[str, Dataset] = {}
         self._resume: dict | None = None  # data position from a checkpoint
 
