@@ -235,3 +235,12 @@ def test_jsonl_image_sizes_from_headers_none_for_unreadable(tmp_path):
     ds = JsonlEditDataset(folder)
     assert ds.image_sizes() == [(36, 64), None]
     assert ds[1] == {"skipped": "unreadable_image", "key": ds.records[1].key, "task": ""}  # counted when loaded
+
+
+def test_the_demo_scenes_with_buckets_on_are_the_same_batches():
+    from editr1.data import SceneConfig
+
+    kw = dict(scenes=SceneConfig(size=32), batch_size=3, train_size=20, seed=2)
+    plain = [b["prompt"] for b in EditDataModule(**kw).train_dataloader()]
+    on = list(EditDataModule(**kw, buckets=True, bucket_area=32 * 32, bucket_multiple=4).train_dataloader())
+    assert [b["prompt"] for b in on] == plain and {b["size"] for b in on} == {(32, 32)}
