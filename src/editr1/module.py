@@ -25,7 +25,7 @@ from editr1.editing import edit_images
 from editr1.efficiency import apply_efficiency
 from editr1.objectives import OBJECTIVES, Objective
 from editr1.policies import lora as adapters
-from editr1.policies.base import EditPolicy
+from editr1.policies.base import EditPolicy, at_batch_size
 from editr1.rewards.base import RewardInputs
 from editr1.seeding import EVAL_NOISE, ROLLOUT_NOISE, derive_seed
 from editr1.settings import (
@@ -205,6 +205,7 @@ class EditR1Module(L.LightningModule):
 
     # ------------------------------------------------------------------------------- rollouts
     @torch.no_grad()
+    @at_batch_size
     def sample_groups(self, batch: dict, on_chunk: Callable[[RewardInputs], None] | None = None) -> Rollout | None:
         """K edits per prompt of ``batch`` with the rollout policy θ_old — the reward stage's one entry point.
 
@@ -272,6 +273,7 @@ class EditR1Module(L.LightningModule):
         return ro
 
     # ------------------------------------------------------------------------------- training
+    @at_batch_size
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         """One optimiser step of the objective, the same path for every objective: prepare, micro-batches
         (idle ones where a sharded process has fewer), gradients summed over processes, clip, step, θ_old /
@@ -408,16 +410,8 @@ class EditR1Module(L.LightningModule):
                         first_order_second_to_last=self.rollout_settings.first_order_second_to_last,
                         min_prompts=min_prompts,
                     )
-            return {
-                "sources": None,
-                "edits": None,
-                "targets": None,
-                "prompts": [],
-                "requirements": [],
-                "keys": [],
-                "tasks": [],
-                "meta": [],
-            }
+            empty = {"sources": None, "edits": None, "targets": None}
+            return {**empty, "prompts": [], "requirements": [], "keys": [], "tasks": [], "meta": []}
         sources = self.policy.preprocess(batch["image"])
         seeds = [derive_seed(int(self.seed), EVAL_NOISE, key_hash(k)) for k in batch["key"]]
         with self.policy.adapter(ADAPTERS[cfg.adapter]):

@@ -3,7 +3,8 @@
 One batch = the prompts of one optimisation step on this process; the module samples a group of
 edits for each. Sources: a UniWorld-format folder (``path``), WebDataset tar shards (``shards``,
 streamed and split across ranks and workers) or the synthetic scenes (``scenes``, used when
-neither is given).
+neither is given). With ``buckets`` every training batch holds one aspect-ratio bucket and carries its
+shape as ``batch["size"]`` (:mod:`editr1.data.buckets`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import lightning as L
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from editr1.data.benchmarks import GEditDataset, ImageFolderDataset, ImgEditDataset
+from editr1.data.buckets import DEFAULT_RATIOS, BucketedView, BucketSampler, assign_buckets, make_buckets
 from editr1.data.jsonl import JsonlEditDataset
 from editr1.data.scenes import SceneConfig, SceneDataset
 from editr1.data.shards import ShardEditDataset
@@ -80,6 +82,10 @@ def collate_prompts(items: list[dict]) -> dict:
         batch["mask"] = None
     batch["skipped"] = dict(skipped)
     batch["missing"] = missing
+    sizes = {tuple(item["size"]) for item in items if item.get("size") is not None}
+    if len(sizes) > 1:
+        raise ValueError(f"a batch mixes bucket shapes {sorted(sizes)}: the sampler must give one bucket a batch")
+    batch["size"] = sizes.pop() if sizes else None  # (height, width) of the batch's bucket; None: the model's own
     return batch
 
 
@@ -153,6 +159,16 @@ class EditDataModule(L.LightningDataModule):
         references: rows with reference images (``"image"`` a list of several paths): ``keep`` (for models
             that edit from several images; a model that takes one refuses them with an error) or ``skip``
             (drop them, counted as ``multi_image_row``: train a single-image model on mixed data).
+        buckets: train in aspect-ratio buckets: each training prompt goes to the bucket nearest its edited image's
+            aspect ratio (sizes read from the image headers; for shards, from the decoded image), every batch
+            holds one bucket and is trained at its shape (images, references and targets scaled to cover it and
+            centre-cropped). Off: every image is cover-cropped to the model's resolution. Validation, test and
+            predict always run at the model's resolution.
+        bucket_area: pixels of every bucket; ``None`` = the model's resolution (height × width).
+        bucket_ratios: the buckets' aspect ratios as ``"W:H"`` (width : height; quote them in YAML, which reads an
+            unquoted 16:9 as a base-60 number) or numbers (width / height), one bucket each.
+        bucket_multiple: each bucket side is a multiple of this; ``None`` = the model's spatial multiple (VAE
+            downsampling × patch size, ``policy.spatial_multiple``).
     """
 
     def __init__(
@@ -176,6 +192,10 @@ class EditDataModule(L.LightningDataModule):
         shuffle: bool = True,
         targets: Literal["auto", "require", "ignore"] = "auto",
         references: Literal["keep", "skip"] = "keep",
+        buckets: bool = False,
+        bucket_area: int | None = None,
+        bucket_ratios: list[str | float] = list(DEFAULT_RATIOS),  # noqa: B006 - jsonargparse shows list defaults; never mutated
+        bucket_multiple: int | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -219,6 +239,13 @@ class EditDataModule(L.LightningDataModule):
         self.predict_instruction = predict_instruction
         self.metadata_file = metadata_file
         self.shuffle = shuffle
+        if bucket_area is not None and bucket_area <= 0 or bucket_multiple is not None and bucket_multiple <= 0:
+            raise ValueError(f"bucket_area and bucket_multiple must be positive, got {bucket_area}, {bucket_multiple}")
+        self.buckets = buckets
+        self.bucket_area = bucket_area
+        self.bucket_ratios = list(bucket_ratios)
+        self.bucket_multiple = bucket_multiple
+        make_buckets(bucket_area or 1024, bucket_multiple or 16, self.bucket_ratios)  # bad ratios fail here
         self._datasets: dict[str, Dataset] = {}
         self._resume: dict | None = None  # data position from a checkpoint
 
@@ -323,6 +350,7 @@ class EditDataModule(L.LightningDataModule):
             "stream_batches": total,
             "seed": self._order_seed(),
             "batch_size": self.batch_size,
+            "buckets": self._bucket_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -334,12 +362,49 @@ class EditDataModule(L.LightningDataModule):
                 f"{state.get('batch_size')} and prompt-order seed {state.get('seed')}, this run has "
                 f"{self.batch_size} and {self._order_seed()}"
             )
+        saved = state.get("buckets")
+        if saved != self._bucket_state():
+            raise ValueError(
+                f"cannot resume the data position: the checkpoint was taken with training buckets {saved}, this run "
+                f"has {self._bucket_state()} (data.buckets, bucket_area, bucket_ratios, bucket_multiple)"
+            )
         self._resume = dict(state)
+
+    def _bucket_state(self) -> list[list[int]] | None:
+        """The training buckets as saved in checkpoints (lists: the same after any serialisation); None: off."""
+        return [list(b) for b in self.bucket_shapes()] if self.buckets else None
 
     def _order_seed(self) -> int:
         if self.seed is not None:
             return self.seed
         return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+    def bucket_shapes(self) -> list[tuple[int, int]]:
+        """The training buckets (``data.buckets``): ``bucket_area`` and ``bucket_multiple``, or the attached
+        model's resolution and spatial multiple where they are ``None``."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        policy = getattr(module, "policy", None)
+        area = self.bucket_area or (policy.height * policy.width if policy is not None else None)
+        multiple = self.bucket_multiple or (policy.spatial_multiple if policy is not None else None)
+        if area is None or multiple is None:
+            raise ValueError("data.buckets without a model attached needs data.bucket_area and data.bucket_multiple")
+        return make_buckets(area, multiple, self.bucket_ratios)
+
+    def _bucketed(self, ds: Dataset, world: int, rank: int) -> tuple[Dataset, BucketSampler]:
+        sizes = getattr(ds, "image_sizes", None)
+        if sizes is None:
+            raise ValueError(f"data.buckets: {type(ds).__name__} does not give its image sizes")
+        buckets = self.bucket_shapes()
+        shapes, index = assign_buckets(sizes(), buckets)
+        sampler = BucketSampler(
+            ds, index, self.batch_size, num_replicas=world, rank=rank, shuffle=self.shuffle, seed=self._order_seed()
+        )
+        log.info(
+            "train buckets (height x width: prompts): %s; %d batches an epoch",
+            ", ".join(f"{b[0]}x{b[1]}: {sampler.counts.get(n, 0)}" for n, b in enumerate(buckets)),
+            len(sampler) // self.batch_size,
+        )
+        return BucketedView(ds, shapes), sampler
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader | list:
         ds = self.dataset(split)
@@ -350,9 +415,11 @@ class EditDataModule(L.LightningDataModule):
                 ds.bind(self.trainer.global_rank, self.trainer.world_size)
             if split == "train" and self._resume is not None:
                 ds.resume(self._resume["stream_batches"], self.batch_size)
+            if split == "train" and self.buckets:  # the stream yields whole batches of one bucket
+                ds.bucket(self.bucket_shapes(), self.batch_size)
             return DataLoader(
                 ds,
-                batch_size=self.batch_size,
+                batch_size=None if ds.buckets else self.batch_size,
                 num_workers=self.num_workers,
                 collate_fn=collate_prompts,
                 persistent_workers=self.num_workers > 0,
@@ -364,9 +431,12 @@ class EditDataModule(L.LightningDataModule):
             # prompts on 1 rank or many. Lightning keeps a DistributedSampler it is given.
             world = self.trainer.world_size if self.trainer is not None else 1
             rank = self.trainer.global_rank if self.trainer is not None else 0
-            sampler = ResumableSampler(
-                ds, num_replicas=world, rank=rank, shuffle=shuffle, seed=self._order_seed(), drop_last=True
-            )
+            if self.buckets:
+                ds, sampler = self._bucketed(ds, world, rank)
+            else:
+                sampler = ResumableSampler(
+                    ds, num_replicas=world, rank=rank, shuffle=shuffle, seed=self._order_seed(), drop_last=True
+                )
             if self._resume is not None:
                 sampler.resume(self._resume["epoch"], self._resume["batches"] * self.batch_size)
             shuffle = False

@@ -365,6 +365,10 @@ class SceneDataset(torch.utils.data.Dataset):
             raise IndexError(f"index out of range for a SceneDataset of length {self.length}")
         return make_example(self.start + index, self.config, self.split)
 
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """Every scene's ``(height, width)``: all square, ``config.size``."""
+        return [(self.config.size, self.config.size)] * self.length
+
 
 def export_folder(
     out_dir: str, count: int, config: SceneConfig | None = None, split: str = "train", start: int = 0

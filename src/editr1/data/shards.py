@@ -163,6 +163,13 @@ class ShardEditDataset(IterableDataset):
         self.epoch = 0
         self.rank, self.world_size = process_rank()
         self.skip_batches, self.batch_size = 0, 1
+        self.buckets: list[tuple[int, int]] | None = None
+
+    def bucket(self, buckets: list[tuple[int, int]], batch_size: int) -> None:
+        """Yield whole batches (lists of ``batch_size`` usable items of one aspect-ratio bucket, each with its
+        ``"size"``) instead of items: samples wait in their bucket (nearest in log aspect ratio to the decoded
+        source image) until it holds a batch; skipped samples ride along with the next batch, counted there."""
+        self.buckets, self.batch_size = list(buckets), batch_size
 
     def resume(self, batches: int, batch_size: int) -> None:
         """Continue after ``batches`` batches of ``batch_size`` items that this process already consumed
@@ -193,8 +200,14 @@ class ShardEditDataset(IterableDataset):
         rank, world_size = self.rank, self.world_size
         epoch = self.epoch
         mine = max(0, -(-(self.skip_batches - worker) // num_workers))  # batches w, w + W, ... were this worker's
+        stream = self._stream(rank, world_size, worker, num_workers, epoch)
+        if self.buckets is not None:  # the same stream, cut the same way: skipping whole batches is exact
+            for n, batch in enumerate(self._bucket_batches(stream)):
+                if n >= mine:
+                    yield batch
+            return
         skip = mine * self.batch_size
-        for item in self._stream(rank, world_size, worker, num_workers, epoch):
+        for item in stream:
             if skip:
                 skip -= 1
                 continue
@@ -217,6 +230,22 @@ class ShardEditDataset(IterableDataset):
             if not self.repeat:
                 return
             epoch += 1
+
+    def _bucket_batches(self, stream: Iterator[dict]) -> Iterator[list[dict]]:
+        from editr1.data.buckets import nearest_bucket
+
+        waiting: dict[tuple[int, int], list[dict]] = {}
+        skipped: list[dict] = []
+        for item in stream:
+            if "skipped" in item:
+                skipped.append(item)
+                continue
+            shape = nearest_bucket(item["image"].height, item["image"].width, self.buckets)
+            batch = waiting.setdefault(shape, [])
+            batch.append({**item, "size": shape})
+            if len(batch) == self.batch_size:
+                yield batch + skipped
+                waiting[shape], skipped = [], []
 
     @staticmethod
     def _drain(errors: list[str]) -> Iterator[dict]:

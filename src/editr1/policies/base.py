@@ -15,8 +15,9 @@ LoRA adapters live on ``self.transformer`` (see :mod:`editr1.policies.lora`).
 from __future__ import annotations
 
 import contextlib
+import functools
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -116,6 +117,21 @@ def shifted_sigmas(scheduler_config, image_seq_len: int, num_steps: int) -> torc
     return scheduler.sigmas.to(torch.float32).cpu()
 
 
+def at_batch_size(method: Callable) -> Callable:
+    """Run a module's ``method(self, batch, ...)`` with ``self.policy`` at the batch's ``"size"`` (an aspect-ratio
+    bucket, see :mod:`editr1.data.buckets`); a batch without one runs at the configured resolution."""
+
+    @functools.wraps(method)
+    def wrapper(self, batch, *args, **kwargs):
+        size = batch.get("size") if isinstance(batch, dict) else None
+        if size is None:
+            return method(self, batch, *args, **kwargs)
+        with self.policy.at_size(*size):
+            return method(self, batch, *args, **kwargs)
+
+    return wrapper
+
+
 def _largest_module_lists(root: nn.Module) -> list[nn.Module]:
     """The elements of the biggest ``nn.ModuleList`` (by parameter count) under ``root``: its layers."""
     best, size = [], 0
@@ -164,7 +180,8 @@ class EditPolicy(nn.Module, ABC):
 
     @abstractmethod
     def latent_shape(self) -> tuple[int, ...]:
-        """Shape of one sample's packed latents at the configured resolution."""
+        """Shape of one sample's packed latents at the current size (the configured resolution, or the size
+        :meth:`at_size` set)."""
 
     @abstractmethod
     def sigmas(self, num_steps: int) -> torch.Tensor:
@@ -265,9 +282,34 @@ class EditPolicy(nn.Module, ABC):
             out[rows.to(out.device)] = v
         return out
 
+    # ----------------------------------------------------------------- size
+    @property
+    def spatial_multiple(self) -> int:
+        """Every image side is a multiple of this: the VAE's downsampling × the 2×2 latent patches."""
+        return int(self.vae_scale_factor) * 2
+
+    @contextlib.contextmanager
+    def at_size(self, height: int, width: int) -> Iterator[None]:
+        """``with policy.at_size(h, w):`` every operation (preprocess, encode, latent shape, σ schedule, decode)
+        works at ``h x w`` instead of the configured resolution, which comes back afterwards."""
+        m = self.spatial_multiple
+        if height <= 0 or width <= 0 or height % m or width % m:
+            raise ValueError(f"size {height}x{width} must be positive multiples of {m} for {type(self).__name__}")
+        names = [n for n in ("height", "width", "latent_h", "latent_w") if hasattr(self, n)]
+        saved = {n: getattr(self, n) for n in names}
+        self.height, self.width = int(height), int(width)
+        if "latent_h" in saved:
+            self.latent_h, self.latent_w = self.height // self.vae_scale_factor, self.width // self.vae_scale_factor
+        try:
+            yield
+        finally:
+            for n, v in saved.items():
+                setattr(self, n, v)
+
     # ----------------------------------------------------------------- shared behaviour
     def preprocess(self, images: Sequence[Image.Image | torch.Tensor]) -> torch.Tensor:
-        """Images from the data → ``(N, 3, H, W)`` in [0, 1] at the policy's resolution, on its device."""
+        """Images from the data → ``(N, 3, H, W)`` in [0, 1] at the policy's current size (scaled to cover it,
+        centre-cropped), on its device."""
         return to_tensor_images(images, self.height, self.width).to(self.device)
 
     def _check_images(self, images: torch.Tensor) -> None:

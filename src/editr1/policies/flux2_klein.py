@@ -9,7 +9,9 @@ The transformer gets no attention mask (the pipeline gives none: padding tokens 
 same in every batch) and no guidance embedding; there is no classifier-free guidance (the pipeline's
 ``guidance_scale`` ≤ 1). The σ schedule is the pipeline's: ``linspace(1, 1/n, n)`` shifted by its
 empirical μ, which depends on the number of steps as well as on the latent sequence length.
-Resolution comes from the config: the pipeline's own resize of condition images to ≤ 1024² never runs.
+Resolution comes from the config (or a batch's aspect-ratio bucket, :meth:`EditPolicy.at_size`): the
+pipeline's own resize of condition images to ≤ 1024² never runs; like the pipeline, each condition image is
+VAE-encoded at its own shape cropped to a multiple of 16, which is the bucket's shape here.
 """
 
 from __future__ import annotations

@@ -7,7 +7,10 @@ embeddings and their mask; the condition image is also VAE-encoded (``Autoencode
 5-D latents normalised by ``latents_mean``/``latents_std``), packed into 2×2 patches and appended to
 the noisy latents along the sequence, with its shape in ``img_shapes``. No classifier-free guidance
 (``true_cfg_scale`` 1). Resolution and the size of the image the text encoder sees come from the
-config: the pipelines' fixed ~1024² (and 384² for 2509) sizes are never forced on training.
+config: the pipelines' fixed ~1024² VAE size is never forced on training (the VAE sees the training
+resolution, or the batch's aspect-ratio bucket). ``condition_area`` sizes the text encoder's picture as
+QwenImageEditPlusPipeline does (``calculate_dimensions``: that area at the image's aspect ratio, sides rounded
+to multiples of 32, Lanczos through the pipeline's own image processor).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from diffusers import (
     QwenImageEditPlusPipeline,
     QwenImageTransformer2DModel,
 )
+from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_dimensions
 
 from editr1.dtypes import default_dtype, resolve_dtype
 from editr1.images import tensor_to_image
@@ -174,7 +178,11 @@ class QwenImageEditPolicy(EditPolicy):
         resolution: training/rollout resolution, one int (square) or ``[height, width]``; a multiple of
             2 × the VAE's downsampling factor. Condition images are VAE-encoded at this size too.
         condition_resolution: size of the condition image the Qwen2.5-VL encoder sees (int or
-            ``[height, width]``); ``None`` = ``resolution``. (The pipelines use ~1024² for Edit and 384² for 2509.)
+            ``[height, width]``, whatever the image's shape; bicubic); ``None`` = the image's own size (the
+            training resolution or bucket) unless ``condition_area`` is set.
+        condition_area: instead of a fixed size, the Qwen2.5-VL encoder sees each condition image at about this
+            many pixels at its own aspect ratio, as QwenImageEditPlusPipeline (``CONDITION_IMAGE_SIZE`` =
+            384², 147456, for 2509 and 2511).
         max_sequence_length: prompt-embedding tokens kept per prompt (after the template's dropped prefix).
         tiny: sizes for the in-code build (ignored when loading pretrained weights).
         local_files_only: never touch the network when loading pretrained weights.
@@ -192,6 +200,7 @@ class QwenImageEditPolicy(EditPolicy):
         torch_dtype: str = "float32",
         resolution: int | list[int] = 512,
         condition_resolution: int | list[int] | None = None,
+        condition_area: int | None = None,
         max_sequence_length: int = 1024,
         tiny: TinyQwenImage | None = None,
         local_files_only: bool = False,
@@ -230,7 +239,12 @@ class QwenImageEditPolicy(EditPolicy):
         multiple = self.vae_scale_factor * 2
         if height % multiple or width % multiple:
             raise ValueError(f"resolution {height}x{width} must be a multiple of {multiple} for this model")
-        self.condition_hw = _hw(condition_resolution) if condition_resolution is not None else (height, width)
+        if condition_resolution is not None and condition_area is not None:
+            raise ValueError("give condition_resolution (a fixed size) or condition_area (aspect kept), not both")
+        if condition_area is not None and condition_area <= 0:
+            raise ValueError(f"condition_area must be positive, got {condition_area}")
+        self.condition_resolution = _hw(condition_resolution) if condition_resolution is not None else None
+        self.condition_area = condition_area
         self.latent_h = height // self.vae_scale_factor
         self.latent_w = width // self.vae_scale_factor
         self.latent_channels = self.vae.config.z_dim
@@ -275,9 +289,27 @@ class QwenImageEditPolicy(EditPolicy):
     def images_shared(self, num_images: int) -> dict[str, torch.Tensor]:
         return {"num_images": torch.tensor(num_images)}
 
+    @property
+    def condition_hw(self) -> tuple[int, int]:
+        """``(height, width)`` of the picture the Qwen2.5-VL encoder sees of an image at the current size."""
+        return self.condition_size(self.height, self.width)
+
+    def condition_size(self, height: int, width: int) -> tuple[int, int]:
+        """The Qwen2.5-VL picture's ``(height, width)`` for a ``height x width`` condition image:
+        ``condition_resolution``, or ``condition_area`` at its aspect ratio (the pipeline's
+        ``calculate_dimensions``), or its own size."""
+        if self.condition_resolution is not None:
+            return self.condition_resolution
+        if self.condition_area is not None:
+            w, h = calculate_dimensions(self.condition_area, width / height)
+            return int(h), int(w)
+        return height, width
+
     def _condition_pil(self, image: torch.Tensor):
-        """The picture the Qwen2.5-VL encoder sees: the source at ``condition_resolution``."""
-        h, w = self.condition_hw
+        """The picture the Qwen2.5-VL encoder sees: the condition image at :meth:`condition_size`."""
+        h, w = self.condition_size(*image.shape[1:])
+        if self.condition_area is not None:  # as QwenImageEditPlusPipeline: its image processor's resize of a PIL image
+            return self.pipe.image_processor.resize(tensor_to_image(image, clamp=False), h, w)
         if tuple(image.shape[1:]) != (h, w):
             image = torch.nn.functional.interpolate(
                 image[None].float(), size=(h, w), mode="bicubic", align_corners=False, antialias=True
