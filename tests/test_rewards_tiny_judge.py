@@ -88,3 +88,44 @@ def test_warmup_moves_the_first_answer_token_onto_the_digits():
     after = digit_mass(*build_tiny_judge(TinyJudge(warmup_steps=6)))
     assert (before < 0.05).all()  # about 6 / 263 at random initialisation
     assert (after > 0.15).all() and (after > 5 * before).all()
+
+
+def test_a_saved_judge_brings_its_sizes_and_serve_reward_checks_the_file(tmp_path):
+    from dataclasses import asdict
+
+    from editr1.demo_judge import save
+    from editr1.rewards.server import serve_reward
+    from editr1.rewards.tiny_judge import tiny_judge_from_file
+
+    cfg = TinyJudge(
+        hidden=32,
+        layers=1,
+        heads=2,
+        vision_hidden=32,
+        patch_size=4,
+        min_pixels=16 * 16,
+        max_pixels=16 * 16,
+        warmup_steps=0,
+        seed=3,
+    )
+    model, processor = build_tiny_judge(cfg)
+    path = tmp_path / "judge.safetensors"
+    save(model, {}, cfg, path)
+    loaded = tiny_judge_from_file(str(path))
+    assert asdict(loaded) == {**asdict(cfg), "weights": str(path)}
+    again, _ = build_tiny_judge(loaded)
+    image = tensor_to_image(torch.rand(3, 16, 16))
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Score 0-5."}]}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    inputs = processor(text=[text], images=[[image]], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, again(**inputs).logits)
+
+    (tmp_path / "plain.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(SystemExit, match="not a readable safetensors file"):
+        serve_reward(tiny_weights=str(tmp_path / "plain.safetensors"))
+    with pytest.raises(SystemExit, match="--model or --tiny_weights, not both"):
+        serve_reward(model="some/judge", tiny_weights=str(path))

@@ -297,6 +297,7 @@ def serve_reward(
     num_threads: int | None = None,
     reward: str | None = None,
     reward_args: dict | None = None,
+    tiny_weights: str | None = None,
 ) -> None:
     """Serve a transformers MLLM judge over an OpenAI-compatible API, or (``--reward``) any Python reward.
 
@@ -323,6 +324,8 @@ def serve_reward(
             :class:`editr1.rewards.RewardModel`) on ``POST /v1/score`` (:mod:`editr1.rewards.scalar_server`);
             train against it with :class:`editr1.rewards.ServedScalarReward`.
         reward_args: the reward class's keyword arguments, e.g. ``'{"sigma": 1.0}'``.
+        tiny_weights: without ``--model``: a trained tiny judge (its sizes from the file), e.g. the demo's
+            ``asset:demo_judge/model.safetensors``; omit both for the untrained tiny judge.
     """
     if num_threads is not None:
         torch.set_num_threads(num_threads)
@@ -351,7 +354,19 @@ def serve_reward(
         server = ScalarRewardServer(served, host, port, api_key, served_model_name, limits)
         print(f"editr1 serve-reward: {server.model_name} at {server.url}/score", flush=True)
         return server.serve_forever()
-    judge = MLLMJudge(model, revision, torch_dtype, quantization, trust_remote_code, local_files_only=local_files_only)
+    tiny = None
+    if tiny_weights is not None:
+        from editr1.rewards.tiny_judge import tiny_judge_from_file
+
+        if model is not None:
+            raise SystemExit("editr1 serve-reward: error: give --model or --tiny_weights, not both")
+        try:
+            tiny = tiny_judge_from_file(tiny_weights)
+        except (ValueError, OSError) as exc:
+            raise SystemExit(f"editr1 serve-reward: error: {exc}") from None
+    judge = MLLMJudge(
+        model, revision, torch_dtype, quantization, trust_remote_code, tiny=tiny, local_files_only=local_files_only
+    )
     judge.load(resolve_device(device))
     server = RewardServer(judge, host, port, api_key, served_model_name, limits)
     print(f"editr1 serve-reward: {server.model_name} at {server.url}", flush=True)

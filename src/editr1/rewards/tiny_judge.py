@@ -151,6 +151,25 @@ def build_tiny_judge(
     return model.eval(), processor
 
 
+def tiny_judge_from_file(path: str) -> TinyJudge:
+    """The sizes a trained tiny judge was saved with (its safetensors metadata ``sizes``), pointing at it."""
+    from dataclasses import fields
+
+    from safetensors import safe_open
+
+    file = resolve_asset(path)
+    try:
+        with safe_open(file, "pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error type for a file that is not one
+        raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
+    if "sizes" not in meta:
+        raise ValueError(f"{path}: no judge sizes in its metadata (not saved by editr1.demo_judge); give `tiny:` sizes")
+    known = {f.name for f in fields(TinyJudge)}
+    sizes = {k: v for k, v in json.loads(meta["sizes"]).items() if k in known}
+    return TinyJudge(**{**sizes, "weights": path})
+
+
 def _read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import safe_open
 
