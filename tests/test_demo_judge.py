@@ -82,3 +82,38 @@ def test_weights_of_other_sizes_are_a_clear_error(trained):
     *_, path = trained
     with pytest.raises(ValueError, match="do not fit a judge of the given sizes"):
         build_tiny_judge(dataclasses.replace(SMALL, hidden=64, weights=str(path)))
+
+
+def test_training_script_end_to_end_at_toy_size(tmp_path):
+    """Two steps on two scenes, the first from the easy kinds: the weights (with their prompt and sizes) and the
+    metrics are written, and the file serves as a reward with its own sizes."""
+    import json
+
+    from safetensors import safe_open
+
+    from editr1.demo_judge import train
+    from editr1.rewards.tiny_judge import tiny_judge_from_file
+
+    prompt = "Instruction: {instruction}. Requirement: {requirement}. Score 0-5."
+    metrics = train(
+        tmp_path,
+        steps=2,
+        scenes=2,
+        batch=4,
+        lr=1e-3,
+        seed=0,
+        eval_scenes=1,
+        log=lambda *_: None,
+        curriculum=1,
+        prompt=prompt,
+    )
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["curriculum"] == 1 and saved["prompt"] == prompt and saved["train_examples"] == 8
+    assert set(metrics["heldout"]) >= {"spearman", "exact_digit_accuracy", "within_one_accuracy"}
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert f.metadata()["prompt"] == prompt
+    cfg = tiny_judge_from_file(str(tmp_path / "model.safetensors"))
+    reward = LocalMLLMReward(torch_dtype="float32", tiny=cfg, prompt=prompt)
+    src, edit = torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32)
+    score = reward.score(RewardInputs(edits=edit, sources=src, instructions=["Remove it."], requirements=["x"]))
+    assert score.shape == (1,) and 0 <= float(score[0]) <= 1

@@ -136,14 +136,14 @@ def make_examples(policy, split: str, start: int, count: int, seed: int, log=pri
     return out
 
 
-def train_tokenizer(vocab_size: int = 700, scenes: int = 3000) -> dict:
+def train_tokenizer(vocab_size: int = 700, scenes: int = 3000, template: str = DEFAULT_TEMPLATE) -> dict:
     """BPE vocab and merges learned from the judge prompts of training scenes (every byte kept)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     corpus = []
     for s in range(scenes):
         ex = make_example(s, DEMO_SCENES, "train")
-        corpus.append(render(DEFAULT_TEMPLATE, ex["prompt"], ex["requirement"]))
+        corpus.append(render(template, ex["prompt"], ex["requirement"]))
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(
@@ -156,16 +156,17 @@ def train_tokenizer(vocab_size: int = 700, scenes: int = 3000) -> dict:
 
 
 class Batcher:
-    """Examples -> the processor's tensors, as the reward path builds them."""
+    """Examples -> the processor's tensors, as the reward path builds them (``template``: the judge prompt)."""
 
-    def __init__(self, processor) -> None:
+    def __init__(self, processor, template: str = DEFAULT_TEMPLATE) -> None:
         self.processor = processor
+        self.template = template
         processor.tokenizer.padding_side = "left"
 
     def texts(self, examples: list[Example]) -> list[str]:
         return [
             self.processor.apply_chat_template(
-                user_turn(render(DEFAULT_TEMPLATE, e.instruction, e.requirement)),
+                user_turn(render(self.template, e.instruction, e.requirement)),
                 add_generation_prompt=True,
                 tokenize=False,
             )
@@ -207,12 +208,31 @@ def agreement(model, batcher: Batcher, examples: list[Example], batch: int = 64)
     }
 
 
-def train(out: Path, steps: int, scenes: int, batch: int, lr: float, seed: int, eval_scenes: int, log=print) -> dict:
+EASY_KINDS = ("identity", "target", "blend", "noise", "brightness", "wrong_colour")  # judged without the policy
+
+
+def train(
+    out: Path,
+    steps: int,
+    scenes: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    eval_scenes: int,
+    log=print,
+    curriculum: int = 0,
+    prompt: str | None = None,
+) -> dict:
+    """Train and save the judge; the first ``curriculum`` steps draw only :data:`EASY_KINDS` (edits whose digit
+    follows from how much and how the image changed), so the vision tower learns to compare the two images before
+    the harder rollouts. ``prompt``: the judge prompt it is trained on (default: editr1's own)."""
     from editr1.policies.flux_kontext import FluxKontextPolicy
+
+    template = prompt or DEFAULT_TEMPLATE
 
     start = time.perf_counter()
     torch.manual_seed(seed)
-    spec = train_tokenizer()
+    spec = train_tokenizer(template=template)
     base = FluxKontextPolicy(
         tiny=dataclasses.replace(DEMO_TINY, weights="asset:demo_base/model.safetensors"),
         resolution=DEMO_SCENES.size,
@@ -228,7 +248,8 @@ def train(out: Path, steps: int, scenes: int, batch: int, lr: float, seed: int, 
     # the judge: built at its sizes with the trained tokenizer (saved with the weights at the end)
     cfg = TinyJudge(**{**asdict(DEMO_JUDGE), "seed": seed})
     model, processor = build_tiny_judge(cfg, tokenizer=spec)
-    batcher = Batcher(processor)
+    batcher = Batcher(processor, template)
+    easy = [e for e in data if e.kind in EASY_KINDS]
     digits = torch.tensor(digit_token_ids(processor.tokenizer))
     tokens = batcher(data[:1])["input_ids"].shape[1]
     log(f"judge: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {tokens} tokens per judgement")
@@ -241,7 +262,7 @@ def train(out: Path, steps: int, scenes: int, batch: int, lr: float, seed: int, 
     history = []
     model.train()
     for step in range(steps):
-        examples = rng.sample(data, batch)
+        examples = rng.sample(easy if step < curriculum else data, batch)
         labels = digits[reward_to_digit(torch.tensor([e.reward for e in examples]))]
         logits = model(**batcher(examples), logits_to_keep=1).logits[:, -1, :]
         loss = torch.nn.functional.cross_entropy(logits.float(), labels)
@@ -265,23 +286,27 @@ def train(out: Path, steps: int, scenes: int, batch: int, lr: float, seed: int, 
         batch=batch,
         lr=lr,
         seed=seed,
+        curriculum=curriculum,
+        prompt=template,
         seconds=time.perf_counter() - start,
         history=history,
         sizes=asdict(cfg),
         train_kinds={k: sum(e.kind == k for e in data) for k in KINDS},
         torch=torch.__version__,
     )
-    save(model, spec, cfg, out / "model.safetensors")
+    save(model, spec, cfg, out / "model.safetensors", template)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     return metrics
 
 
-def save(model, spec: dict, cfg: TinyJudge, path: Path) -> None:
+def save(model, spec: dict, cfg: TinyJudge, path: Path, prompt: str | None = None) -> None:
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     meta = {"tokenizer": json.dumps(spec), "sizes": json.dumps({**asdict(cfg), "weights": None})}
+    if prompt is not None:
+        meta["prompt"] = prompt  # the judge prompt it was trained on
     save_file(state, str(path), metadata=meta)
 
 
@@ -294,8 +319,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--curriculum", type=int, default=0, help="first steps on the easy edit kinds only")
+    p.add_argument("--prompt", default=None, help="judge prompt template (default: editr1's own)")
     args = p.parse_args(argv)
-    metrics = train(Path(args.out), args.steps, args.scenes, args.batch, args.lr, args.seed, args.eval_scenes)
+    metrics = train(
+        Path(args.out),
+        args.steps,
+        args.scenes,
+        args.batch,
+        args.lr,
+        args.seed,
+        args.eval_scenes,
+        curriculum=args.curriculum,
+        prompt=args.prompt,
+    )
     for split in ("heldout", "unseen"):
         m = metrics[split]
         print(
