@@ -16,6 +16,11 @@ tokens; it is stored in the weights file's metadata. Held-out agreement with the
 ``heldout`` and ``unseen`` splits at seeds the demo's evaluations never use. Run::
 
     python -m editr1.demo_judge --out data/demo_judge
+    python -m editr1.demo_judge --curriculum 600 --prompt "Instruction: {instruction}. Score 0-5."   # variants
+
+``--curriculum N`` draws the first N steps from the edit kinds whose digit follows from how much and how the
+image changed (identity, target, blends, noise, brightness, wrong colours); ``--prompt`` trains on another judge
+prompt (saved in the file's metadata as ``prompt``, with the sizes and the tokenizer).
 
 It writes ``model.safetensors`` (load it with ``TinyJudge(weights=..., <the sizes of DEMO_JUDGE>)``) and
 ``metrics.json`` (the agreement figures, the training history and settings) into ``--out``.
