@@ -129,3 +129,10 @@ def test_a_saved_judge_brings_its_sizes_and_serve_reward_checks_the_file(tmp_pat
         serve_reward(tiny_weights=str(tmp_path / "plain.safetensors"))
     with pytest.raises(SystemExit, match="--model or --tiny_weights, not both"):
         serve_reward(model="some/judge", tiny_weights=str(path))
+
+
+def test_weights_that_are_not_safetensors_are_a_clear_error(tmp_path):
+    bad = tmp_path / "judge.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        build_tiny_judge(TinyJudge(weights=str(bad)))

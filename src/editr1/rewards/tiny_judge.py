@@ -155,14 +155,7 @@ def tiny_judge_from_file(path: str) -> TinyJudge:
     """The sizes a trained tiny judge was saved with (its safetensors metadata ``sizes``), pointing at it."""
     from dataclasses import fields
 
-    from safetensors import safe_open
-
-    file = resolve_asset(path)
-    try:
-        with safe_open(file, "pt") as f:
-            meta = f.metadata() or {}
-    except Exception as exc:  # safetensors raises its own error type for a file that is not one
-        raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
+    meta = _read_weights(path, tensors=False)[1]
     if "sizes" not in meta:
         raise ValueError(f"{path}: no judge sizes in its metadata (not saved by editr1.demo_judge); give `tiny:` sizes")
     known = {f.name for f in fields(TinyJudge)}
@@ -170,11 +163,17 @@ def tiny_judge_from_file(path: str) -> TinyJudge:
     return TinyJudge(**{**sizes, "weights": path})
 
 
-def _read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _read_weights(path: str, tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A judge file's tensors (none with ``tensors=False``) and metadata; a clear error for a file that is not one."""
     from safetensors import safe_open
 
-    with safe_open(resolve_asset(path), "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}  # noqa: SIM118 - no __iter__
+    file = resolve_asset(path)
+    try:
+        with safe_open(file, "pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}  # noqa: SIM118 - no __iter__
+            return state, f.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error type for a file that is not one
+        raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
 
 
 def _load(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
