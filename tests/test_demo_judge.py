@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from editr1.demo_judge import Batcher, Example, perturb, reward_to_digit, save, train_tokenizer
+from editr1.images import image_to_tensor
 from editr1.rewards.base import RewardInputs
 from editr1.rewards.mllm import LocalMLLMReward
 from editr1.rewards.scoring import digit_token_ids
@@ -117,3 +118,96 @@ def test_training_script_end_to_end_at_toy_size(tmp_path):
     src, edit = torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32)
     score = reward.score(RewardInputs(edits=edit, sources=src, instructions=["Remove it."], requirements=["x"]))
     assert score.shape == (1,) and 0 <= float(score[0]) <= 1
+
+
+@pytest.fixture(scope="module")
+def prompted(tmp_path_factory):
+    """A judge file saved with its own prompt, as ``python -m editr1.demo_judge`` writes it."""
+    spec = train_tokenizer(vocab_size=400, scenes=40)
+    # a few digit-answer steps put its first token's mass on the digits, as training does: a server's top-20
+    # log-probabilities then hold all six
+    model, _ = build_tiny_judge(dataclasses.replace(SMALL, warmup_steps=40), tokenizer=spec)
+    path = tmp_path_factory.mktemp("judge") / "model.safetensors"
+    save(model, spec, SMALL, path, PROMPT)
+    return path
+
+
+PROMPT = "Instruction: {instruction}\nScore the edit from 0 to 5."
+
+
+def scene_inputs(n: int = 6) -> RewardInputs:
+    from editr1.data.scenes import SceneConfig, make_example
+
+    cfg = SceneConfig(holdout=["circle:yellow"])
+    rows = [make_example(i, cfg, "train") for i in range(n)]
+    return RewardInputs(
+        edits=torch.stack([image_to_tensor(r["target"]) for r in rows]),
+        sources=torch.stack([image_to_tensor(r["image"]) for r in rows]),
+        instructions=[r["prompt"] for r in rows],
+        requirements=[r["requirement"] for r in rows],
+    )
+
+
+def test_tiny_weights_bring_their_sizes_and_prompt(prompted):
+    reward = LocalMLLMReward(torch_dtype="float32", tiny_weights=str(prompted), max_pixels=1024)
+    assert reward.template == PROMPT and reward.judge.tiny.hidden == SMALL.hidden
+    # an explicit prompt wins over the file's
+    assert LocalMLLMReward(tiny_weights=str(prompted), prompt="Score {instruction}").template == "Score {instruction}"
+    with pytest.raises(ValueError, match="give tiny_weights alone"):
+        LocalMLLMReward(tiny_weights=str(prompted), tiny=SMALL)
+
+
+def test_score_modes_greedy_and_sampled(prompted):
+    x = scene_inputs()
+    kw = dict(torch_dtype="float32", tiny_weights=str(prompted), max_pixels=1024)
+    expected = LocalMLLMReward(**kw).score(x)
+    greedy = LocalMLLMReward(**kw, score="greedy").score(x)
+    a, b = (LocalMLLMReward(**kw, score="sampled", sample_seed=3).score(x) for _ in range(2))
+    for digits in (greedy, a):
+        assert torch.equal(digits * 5, (digits * 5).round())  # whole digits
+    assert torch.equal(a, b)  # seeded draws
+    assert not torch.equal(expected * 5, (expected * 5).round())  # the expected score is finer than a digit
+    with pytest.raises(ValueError, match="expected, sampled or greedy"):
+        LocalMLLMReward(**kw, score="mean")
+
+
+def test_trained_judge_served_by_the_command_agrees_with_the_local_reward(prompted, tmp_path):
+    """``editr1 serve-reward --tiny_weights`` on loopback, read by the served reward client: the same scores as
+    the judge in-process (the served path and the local path see the same prompt, images and weights)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from editr1.rewards import ServedMLLMReward
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "editr1", "serve-reward", "--tiny_weights", str(prompted), "--torch_dtype"]
+    cmd += ["float32", "--device", "cpu", "--port", str(port)]
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+    url = f"http://127.0.0.1:{port}/v1"
+    client = ServedMLLMReward(base_url=url, model="editr1-tiny-judge", prompt=PROMPT, max_pixels=1024)
+    try:
+        deadline = time.time() + 300  # a loaded machine starts Python slowly
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    break
+            except OSError:
+                assert proc.poll() is None, proc.stdout.read()
+                assert time.time() < deadline, "server did not start"
+                time.sleep(0.5)
+        x = scene_inputs()
+        local = LocalMLLMReward(torch_dtype="float32", tiny_weights=str(prompted), max_pixels=1024).score(x)
+        served = client.score(x)
+        assert client.stats() == {"requests": float(len(local))}
+        torch.testing.assert_close(served, local, rtol=0, atol=1e-4)
+    finally:
+        client.close()
+        proc.terminate()
+        proc.wait(timeout=30)

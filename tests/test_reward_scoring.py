@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from editr1.rewards.prompts import DEFAULT_TEMPLATE, load_template, render
-from editr1.rewards.scoring import digit_token_ids, expected_score_from_logits, expected_score_from_top_logprobs
+from editr1.rewards.scoring import (
+    digit_score_from_logits,
+    digit_token_ids,
+    expected_score_from_logits,
+    expected_score_from_top_logprobs,
+)
 from editr1.rewards.tiny_judge import build_processor
 
 
@@ -30,6 +35,31 @@ def test_non_finite_logits_give_nan_not_a_number():
     logits[1, 3] = float("nan")
     s = expected_score_from_logits(logits, list(range(6)))
     assert s[0] == pytest.approx(0.5) and torch.isnan(s[1])
+
+
+def test_greedy_and_sampled_digit_scores():
+    digit_ids = [7, 8, 9, 10, 11, 12]
+    logits = torch.full((3, 13), -50.0)
+    logits[:, :7] = 100.0  # non-digit tokens never count
+    logits[0, 7:] = torch.tensor([0.0, 2.0, 0.0, 0.0, 0.0, 1.0])  # most likely digit 1 → 0.2
+    logits[1, 11] = 0.0  # all mass on "4" → 0.8
+    logits[2, 9] = float("inf")  # a broken forward pass: NaN, never a digit
+    greedy = digit_score_from_logits(logits, digit_ids, "greedy")
+    assert greedy[:2].tolist() == pytest.approx([0.2, 0.8]) and torch.isnan(greedy[2])
+    # sampled: draws follow p = softmax over the digits; a one-digit distribution always gives that digit
+    many = torch.zeros(4000, 13)
+    many[:, 7:] = torch.tensor([math.log(0.5), -1e4, -1e4, math.log(0.3), -1e4, math.log(0.2)])
+    g = torch.Generator().manual_seed(0)
+    draws = digit_score_from_logits(many, digit_ids, "sampled", g) * 5
+    share = torch.bincount(draws.round().long(), minlength=6).float() / len(draws)
+    torch.testing.assert_close(share, torch.tensor([0.5, 0, 0, 0.3, 0, 0.2]), atol=0.03, rtol=0)
+    assert digit_score_from_logits(logits[1:2], digit_ids, "sampled", g).item() == pytest.approx(0.8)
+    # seeded: the same generator seed gives the same draws; the expected score is their mean
+    again = digit_score_from_logits(many, digit_ids, "sampled", torch.Generator().manual_seed(0)) * 5
+    assert torch.equal(draws, again)
+    assert draws.mean().item() / 5 == pytest.approx(digit_score_from_logits(many[:1], digit_ids).item(), abs=0.02)
+    with pytest.raises(ValueError, match="expected, sampled or greedy"):
+        digit_score_from_logits(logits, digit_ids, "mean")
 
 
 def test_expected_score_from_top_logprobs_renormalises_over_digits_present():

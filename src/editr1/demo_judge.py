@@ -76,6 +76,7 @@ KINDS = {  # kind of edit -> share of the training mix
     "brightness": 0.05,
     "rollout_noise": 0.05,
 }
+JUDGE_PROMPT = "Instruction: {instruction}\nScore the edit from 0 to 5."  # short: 72 tokens per judgement in all
 HELDOUT_START = 100_000  # held-out / unseen scene seeds for the judge's metrics (the demo evaluates 0..127)
 
 
@@ -92,6 +93,7 @@ class Example:
     requirement: str
     reward: float
     kind: str
+    target: torch.Tensor | None = None  # the scene's true target (for the per-region training signals)
 
 
 def perturb(kind: str, source: torch.Tensor, target: torch.Tensor, rollout: torch.Tensor, g: torch.Generator):
@@ -137,8 +139,25 @@ def make_examples(policy, split: str, start: int, count: int, seed: int, log=pri
             rollout = euler.edits[i] if kind == "rollout_euler" else fast.edits[4 * i + k]
             edit = perturb(kind, source, target, rollout, g).float()
             r = float(scene_reward(edit[None], target[None], source[None])[0])
-            out.append(Example(source, edit, ex["prompt"], ex["requirement"], r, kind))
+            out.append(Example(source, edit, ex["prompt"], ex["requirement"], r, kind, target))
     return out
+
+
+def cached(folder: Path | None, name: str, make, log=print) -> list[Example]:
+    """``make()``'s examples, saved to / read back from ``folder/name.pt`` when a folder is given (plain tensors
+    and strings, read with ``weights_only=True``), so variants of the judge train on the same examples."""
+    if folder is None:
+        return make()
+    path = Path(folder) / f"{name}.pt"
+    if path.exists():
+        log(f"examples from {path}")
+        return [Example(**d) for d in torch.load(path, weights_only=True)]
+    examples = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # clones: an example's tensors are views of whole batches, which would be saved whole
+    rows = [{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in vars(e).items()} for e in examples]
+    torch.save(rows, path)
+    return examples
 
 
 def train_tokenizer(vocab_size: int = 700, scenes: int = 3000, template: str = DEFAULT_TEMPLATE) -> dict:
@@ -227,13 +246,14 @@ def train(
     log=print,
     curriculum: int = 0,
     prompt: str | None = None,
+    cache: Path | None = None,
 ) -> dict:
     """Train and save the judge; the first ``curriculum`` steps draw only :data:`EASY_KINDS` (edits whose digit
     follows from how much and how the image changed), so the vision tower learns to compare the two images before
-    the harder rollouts. ``prompt``: the judge prompt it is trained on (default: editr1's own)."""
+    the harder rollouts. ``prompt``: the judge prompt it is trained on (default: :data:`JUDGE_PROMPT`)."""
     from editr1.policies.flux_kontext import FluxKontextPolicy
 
-    template = prompt or DEFAULT_TEMPLATE
+    template = prompt or JUDGE_PROMPT
 
     start = time.perf_counter()
     torch.manual_seed(seed)
@@ -246,9 +266,15 @@ def train(
         torch_dtype="float32",
     )
     base.requires_grad_(False)
-    data = make_examples(base, "train", 0, scenes, seed, log)
+    data = cached(cache, f"train-{scenes}-{seed}", lambda: make_examples(base, "train", 0, scenes, seed, log), log)
     held = {
-        split: make_examples(base, split, HELDOUT_START, eval_scenes, seed + 7, log) for split in ("heldout", "unseen")
+        split: cached(
+            cache,
+            f"{split}-{eval_scenes}-{seed}",
+            lambda split=split: make_examples(base, split, HELDOUT_START, eval_scenes, seed + 7, log),
+            log,
+        )
+        for split in ("heldout", "unseen")
     }
     # the judge: built at its sizes with the trained tokenizer (saved with the weights at the end)
     cfg = TinyJudge(**{**asdict(DEMO_JUDGE), "seed": seed})
@@ -318,14 +344,15 @@ def save(model, spec: dict, cfg: TinyJudge, path: Path, prompt: str | None = Non
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="data/demo_judge", help="folder for model.safetensors and metrics.json")
-    p.add_argument("--steps", type=int, default=3000, help="training steps")
+    p.add_argument("--steps", type=int, default=1500, help="training steps")
     p.add_argument("--scenes", type=int, default=2048, help="training scenes (4 examples each)")
     p.add_argument("--eval-scenes", type=int, default=256, help="held-out and unseen scenes (4 examples each)")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--curriculum", type=int, default=0, help="first steps on the easy edit kinds only")
-    p.add_argument("--prompt", default=None, help="judge prompt template (default: editr1's own)")
+    p.add_argument("--prompt", default=None, help="judge prompt template (default: JUDGE_PROMPT)")
+    p.add_argument("--cache", default=None, help="folder to keep the generated examples in (reused when present)")
     args = p.parse_args(argv)
     metrics = train(
         Path(args.out),
@@ -337,6 +364,7 @@ def main(argv: list[str] | None = None) -> None:
         args.eval_scenes,
         curriculum=args.curriculum,
         prompt=args.prompt,
+        cache=Path(args.cache) if args.cache else None,
     )
     for split in ("heldout", "unseen"):
         m = metrics[split]

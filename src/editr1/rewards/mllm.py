@@ -21,8 +21,8 @@ from editr1.dtypes import resolve_dtype
 from editr1.images import limit_pixels, tensor_to_image
 from editr1.rewards.base import RewardInputs, RewardModel
 from editr1.rewards.prompts import load_template, render
-from editr1.rewards.scoring import digit_token_ids, expected_score_from_logits
-from editr1.rewards.tiny_judge import TinyJudge, build_tiny_judge
+from editr1.rewards.scoring import ScoreMode, digit_score_from_logits, digit_token_ids
+from editr1.rewards.tiny_judge import TinyJudge, build_tiny_judge, tiny_judge_from_file, trained_prompt
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +184,13 @@ class LocalMLLMReward(RewardModel):
         max_pixels: downscale each image to at most this many pixels before the processor.
         tiny: sizes of the tiny judge when no path is given.
         local_files_only: never reach the network when loading.
+        score: ``expected`` (the logit-expected digit, the paper's implicit score), ``sampled`` (a digit drawn
+            from the judge's digit probabilities, as if it wrote its answer; seeded by ``sample_seed`` and the
+            call count) or ``greedy`` (its most likely digit) — the last two for ablations.
+        sample_seed: seed of the ``sampled`` draws.
+        tiny_weights: a trained tiny judge (``python -m editr1.demo_judge``; e.g.
+            ``asset:demo_judge/model.safetensors``): its sizes and tokenizer come from the file, and so does its
+            judge prompt when ``prompt``/``prompt_file`` are not given. Instead of ``tiny``.
     """
 
     def __init__(
@@ -199,9 +206,22 @@ class LocalMLLMReward(RewardModel):
         max_pixels: int | None = 512 * 512,
         tiny: TinyJudge | None = None,
         local_files_only: bool = False,
+        score: ScoreMode = "expected",
+        sample_seed: int = 0,
+        tiny_weights: str | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if tiny_weights is not None:
+            if pretrained_model_name_or_path is not None or tiny is not None:
+                raise ValueError("give tiny_weights alone: not with pretrained_model_name_or_path or tiny")
+            tiny = tiny_judge_from_file(tiny_weights)
+            if prompt is None and prompt_file is None:
+                prompt = trained_prompt(tiny_weights)
+        if score not in ("expected", "sampled", "greedy"):
+            raise ValueError(f"score must be expected, sampled or greedy, got {score!r}")
+        self.score_mode = score
+        self.generator = torch.Generator().manual_seed(sample_seed)
         self.template = load_template(prompt, prompt_file)
         self.batch_size = batch_size
         self.max_pixels = max_pixels
@@ -239,7 +259,7 @@ class LocalMLLMReward(RewardModel):
         out = []
         for s in range(0, len(texts), self.batch_size):
             logits = self.judge.next_token_logits(texts[s : s + self.batch_size], images[s : s + self.batch_size])
-            out.append(expected_score_from_logits(logits, self.judge.digit_ids).cpu())
+            out.append(digit_score_from_logits(logits, self.judge.digit_ids, self.score_mode, self.generator).cpu())
             mass = torch.softmax(logits.float(), dim=-1)[:, self.judge.digit_ids].sum(dim=-1)
             self.digit_masses.extend(m for m in mass.tolist() if m == m)
         return torch.cat(out)

@@ -59,6 +59,33 @@ def expected_score_from_logits(logits: torch.Tensor, digit_ids: list[int]) -> to
     return torch.where(torch.isfinite(sub).all(dim=-1), score, torch.full_like(score, float("nan")))
 
 
+ScoreMode = Literal["expected", "sampled", "greedy"]
+
+
+def digit_score_from_logits(
+    logits: torch.Tensor, digit_ids: list[int], mode: ScoreMode = "expected", generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """``(N, V)`` logits → ``(N,)`` score in [0, 1] by ``mode``: ``expected`` (Σ p(d)·d / 5, the implicit score),
+    ``sampled`` (a digit drawn from p, as a judge that writes its answer at temperature 1; ``generator`` on
+    the CPU seeds the draw) or ``greedy`` (the most likely digit, temperature 0). p is the softmax over the
+    six digit tokens; non-finite digit logits give NaN in every mode."""
+    if mode == "expected":
+        return expected_score_from_logits(logits, digit_ids)
+    if mode not in ("sampled", "greedy"):
+        raise ValueError(f"score mode must be expected, sampled or greedy, got {mode!r}")
+    if logits.ndim != 2:
+        raise ValueError(f"logits must be (N, vocab), got {tuple(logits.shape)}")
+    sub = logits[:, digit_ids].float().cpu()
+    finite = torch.isfinite(sub).all(dim=-1)
+    safe = torch.where(finite[:, None], sub, torch.zeros_like(sub))
+    if mode == "greedy":
+        digit = safe.argmax(dim=-1)
+    else:
+        digit = torch.multinomial(torch.softmax(safe, dim=-1), 1, generator=generator).squeeze(-1)
+    score = digit.float() / (len(digit_ids) - 1)
+    return torch.where(finite, score, torch.full_like(score, float("nan"))).to(logits.device)
+
+
 def checked_pair(token, logprob) -> tuple[str, float]:
     """One ``(token, logprob)`` pair as ``(str, float <= 0)``; ``ValueError`` for anything else (a token
     that is not a string; a logprob that is not a real number, NaN, or above 0 beyond rounding).

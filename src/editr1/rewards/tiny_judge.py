@@ -57,6 +57,7 @@ class TinyJudge:
     min_pixels: int = 28 * 28  # images are resized to at least this many pixels
     vision_depth: int = 1  # vision tower blocks
     kv_heads: int = 1  # key/value heads of the text decoder
+    init_std: float = 0.02  # initial weight std (transformers' initializer_range; ~1/sqrt(hidden) trains tiny widths)
     weights: str | None = None  # safetensors of a trained judge (its tokenizer in the metadata), e.g. the demo's
 
 
@@ -120,6 +121,7 @@ def build_tiny_judge(
             num_key_value_heads=cfg.kv_heads,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
             max_position_embeddings=1024,
+            initializer_range=cfg.init_std,
             bos_token_id=None,
             eos_token_id=ids["<|im_end|>"],
             pad_token_id=ids["<|endoftext|>"],
@@ -135,11 +137,13 @@ def build_tiny_judge(
             temporal_patch_size=2,
             window_size=4 * cfg.patch_size,
             fullatt_block_indexes=list(range(cfg.vision_depth)),
+            initializer_range=cfg.init_std,
         ),
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
+        initializer_range=cfg.init_std,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
@@ -161,6 +165,11 @@ def tiny_judge_from_file(path: str) -> TinyJudge:
     known = {f.name for f in fields(TinyJudge)}
     sizes = {k: v for k, v in json.loads(meta["sizes"]).items() if k in known}
     return TinyJudge(**{**sizes, "weights": path})
+
+
+def trained_prompt(path: str) -> str | None:
+    """The judge prompt a trained tiny judge was trained on (its metadata ``prompt``), or None."""
+    return _read_weights(path, tensors=False)[1].get("prompt")
 
 
 def _read_weights(path: str, tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

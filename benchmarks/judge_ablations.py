@@ -1,0 +1,119 @@
+"""The demo against the tiny judge (configs/demo_judge.yaml): ablations over seeds, written to docs/results.
+
+Arms: the default run (logit-expected score, paper filter), without the group filter, and with the sampled
+digit as the reward. Each run's gold (the verifiable scene reward) is read from its SceneEvaluation table
+(held-out and unseen scenes before/after) and, over training, from TensorBoard (``val/reward`` = the judge,
+``val/gold_reward`` = the scene reward, on the validation prompts). Runs go two at a time, one core each.
+
+    python benchmarks/judge_ablations.py --seeds 0 1 2 --out /tmp/judge_ablations
+    python benchmarks/judge_ablations.py --from-json docs/results/judge_ablations.json   # the table again
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ARMS: dict[str, tuple[str, list[str]]] = {
+    "default": ("judge, logit-expected score, paper filter", []),
+    "no_filter": ("judge, without group filtering", ["--reward.filter.rule=none"]),
+    "sampled": ("judge, a sampled digit as the reward", ["--reward.model.init_args.score=sampled"]),
+}
+
+
+def curves(run_dir: Path) -> dict[str, list[list[float]]]:
+    """``val/reward`` and ``val/gold_reward`` as [step, value] pairs from the run's event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    return {t: [[e.step, e.value] for e in acc.Scalars(t)] for t in ("val/reward", "val/gold_reward") if t in tags}
+
+
+def launch(arm: str, seed: int, out: Path, core: int) -> tuple[subprocess.Popen, float]:
+    args = ["fit", "-c", str(ROOT / "configs" / "demo_judge.yaml"), *ARMS[arm][1], f"--seed_everything={seed}"]
+    args += [f"--trainer.logger.init_args.save_dir={out}", f"--trainer.logger.init_args.name={arm}/seed{seed}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    cmd = ["taskset", "-c", str(core), sys.executable, "-m", "editr1", *args]
+    log = open(out / f"{arm}-seed{seed}.log", "w")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env), time.perf_counter()
+
+
+def collect(arm: str, seed: int, out: Path, wall: float) -> dict:
+    run_dir = sorted((out / arm / f"seed{seed}").glob("version_*"))[-1]
+    result = json.loads((run_dir / "scene_eval.json").read_text())
+    return {"arm": arm, "seed": seed, "wall_s": wall, "scene_eval": result, "curves": curves(run_dir)}
+
+
+def table(results: list[dict]) -> str:
+    def ms(xs):
+        return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
+
+    rows = ["| arm | gold held-out before → after | gold unseen after | judge val/reward first → last | wall |"]
+    rows.append("|---|---|---|---|---|")
+    for arm, (label, _) in ARMS.items():
+        rs = [r for r in results if r["arm"] == arm]
+        if not rs:
+            continue
+        before = [r["scene_eval"]["before"]["heldout"]["mean"] for r in rs]
+        after = [r["scene_eval"]["after"]["heldout"]["mean"] for r in rs]
+        unseen = [r["scene_eval"]["after"]["unseen"]["mean"] for r in rs]
+        j0 = [r["curves"]["val/reward"][0][1] for r in rs]
+        j1 = [r["curves"]["val/reward"][-1][1] for r in rs]
+        wall = statistics.mean(r["wall_s"] for r in rs)
+        rows.append(f"| {label} | {ms(before)} → {ms(after)} | {ms(unseen)} | {ms(j0)} → {ms(j1)} | {wall:.0f} s |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--out", type=Path, default=Path("/tmp/judge_ablations"))
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time, each pinned to its own core")
+    p.add_argument("--json", type=Path, default=ROOT / "docs" / "results" / "judge_ablations.json")
+    p.add_argument("--from-json", type=Path, default=None, help="print the table of saved results")
+    a = p.parse_args(argv)
+    if a.from_json:
+        print(table(json.loads(a.from_json.read_text())["runs"]))
+        return
+    a.out.mkdir(parents=True, exist_ok=True)
+    todo = [(arm, s) for s in a.seeds for arm in a.arms]
+    running: dict[int, tuple] = {}
+    results = []
+    while todo or running:
+        for core in range(a.jobs):
+            if core not in running and todo:
+                arm, seed = todo.pop(0)
+                running[core] = (arm, seed, *launch(arm, seed, a.out, core))
+        time.sleep(2)
+        for core, (arm, seed, proc, t0) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[core]
+            if proc.returncode != 0:
+                raise SystemExit(f"{arm}/seed{seed} failed; see {a.out / f'{arm}-seed{seed}.log'}")
+            r = collect(arm, seed, a.out, time.perf_counter() - t0)
+            ev = r["scene_eval"]
+            print(
+                f"{arm}/seed{seed}: {r['wall_s']:.0f}s  gold heldout {ev['before']['heldout']['mean']:.3f} -> "
+                f"{ev['after']['heldout']['mean']:.3f}",
+                flush=True,
+            )
+            results.append(r)
+    a.json.parent.mkdir(parents=True, exist_ok=True)
+    a.json.write_text(json.dumps({"command": " ".join(sys.argv), "runs": results}, indent=1) + "\n")
+    print(table(results))
+    print(f"wrote {a.json}")
+
+
+if __name__ == "__main__":
+    main()
