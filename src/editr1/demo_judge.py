@@ -22,8 +22,9 @@ tokens; it is stored in the weights file's metadata. Held-out agreement with the
 image changed (identity, target, blends, noise, brightness, wrong colours); ``--prompt`` trains on another judge
 prompt (saved in the file's metadata as ``prompt``, with the sizes and the tokenizer).
 
-It writes ``model.safetensors`` (load it with ``TinyJudge(weights=..., <the sizes of DEMO_JUDGE>)``) and
-``metrics.json`` (the agreement figures, the training history and settings) into ``--out``.
+It writes ``model.safetensors`` (load it with ``LocalMLLMReward(tiny_weights=...)``: its sizes, tokenizer and
+prompt come from the file) and ``metrics.json`` (the agreement figures, the training history and settings)
+into ``--out``.
 """
 
 from __future__ import annotations

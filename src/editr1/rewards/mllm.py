@@ -21,7 +21,7 @@ from editr1.dtypes import resolve_dtype
 from editr1.images import limit_pixels, tensor_to_image
 from editr1.rewards.base import RewardInputs, RewardModel
 from editr1.rewards.prompts import load_template, render
-from editr1.rewards.scoring import ScoreMode, digit_score_from_logits, digit_token_ids
+from editr1.rewards.scoring import SCORE_MODES, ScoreMode, digit_score_from_logits, digit_token_ids
 from editr1.rewards.tiny_judge import TinyJudge, build_tiny_judge, tiny_judge_from_file, trained_prompt
 
 log = logging.getLogger(__name__)
@@ -218,7 +218,7 @@ class LocalMLLMReward(RewardModel):
             tiny = tiny_judge_from_file(tiny_weights)
             if prompt is None and prompt_file is None:
                 prompt = trained_prompt(tiny_weights)
-        if score not in ("expected", "sampled", "greedy"):
+        if score not in SCORE_MODES:  # checked here, at construction, not at the first step
             raise ValueError(f"score must be expected, sampled or greedy, got {score!r}")
         self.score_mode = score
         self.generator = torch.Generator().manual_seed(sample_seed)

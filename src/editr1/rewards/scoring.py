@@ -60,6 +60,7 @@ def expected_score_from_logits(logits: torch.Tensor, digit_ids: list[int]) -> to
 
 
 ScoreMode = Literal["expected", "sampled", "greedy"]
+SCORE_MODES: tuple[str, ...] = ("expected", "sampled", "greedy")
 
 
 def digit_score_from_logits(
@@ -69,10 +70,10 @@ def digit_score_from_logits(
     ``sampled`` (a digit drawn from p, as a judge that writes its answer at temperature 1; ``generator`` on
     the CPU seeds the draw) or ``greedy`` (the most likely digit, temperature 0). p is the softmax over the
     six digit tokens; non-finite digit logits give NaN in every mode."""
+    if mode not in SCORE_MODES:
+        raise ValueError(f"score mode must be expected, sampled or greedy, got {mode!r}")
     if mode == "expected":
         return expected_score_from_logits(logits, digit_ids)
-    if mode not in ("sampled", "greedy"):
-        raise ValueError(f"score mode must be expected, sampled or greedy, got {mode!r}")
     if logits.ndim != 2:
         raise ValueError(f"logits must be (N, vocab), got {tuple(logits.shape)}")
     sub = logits[:, digit_ids].float().cpu()
