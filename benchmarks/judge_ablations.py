@@ -1,9 +1,11 @@
 """The demo against the tiny judge (configs/demo_judge.yaml): ablations over seeds, written to docs/results.
 
-Arms: the default run (logit-expected score, paper filter), without the group filter, and with the sampled
-digit as the reward. Each run's gold (the verifiable scene reward) is read from its SceneEvaluation table
-(held-out and unseen scenes before/after) and, over training, from TensorBoard (``val/reward`` = the judge,
-``val/gold_reward`` = the scene reward, on the validation prompts). Runs go two at a time, one core each.
+Arms: the default run (logit-expected score, paper filter), without the group filter, with the sampled
+digit as the reward, and with the released code's stricter mask (which, under a judge whose group means stay
+below τμ, drops exactly the groups whose spread is under τσ). Each run's gold (the verifiable scene reward) is
+read from its SceneEvaluation table (held-out and unseen scenes before/after) and, over training, from
+TensorBoard (``val/reward`` = the judge, ``val/gold_reward`` = the scene reward, on the validation prompts).
+Runs go two at a time, one core each.
 
     python benchmarks/judge_ablations.py --seeds 0 1 2 --out /tmp/judge_ablations
     python benchmarks/judge_ablations.py --from-json docs/results/judge_ablations.json   # the table again
@@ -25,6 +27,7 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "default": ("judge, logit-expected score, paper filter", []),
     "no_filter": ("judge, without group filtering", ["--reward.filter.rule=none"]),
     "sampled": ("judge, a sampled digit as the reward", ["--reward.model.init_args.score=sampled"]),
+    "strict": ("judge, the released code's filter (keep std > τσ and mean < τμ)", ["--reward.filter.rule=strict"]),
 }
 
 
@@ -73,6 +76,12 @@ def table(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def save(path: Path, commands: list[str], results: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    runs = sorted(results, key=lambda r: (list(ARMS).index(r["arm"]), r["seed"]))
+    path.write_text(json.dumps({"command": commands, "runs": runs}, indent=1) + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -87,8 +96,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     a.out.mkdir(parents=True, exist_ok=True)
     todo = [(arm, s) for s in a.seeds for arm in a.arms]
+    # runs already in --json for other (arm, seed) pairs are kept: seeds can be added a few at a time
+    prev = json.loads(a.json.read_text()) if a.json.exists() else {"command": [], "runs": []}
+    results = [r for r in prev["runs"] if (r["arm"], r["seed"]) not in todo]
+    commands = prev["command"] if isinstance(prev["command"], list) else [prev["command"]]
     running: dict[int, tuple] = {}
-    results = []
     while todo or running:
         for core in range(a.jobs):
             if core not in running and todo:
@@ -109,8 +121,7 @@ def main(argv: list[str] | None = None) -> None:
                 flush=True,
             )
             results.append(r)
-    a.json.parent.mkdir(parents=True, exist_ok=True)
-    a.json.write_text(json.dumps({"command": " ".join(sys.argv), "runs": results}, indent=1) + "\n")
+            save(a.json, [*commands, " ".join(sys.argv)], results)  # after every run: nothing finished is lost
     print(table(results))
     print(f"wrote {a.json}")
 
