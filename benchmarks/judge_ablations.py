@@ -31,14 +31,19 @@ ARMS: dict[str, tuple[str, list[str]]] = {
 }
 
 
+DROP = "filter/frac_groups_dropped"
+CURVES = ("val/reward", "val/gold_reward", DROP, "reward_std")
+
+
 def curves(run_dir: Path) -> dict[str, list[list[float]]]:
-    """``val/reward`` and ``val/gold_reward`` as [step, value] pairs from the run's event files."""
+    """``val/reward`` and ``val/gold_reward`` (and, per training step, the share of groups the filter dropped and
+    the mean within-group std of the judge's scores) as [step, value] pairs from the run's event files."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    return {t: [[e.step, e.value] for e in acc.Scalars(t)] for t in ("val/reward", "val/gold_reward") if t in tags}
+    return {t: [[e.step, e.value] for e in acc.Scalars(t)] for t in CURVES if t in tags}
 
 
 def launch(arm: str, seed: int, out: Path, core: int) -> tuple[subprocess.Popen, float]:
@@ -60,7 +65,9 @@ def table(results: list[dict]) -> str:
     def ms(xs):
         return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
 
-    rows = ["| arm | gold held-out before → after | gold unseen after | judge val/reward first → last | wall |"]
+    rows = [
+        "| arm | gold held-out before → after | gold unseen after | judge val/reward first → last | groups dropped |"
+    ]
     rows.append("|---|---|---|---|---|")
     for arm, (label, _) in ARMS.items():
         rs = [r for r in results if r["arm"] == arm]
@@ -71,8 +78,10 @@ def table(results: list[dict]) -> str:
         unseen = [r["scene_eval"]["after"]["unseen"]["mean"] for r in rs]
         j0 = [r["curves"]["val/reward"][0][1] for r in rs]
         j1 = [r["curves"]["val/reward"][-1][1] for r in rs]
-        wall = statistics.mean(r["wall_s"] for r in rs)
-        rows.append(f"| {label} | {ms(before)} → {ms(after)} | {ms(unseen)} | {ms(j0)} → {ms(j1)} | {wall:.0f} s |")
+        # share of groups dropped over the run, over the runs that logged it (runs before it was kept: "–")
+        drops = [statistics.mean(v for _, v in r["curves"][DROP]) for r in rs if DROP in r["curves"]]
+        drop = f"{100 * statistics.mean(drops):.0f}% ({len(drops)} runs)" if drops else "–"
+        rows.append(f"| {label} | {ms(before)} → {ms(after)} | {ms(unseen)} | {ms(j0)} → {ms(j1)} | {drop} |")
     return "\n".join(rows)
 
 
