@@ -2,12 +2,13 @@
 
 Arms: the default run (logit-expected score, paper filter), without the group filter, with the sampled
 digit as the reward, and with the released code's stricter mask (which, under a judge whose group means stay
-below τμ, drops exactly the groups whose spread is under τσ). Each run's gold (the verifiable scene reward) is
+below τμ, drops exactly the groups whose spread is under τσ), at the paper's τσ and at one scaled to this judge. Each run's gold (the verifiable scene reward) is
 read from its SceneEvaluation table (held-out and unseen scenes before/after) and, over training, from
 TensorBoard (``val/reward`` = the judge, ``val/gold_reward`` = the scene reward, on the validation prompts).
 Runs go two at a time, one core each.
 
     python benchmarks/judge_ablations.py --seeds 0 1 2 --out /tmp/judge_ablations
+    python benchmarks/judge_ablations.py --runs sampled:0 default:1 --out /tmp/judge_ablations   # these runs
     python benchmarks/judge_ablations.py --from-json docs/results/judge_ablations.json   # the table again
 """
 
@@ -28,6 +29,10 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "no_filter": ("judge, without group filtering", ["--reward.filter.rule=none"]),
     "sampled": ("judge, a sampled digit as the reward", ["--reward.model.init_args.score=sampled"]),
     "strict": ("judge, the released code's filter (keep std > τσ and mean < τμ)", ["--reward.filter.rule=strict"]),
+    "strict_scaled": (
+        "judge, the released code's filter with τσ = 0.003 (this judge's typical within-group std)",
+        ["--reward.filter.rule=strict", "--reward.filter.std_threshold=0.003"],
+    ),
 }
 
 
@@ -55,10 +60,17 @@ def launch(arm: str, seed: int, out: Path, core: int) -> tuple[subprocess.Popen,
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env), time.perf_counter()
 
 
-def collect(arm: str, seed: int, out: Path, wall: float) -> dict:
+def collect(arm: str, seed: int, out: Path, wall: float, returncode: int) -> dict:
+    """One run's figures; a run that stopped (editr1's guards) is kept with the reason it printed."""
     run_dir = sorted((out / arm / f"seed{seed}").glob("version_*"))[-1]
-    result = json.loads((run_dir / "scene_eval.json").read_text())
-    return {"arm": arm, "seed": seed, "wall_s": wall, "scene_eval": result, "curves": curves(run_dir)}
+    r = {"arm": arm, "seed": seed, "wall_s": wall, "curves": curves(run_dir)}
+    if returncode != 0:
+        lines = (out / f"{arm}-seed{seed}.log").read_text(errors="replace").splitlines()
+        stops = [ln.strip() for ln in lines if "stopped:" in ln]
+        if not stops:
+            raise SystemExit(f"{arm}/seed{seed} failed; see {out / f'{arm}-seed{seed}.log'}")
+        return {**r, "stopped": stops[-1]}
+    return {**r, "scene_eval": json.loads((run_dir / "scene_eval.json").read_text())}
 
 
 def table(results: list[dict]) -> str:
@@ -70,7 +82,10 @@ def table(results: list[dict]) -> str:
     ]
     rows.append("|---|---|---|---|---|")
     for arm, (label, _) in ARMS.items():
-        rs = [r for r in results if r["arm"] == arm]
+        stopped = [r for r in results if r["arm"] == arm and "stopped" in r]
+        for r in stopped:
+            rows.append(f"| {label}, seed {r['seed']} | {r['stopped']} | | | |")
+        rs = [r for r in results if r["arm"] == arm and "stopped" not in r]
         if not rs:
             continue
         before = [r["scene_eval"]["before"]["heldout"]["mean"] for r in rs]
@@ -96,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     p.add_argument("--out", type=Path, default=Path("/tmp/judge_ablations"))
+    p.add_argument("--runs", nargs="+", default=None, metavar="ARM:SEED", help="these runs, in this order")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, each pinned to its own core")
     p.add_argument("--json", type=Path, default=ROOT / "docs" / "results" / "judge_ablations.json")
     p.add_argument("--from-json", type=Path, default=None, help="print the table of saved results")
@@ -105,6 +121,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     a.out.mkdir(parents=True, exist_ok=True)
     todo = [(arm, s) for s in a.seeds for arm in a.arms]
+    if a.runs:
+        todo = [(r.split(":")[0], int(r.split(":")[1])) for r in a.runs]
+        if bad := [arm for arm, _ in todo if arm not in ARMS]:
+            p.error(f"unknown arm(s) {bad}; choose from {list(ARMS)}")
     # runs already in --json for other (arm, seed) pairs are kept: seeds can be added a few at a time
     prev = json.loads(a.json.read_text()) if a.json.exists() else {"command": [], "runs": []}
     results = [r for r in prev["runs"] if (r["arm"], r["seed"]) not in todo]
@@ -120,15 +140,16 @@ def main(argv: list[str] | None = None) -> None:
             if proc.poll() is None:
                 continue
             del running[core]
-            if proc.returncode != 0:
-                raise SystemExit(f"{arm}/seed{seed} failed; see {a.out / f'{arm}-seed{seed}.log'}")
-            r = collect(arm, seed, a.out, time.perf_counter() - t0)
-            ev = r["scene_eval"]
-            print(
-                f"{arm}/seed{seed}: {r['wall_s']:.0f}s  gold heldout {ev['before']['heldout']['mean']:.3f} -> "
-                f"{ev['after']['heldout']['mean']:.3f}",
-                flush=True,
-            )
+            r = collect(arm, seed, a.out, time.perf_counter() - t0, proc.returncode)
+            if "stopped" in r:
+                print(f"{arm}/seed{seed}: {r['wall_s']:.0f}s  {r['stopped']}", flush=True)
+            else:
+                ev = r["scene_eval"]
+                print(
+                    f"{arm}/seed{seed}: {r['wall_s']:.0f}s  gold heldout {ev['before']['heldout']['mean']:.3f} -> "
+                    f"{ev['after']['heldout']['mean']:.3f}",
+                    flush=True,
+                )
             results.append(r)
             save(a.json, [*commands, " ".join(sys.argv)], results)  # after every run: nothing finished is lost
     print(table(results))
