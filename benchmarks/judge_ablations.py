@@ -2,10 +2,11 @@
 
 Arms: the default run (logit-expected score, paper filter), without the group filter, with the sampled
 digit as the reward, and with the released code's stricter mask (which, under a judge whose group means stay
-below τμ, drops exactly the groups whose spread is under τσ), at the paper's τσ and at one scaled to this judge. Each run's gold (the verifiable scene reward) is
-read from its SceneEvaluation table (held-out and unseen scenes before/after) and, over training, from
-TensorBoard (``val/reward`` = the judge, ``val/gold_reward`` = the scene reward, on the validation prompts).
-Runs go two at a time, one core each.
+below τμ, drops exactly the groups whose spread is under τσ), at the paper's τσ and at one scaled to this
+judge. Each run's gold (the verifiable scene reward) is read from its SceneEvaluation table (held-out and
+unseen scenes before/after) and, over training, from TensorBoard (``val/reward`` = the judge,
+``val/gold_reward`` = the scene reward, on the validation prompts). A run editr1's guards stop is kept with
+the reason it printed. Runs go two at a time, one core each.
 
     python benchmarks/judge_ablations.py --seeds 0 1 2 --out /tmp/judge_ablations
     python benchmarks/judge_ablations.py --runs sampled:0 default:1 --out /tmp/judge_ablations   # these runs
