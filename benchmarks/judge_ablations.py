@@ -3,7 +3,8 @@
 Arms: the default run (logit-expected score, paper filter), without the group filter, with the sampled
 digit as the reward, and with the released code's stricter mask (which, under a judge whose group means stay
 below τμ, drops exactly the groups whose spread is under τσ), at the paper's τσ and at one scaled to this
-judge. Each run's gold (the verifiable scene reward) is read from its SceneEvaluation table (held-out and
+judge; and, as the filter is meant for, advantages over each group's own std, without and with that filter.
+Each run's gold (the verifiable scene reward) is read from its SceneEvaluation table (held-out and
 unseen scenes before/after) and, over training, from TensorBoard (``val/reward`` = the judge,
 ``val/gold_reward`` = the scene reward, on the validation prompts). A run editr1's guards stop is kept with
 the reason it printed. Runs go two at a time, one core each.
@@ -33,6 +34,11 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "strict_scaled": (
         "judge, the released code's filter with τσ = 0.003 (this judge's typical within-group std)",
         ["--reward.filter.rule=strict", "--reward.filter.std_threshold=0.003"],
+    ),
+    "group_std": ("judge, advantages over each group's own std", ["--model.nft.std_mode=group"]),
+    "group_std_scaled": (
+        "judge, each group's own std, the strict filter with τσ = 0.003",
+        ["--model.nft.std_mode=group", "--reward.filter.rule=strict", "--reward.filter.std_threshold=0.003"],
     ),
 }
 
