@@ -16,3 +16,13 @@ def test_training_up_and_gold_down_n_times_in_a_row():
     assert not diverging([(0.5, 0.6), (float("nan"), 0.5), (0.7, 0.4)], 2)
     with pytest.raises(ValueError, match="n must be >= 1"):
         diverging(history, 0)
+
+
+def test_changes_within_min_delta_do_not_count():
+    history = [(0.611, 0.846), (0.6112, 0.836), (0.6115, 0.823)]  # the judge flat, the gold falling
+    assert diverging(history, 2) and not diverging(history, 2, min_delta=0.001)
+    # rises of 0.1 and falls of 0.05 clear 0.04, not 0.05 (strictly more than min_delta)
+    assert diverging([(0.5, 0.6), (0.6, 0.55), (0.7, 0.5)], 2, min_delta=0.04)
+    assert not diverging([(0.5, 0.6), (0.6, 0.55), (0.7, 0.5)], 2, min_delta=0.05)
+    with pytest.raises(ValueError, match="min_delta >= 0"):
+        diverging(history, 2, min_delta=-0.1)

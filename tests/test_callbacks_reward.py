@@ -423,7 +423,7 @@ def test_a_gold_reward_falling_while_the_training_reward_rises_trips_the_alarm(a
     with caplog.at_level("WARNING"):
         if alarm == "stop":
             with pytest.raises(
-                RunStopped, match=r"val/reward rose 0.500 → 0.700 while the gold reward fell 0.500 → 0.300"
+                RunStopped, match=r"val/reward rose 0.5000 → 0.7000 while the gold reward fell 0.5000 → 0.3000"
             ):
                 validate(0.7)
             assert "stopped-gold" in trainer.saved[0]
@@ -431,3 +431,24 @@ def test_a_gold_reward_falling_while_the_training_reward_rises_trips_the_alarm(a
             validate(0.7)
             assert "the policy may be hacking the training reward (reward.gold_alarm: warn)" in caplog.text
     assert cb.state_dict()["gold_history"] == [pytest.approx([v, 1 - v]) for v in (0.5, 0.6, 0.7)]
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [dict(gold_alarm="email"), dict(gold_patience=0), dict(gold_min_delta=-0.01), dict(gold_min_delta=float("nan"))],
+)
+def test_gold_alarm_settings_out_of_range_are_a_clear_error(kw):
+    with pytest.raises(ValueError, match="gold_alarm 'warn' or 'stop', gold_patience >= 1 and gold_min_delta >= 0"):
+        RewardCallback(Brightness(), gold=Darkness(), **kw)
+
+
+def test_gold_min_delta_keeps_noise_from_raising_the_alarm(tmp_path, caplog):
+    """The training reward creeping up by less than gold_min_delta at each validation is not a rise."""
+    cb = RewardCallback(Brightness(), gold=Darkness(), gold_patience=2, gold_min_delta=0.05)
+    module, trainer = FakeModule(VALUES), FakeTrainer(tmp_path)
+    with caplog.at_level("WARNING"):
+        for value in (0.5, 0.52, 0.54):  # up 0.02 a time, the gold (1 − value) down 0.02: within 0.05
+            cb.on_validation_epoch_start(trainer, module)
+            cb.on_validation_batch_end(trainer, module, _outputs([value, value]), None, 0)
+            cb.on_validation_epoch_end(trainer, module)
+    assert "hacking" not in caplog.text and len(cb.gold_history) == 3

@@ -79,6 +79,8 @@ class RewardCallback(EvalScoring, Callback):
         gold_alarm: when the gold reward fell at each of ``gold_patience`` validations in a row while ``val/reward``
             rose: ``warn``, or ``stop`` the run with a checkpoint.
         gold_patience: validations in a row (≥ 1).
+        gold_min_delta: how much each rise and each fall must exceed to count (in reward units, ≥ 0), so that
+            validation noise does not raise the alarm; 0: any strict change.
     """
 
     def __init__(
@@ -94,10 +96,15 @@ class RewardCallback(EvalScoring, Callback):
         gold: RewardModel | None = None,
         gold_alarm: Literal["warn", "stop"] = "warn",
         gold_patience: int = 3,
+        gold_min_delta: float = 0.0,
     ) -> None:
-        if gold_alarm not in ("warn", "stop") or gold_patience < 1:
-            raise ValueError(f"gold_alarm 'warn' or 'stop' and gold_patience >= 1, got {gold_alarm!r}, {gold_patience}")
+        if gold_alarm not in ("warn", "stop") or gold_patience < 1 or not gold_min_delta >= 0:
+            raise ValueError(
+                f"gold_alarm 'warn' or 'stop', gold_patience >= 1 and gold_min_delta >= 0, got {gold_alarm!r}, "
+                f"{gold_patience}, {gold_min_delta}"
+            )
         self.gold, self.gold_alarm, self.gold_patience = gold, gold_alarm, gold_patience
+        self.gold_min_delta = gold_min_delta
         self.gold_history: list[tuple[float, float]] = []
         self.image_limits = check_limits(image_limits)
         if image_limit_steps < 1:

@@ -123,12 +123,12 @@ class EvalScoring:
 
     def _check_gold(self, trainer) -> None:
         self.gold_history.append((float(self._eval["reward"].compute()), float(self._eval["gold"].compute())))
-        if not diverging(self.gold_history, self.gold_patience):
+        if not diverging(self.gold_history, self.gold_patience, self.gold_min_delta):
             return
         (r0, g0), (r1, g1) = self.gold_history[-self.gold_patience - 1], self.gold_history[-1]
         what = (
-            f"over the last {self.gold_patience} validations val/reward rose {r0:.3f} → {r1:.3f} while the gold "
-            f"reward fell {g0:.3f} → {g1:.3f}: the policy may be hacking the training reward"
+            f"over the last {self.gold_patience} validations val/reward rose {r0:.4f} → {r1:.4f} while the gold "
+            f"reward fell {g0:.4f} → {g1:.4f}: the policy may be hacking the training reward"
         )
         if self.gold_alarm == "stop":
             raise RunStopped(
