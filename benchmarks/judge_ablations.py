@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -80,6 +81,19 @@ def collect(arm: str, seed: int, out: Path, wall: float, returncode: int) -> dic
     return {**r, "scene_eval": json.loads((run_dir / "scene_eval.json").read_text())}
 
 
+def dropped(rs: list[dict]) -> str:
+    """The share of groups the filter dropped over the run, over the runs that logged it ("–": none did)."""
+    drops = [statistics.mean(v for _, v in r["curves"][DROP]) for r in rs if DROP in r["curves"]]
+    return f"{100 * statistics.mean(drops):.1f}% ({len(drops)} run{'s' * (len(drops) > 1)})" if drops else "–"
+
+
+def stop_reason(message: str) -> str:
+    """``editr1 fit: stopped: <why>; stopped. Last: step N: …`` → ``stopped after N trained steps: <why>``."""
+    why = message.split("stopped: ", 1)[-1].split("; stopped.")[0]
+    step = re.search(r"Last: step (\d+)", message)
+    return f"stopped after {step.group(1)} trained steps: {why}" if step else f"stopped: {why}"
+
+
 def table(results: list[dict]) -> str:
     def ms(xs):
         return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
@@ -91,7 +105,7 @@ def table(results: list[dict]) -> str:
     for arm, (label, _) in ARMS.items():
         stopped = [r for r in results if r["arm"] == arm and "stopped" in r]
         for r in stopped:
-            rows.append(f"| {label}, seed {r['seed']} | {r['stopped']} | | | |")
+            rows.append(f"| {label}, seed {r['seed']} | {stop_reason(r['stopped'])} | | | {dropped([r])} |")
         rs = [r for r in results if r["arm"] == arm and "stopped" not in r]
         if not rs:
             continue
@@ -100,10 +114,23 @@ def table(results: list[dict]) -> str:
         unseen = [r["scene_eval"]["after"]["unseen"]["mean"] for r in rs]
         j0 = [r["curves"]["val/reward"][0][1] for r in rs]
         j1 = [r["curves"]["val/reward"][-1][1] for r in rs]
-        # share of groups dropped over the run, over the runs that logged it (runs before it was kept: "–")
-        drops = [statistics.mean(v for _, v in r["curves"][DROP]) for r in rs if DROP in r["curves"]]
-        drop = f"{100 * statistics.mean(drops):.0f}% ({len(drops)} runs)" if drops else "–"
-        rows.append(f"| {label} | {ms(before)} → {ms(after)} | {ms(unseen)} | {ms(j0)} → {ms(j1)} | {drop} |")
+        rows.append(f"| {label} | {ms(before)} → {ms(after)} | {ms(unseen)} | {ms(j0)} → {ms(j1)} | {dropped(rs)} |")
+    return "\n".join(rows)
+
+
+def curves_table(results: list[dict]) -> str:
+    """Judge (``val/reward``) and gold (``val/gold_reward``) at each validation, mean over an arm's seeds."""
+    rows = ["| arm | seeds | judge val/reward at each validation | gold val/gold_reward at each validation |"]
+    rows.append("|---|---|---|---|")
+    for arm, (label, _) in ARMS.items():
+        rs = [r for r in results if r["arm"] == arm and "val/reward" in r["curves"]]
+        if not rs:
+            continue
+        cols = []
+        for tag in ("val/reward", "val/gold_reward"):
+            n = min(len(r["curves"][tag]) for r in rs)
+            cols.append(" → ".join(f"{statistics.mean(r['curves'][tag][i][1] for r in rs):.3f}" for i in range(n)))
+        rows.append(f"| {label} | {len(rs)} | {cols[0]} | {cols[1]} |")
     return "\n".join(rows)
 
 
@@ -124,7 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--from-json", type=Path, default=None, help="print the table of saved results")
     a = p.parse_args(argv)
     if a.from_json:
-        print(table(json.loads(a.from_json.read_text())["runs"]))
+        runs = json.loads(a.from_json.read_text())["runs"]
+        print(table(runs), curves_table(runs), sep="\n\n")
         return
     a.out.mkdir(parents=True, exist_ok=True)
     todo = [(arm, s) for s in a.seeds for arm in a.arms]
@@ -159,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
                 )
             results.append(r)
             save(a.json, [*commands, " ".join(sys.argv)], results)  # after every run: nothing finished is lost
-    print(table(results))
+    print(table(results), curves_table(results), sep="\n\n")
     print(f"wrote {a.json}")
 
 

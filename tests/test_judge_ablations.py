@@ -26,22 +26,21 @@ def test_table_means_and_sample_stds_over_seeds_and_the_share_dropped():
     # after: mean 0.85, sample std of 0.9 and 0.8 = 0.0707; dropped: mean of the runs' means 0.25 and 0.5
     assert rows[2] == (
         "| judge, logit-expected score, paper filter | 0.800 ± 0.000 → 0.850 ± 0.071 | 0.800 ± 0.141 "
-        "| 0.600 ± 0.000 → 0.600 ± 0.141 | 38% (2 runs) |"
+        "| 0.600 ± 0.000 → 0.600 ± 0.141 | 37.5% (2 runs) |"
     )
     assert rows[3] == "| judge, without group filtering | 0.800 → 0.850 | 0.800 | 0.600 → 0.600 | – |"
 
 
 def test_a_stopped_run_is_a_row_with_its_reason(tmp_path):
     log = tmp_path / "strict-seed0.log"
-    log.write_text("Seed set to 0\neditr1 fit: stopped: 20 steps in a row trained nothing\n")
+    why = "20 steps in a row trained nothing (optim.max_idle_steps = 20)"
+    log.write_text(f"Seed set to 0\neditr1 fit: stopped: {why}; stopped. Last: step 9: nothing to train. State…\n")
     run_dir = tmp_path / "strict" / "seed0" / "version_0"
     run_dir.mkdir(parents=True)
     r = ja.collect("strict", 0, tmp_path, 5.0, returncode=1)
-    assert r["stopped"] == "editr1 fit: stopped: 20 steps in a row trained nothing" and "scene_eval" not in r
-    assert (
-        "| judge, the released code's filter (keep std > τσ and mean < τμ), seed 0 | editr1 fit: stopped"
-        in ja.table([r])
-    )
+    assert r["stopped"].startswith(f"editr1 fit: stopped: {why}; stopped. Last: step 9") and "scene_eval" not in r
+    label = ja.ARMS["strict"][0]
+    assert f"| {label}, seed 0 | stopped after 9 trained steps: {why} | | | – |" in ja.table([r])
 
 
 def test_save_keeps_the_arms_order_and_every_command(tmp_path):
@@ -52,3 +51,11 @@ def test_save_keeps_the_arms_order_and_every_command(tmp_path):
         ("default", 2),
         ("sampled", 1),
     ]
+
+
+def test_curves_table_means_each_validation_over_seeds():
+    a, b = _run("default", 0, 0, 0, 0, (0.6, 0.7)), _run("default", 1, 0, 0, 0, (0.4, 0.5))
+    a["curves"]["val/gold_reward"] = [[29, 0.8], [59, 0.9]]
+    b["curves"]["val/gold_reward"] = [[29, 0.6], [59, 0.7]]
+    row = ja.curves_table([a, b]).splitlines()[2]
+    assert row == "| judge, logit-expected score, paper filter | 2 | 0.500 → 0.600 | 0.700 → 0.800 |"
