@@ -1,9 +1,15 @@
 """A progress bar for step-based runs: optimiser steps out of ``max_steps``, not ``Epoch 0/-2`` over batches, with
-the phase a step is in (rollout n/N edits, judging n/N, training) beside it so a long step visibly moves."""
+the phase a step is in (rollout n/N edits, judging n/N, training) beside it so a long step visibly moves. Where
+the output is not a terminal (a log file, a batch job) Rich draws nothing until the end, so the bar prints a
+plain line every tenth of the run instead."""
 
 from __future__ import annotations
 
+import time
+
 from lightning.pytorch.callbacks import RichProgressBar
+
+SHOWN = ("reward/mean", "loss", "val/reward", "val/gold_reward")  # the plain lines' metrics, when logged
 
 
 class StepProgressBar(RichProgressBar):
@@ -38,6 +44,10 @@ class StepProgressBar(RichProgressBar):
         self.progress.update(self.train_progress_bar_id, description=f"{base.rstrip()} · {text}" if text else base)
         self.refresh()
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._plain_t0 = time.monotonic()  # the plain lines' clock: training time, after the set-up
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         self.set_phase(None)
         if not self._step_based():
@@ -47,6 +57,25 @@ class StepProgressBar(RichProgressBar):
         self._update(self.train_progress_bar_id, trainer.global_step)
         self._update_metrics(trainer, pl_module)
         self.refresh()
+        console = getattr(self, "_console", None)
+        if not self.is_disabled and console is not None and not console.is_terminal:
+            line = self.plain_line(trainer.global_step, trainer.max_steps, self.get_metrics(trainer, pl_module))
+            if line:
+                console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+    def plain_line(self, step: int, max_steps: int, metrics: dict) -> str | None:
+        """``step 9/90 · 1 min 5 s · reward/mean 0.615 · loss 1.12`` (time since training started) at every tenth
+        of the run and its last step, once per step; ``None`` at the other steps."""
+        every = max(1, max_steps // 10)
+        if step == getattr(self, "_plain_step", None) or (step % every and step != max_steps):
+            return None
+        self._plain_step = step
+        start = getattr(self, "_plain_t0", None)
+        if start is None:
+            start = self._plain_t0 = time.monotonic()
+        minutes, seconds = divmod(int(time.monotonic() - start), 60)
+        shown = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items() if k in SHOWN]
+        return " · ".join([f"step {step}/{max_steps}", f"{minutes} min {seconds} s", *shown])
 
 
 def show_phase(trainer, text: str | None) -> None:
