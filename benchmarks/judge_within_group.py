@@ -13,7 +13,6 @@ prompts' means and within each group (mean over groups), and both within-group s
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 
 import torch
@@ -23,9 +22,8 @@ def main(argv: list[str] | None = None) -> None:
     from torchmetrics.functional import spearman_corrcoef
 
     from editr1.data.scenes import make_example
-    from editr1.demo_base import DEMO_SCENES, DEMO_TINY
+    from editr1.demo_base import DEMO_SCENES, shipped_base
     from editr1.evaluation.scenes import evaluate_scenes
-    from editr1.policies.flux_kontext import FluxKontextPolicy
     from editr1.rewards import LocalMLLMReward, RewardInputs
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -36,14 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=5, help="sampling seed of the rollouts")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
-    base = FluxKontextPolicy(
-        tiny=dataclasses.replace(DEMO_TINY, weights="asset:demo_base/model.safetensors"),
-        resolution=DEMO_SCENES.size,
-        guidance_scale=2.5,
-        max_sequence_length=16,
-        torch_dtype="float32",
-    )
-    base.requires_grad_(False)
+    base = shipped_base()
     g, k = a.prompts, a.group
     res = evaluate_scenes(base, DEMO_SCENES, "heldout", g, k, 4, "dpmpp_2m", a.seed, a.start)
     rows = [make_example(i, DEMO_SCENES, "heldout") for i in range(a.start, a.start + g)]

@@ -158,6 +158,20 @@ def evaluate(policy: FluxKontextPolicy, split: str = "heldout", count: int = 64)
     return evaluate_scenes(policy, DEMO_SCENES, split, count).summary()
 
 
+def shipped_base() -> FluxKontextPolicy:
+    """The shipped base (``asset:demo_base/model.safetensors``) as configs/demo.yaml builds it, frozen."""
+    import dataclasses
+
+    base = FluxKontextPolicy(
+        tiny=dataclasses.replace(DEMO_TINY, weights="asset:demo_base/model.safetensors"),
+        resolution=DEMO_SCENES.size,
+        guidance_scale=2.5,
+        max_sequence_length=MAX_SEQUENCE_LENGTH,
+        torch_dtype="float32",
+    )
+    return base.requires_grad_(False)
+
+
 # ------------------------------------------------------------------------------------------- saving
 def save(policy: FluxKontextPolicy, out: Path, tiny: TinyFlux, metrics: dict) -> Path:
     from safetensors.torch import save_file

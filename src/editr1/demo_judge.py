@@ -30,7 +30,6 @@ into ``--out``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import random
@@ -42,7 +41,7 @@ from pathlib import Path
 import torch
 
 from editr1.data.scenes import make_example
-from editr1.demo_base import DEMO_SCENES, DEMO_TINY
+from editr1.demo_base import DEMO_SCENES, shipped_base
 from editr1.evaluation.scenes import evaluate_scenes
 from editr1.images import tensor_to_image
 from editr1.rewards.mllm import user_turn
@@ -252,21 +251,13 @@ def train(
     """Train and save the judge; the first ``curriculum`` steps draw only :data:`EASY_KINDS` (edits whose digit
     follows from how much and how the image changed), so the vision tower learns to compare the two images before
     the harder rollouts. ``prompt``: the judge prompt it is trained on (default: :data:`JUDGE_PROMPT`)."""
-    from editr1.policies.flux_kontext import FluxKontextPolicy
 
     template = prompt or JUDGE_PROMPT
 
     start = time.perf_counter()
     torch.manual_seed(seed)
     spec = train_tokenizer(template=template)
-    base = FluxKontextPolicy(
-        tiny=dataclasses.replace(DEMO_TINY, weights="asset:demo_base/model.safetensors"),
-        resolution=DEMO_SCENES.size,
-        guidance_scale=2.5,
-        max_sequence_length=16,
-        torch_dtype="float32",
-    )
-    base.requires_grad_(False)
+    base = shipped_base()
     data = cached(cache, f"train-{scenes}-{seed}", lambda: make_examples(base, "train", 0, scenes, seed, log), log)
     held = {
         split: cached(
