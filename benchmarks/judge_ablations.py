@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     # runs already in --json for other (arm, seed) pairs are kept: seeds can be added a few at a time
     prev = json.loads(a.json.read_text()) if a.json.exists() else {"command": [], "runs": []}
     results = [r for r in prev["runs"] if (r["arm"], r["seed"]) not in todo]
-    commands = prev["command"] if isinstance(prev["command"], list) else [prev["command"]]
+    commands = prev["command"]
     running: dict[int, tuple] = {}
     while todo or running:
         for core in range(a.jobs):
