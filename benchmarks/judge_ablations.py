@@ -154,12 +154,13 @@ def main(argv: list[str] | None = None) -> None:
         runs = json.loads(a.from_json.read_text())["runs"]
         print(table(runs), curves_table(runs), sep="\n\n")
         return
-    a.out.mkdir(parents=True, exist_ok=True)
     todo = [(arm, s) for s in a.seeds for arm in a.arms]
     if a.runs:
-        todo = [(r.split(":")[0], int(r.split(":")[1])) for r in a.runs]
-        if bad := [arm for arm, _ in todo if arm not in ARMS]:
-            p.error(f"unknown arm(s) {bad}; choose from {list(ARMS)}")
+        pairs = [r.partition(":") for r in a.runs]
+        if bad := [r for r, (arm, _, seed) in zip(a.runs, pairs) if arm not in ARMS or not seed.isdigit()]:
+            p.error(f"--runs takes ARM:SEED (e.g. sampled:0), got {bad}; arms: {list(ARMS)}")
+        todo = [(arm, int(seed)) for arm, _, seed in pairs]
+    a.out.mkdir(parents=True, exist_ok=True)
     # runs already in --json for other (arm, seed) pairs are kept: seeds can be added a few at a time
     prev = json.loads(a.json.read_text()) if a.json.exists() else {"command": [], "runs": []}
     results = [r for r in prev["runs"] if (r["arm"], r["seed"]) not in todo]

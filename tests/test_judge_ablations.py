@@ -4,6 +4,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import judge_ablations as ja  # noqa: E402
 
@@ -59,3 +61,11 @@ def test_curves_table_means_each_validation_over_seeds():
     b["curves"]["val/gold_reward"] = [[29, 0.6], [59, 0.7]]
     row = ja.curves_table([a, b]).splitlines()[2]
     assert row == "| judge, logit-expected score, paper filter | 2 | 0.500 → 0.600 | 0.700 → 0.800 |"
+
+
+def test_runs_that_are_not_arm_colon_seed_are_a_clear_error(capsys, tmp_path):
+    for bad in (["sampled"], ["bogus:1"], ["sampled:x"]):
+        with pytest.raises(SystemExit):
+            ja.main(["--runs", *bad, "--out", str(tmp_path / "out")])
+        assert "--runs takes ARM:SEED (e.g. sampled:0)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before anything is made
