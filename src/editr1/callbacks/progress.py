@@ -18,6 +18,9 @@ class StepProgressBar(RichProgressBar):
     Lightning's display. Added by :meth:`editr1.module.EditR1Module.configure_callbacks` in place of the
     default rich bar; a progress bar the config chooses, or ``enable_progress_bar: false``, is left alone."""
 
+    _plain_step: int | None = None  # the step of the last plain line (not a terminal)
+    _plain_t0: float | None = None  # when training started, for the plain lines
+
     def _step_based(self) -> bool:
         trainer = getattr(self, "_trainer", None)
         return trainer is not None and trainer.max_steps is not None and trainer.max_steps > 0
@@ -67,13 +70,12 @@ class StepProgressBar(RichProgressBar):
         """``step 9/90 · 1 min 5 s · reward/mean 0.615 · loss 1.12`` (time since training started) at every tenth
         of the run and its last step, once per step; ``None`` at the other steps."""
         every = max(1, max_steps // 10)
-        if step == getattr(self, "_plain_step", None) or (step % every and step != max_steps):
+        if step == self._plain_step or (step % every and step != max_steps):
             return None
         self._plain_step = step
-        start = getattr(self, "_plain_t0", None)
-        if start is None:
-            start = self._plain_t0 = time.monotonic()
-        minutes, seconds = divmod(int(time.monotonic() - start), 60)
+        if self._plain_t0 is None:  # called before on_train_start (tests)
+            self._plain_t0 = time.monotonic()
+        minutes, seconds = divmod(int(time.monotonic() - self._plain_t0), 60)
         shown = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items() if k in SHOWN]
         return " · ".join([f"step {step}/{max_steps}", f"{minutes} min {seconds} s", *shown])
 
